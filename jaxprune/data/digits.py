@@ -25,7 +25,7 @@ def load_digits(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
 
     >>> x, y = load_digits("test")
     >>> len(x), int(y.max())
-    (360, 9)
+    (359, 9)
     """
     x, y = _arrays()
     if split == "all":
