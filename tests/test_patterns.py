@@ -1,0 +1,133 @@
+"""Patterns: exact counts, N:M validity, blocks, channels, tie-breaking; hypothesis properties."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxprune import patterns as P
+
+SETTINGS = settings(max_examples=25, deadline=None)
+
+
+def _np_topk(scores: np.ndarray, k: int) -> np.ndarray:
+    # oracle: stable sort by (-score, index); keep the first k
+    order = np.lexsort((np.arange(scores.size), -scores))
+    keep = np.zeros(scores.size, bool)
+    keep[order[:k]] = True
+    return keep
+
+
+@SETTINGS
+@given(
+    st.integers(1, 200).flatmap(
+        lambda n: st.tuples(
+            st.lists(st.integers(-3, 3).map(float), min_size=n, max_size=n),
+            st.floats(0.0, 0.999),
+        )
+    )
+)
+def test_unstructured_exact_count_and_ties(args):
+    vals, s = args
+    scores = np.asarray(vals, np.float32)
+    m = np.asarray(P.Unstructured().mask(jnp.asarray(scores), s))
+    n_pruned = int(np.round(np.float32(s) * scores.size))
+    assert (~m).sum() == n_pruned
+    np.testing.assert_array_equal(m, _np_topk(scores, scores.size - n_pruned))
+
+
+def test_topk_traced_k_under_jit():
+    f = jax.jit(P.topk_mask)
+    x = jnp.array([0.5, 0.1, 0.9, 0.9, 0.3])
+    for k in range(6):
+        np.testing.assert_array_equal(f(x, k), _np_topk(np.asarray(x), k))
+
+
+@SETTINGS
+@given(
+    n_m=st.sampled_from([(1, 2), (2, 4), (1, 4), (4, 8), (3, 8)]),
+    groups=st.integers(1, 6),
+    out=st.integers(1, 5),
+    seed=st.integers(0, 1000),
+)
+def test_nm_validity_dense_kernel(n_m, groups, out, seed):
+    n, m = n_m
+    scores = jax.random.normal(jax.random.key(seed), (groups * m, out))
+    mask = P.NM(n, m).mask(scores, 1 - n / m)
+    assert P.nm_valid(mask, n, m)
+    # exactly n kept per group along axis 0 (contraction axis of a Dense kernel)
+    g = np.asarray(mask).reshape(groups, m, out)
+    assert (g.sum(axis=1) == n).all()
+    # the kept ones are the top-n in each group
+    sg = np.asarray(scores).reshape(groups, m, out)
+    for gi in range(groups):
+        for o in range(out):
+            np.testing.assert_array_equal(g[gi, :, o], _np_topk(sg[gi, :, o], n))
+
+
+def test_nm_conv_groups_along_in_channels():
+    scores = jax.random.normal(jax.random.key(0), (3, 3, 8, 5))
+    mask = np.asarray(P.NM(2, 4).mask(scores, 0.5))
+    grouped = mask.reshape(3, 3, 2, 4, 5).sum(axis=3)
+    assert (grouped == 2).all()
+
+
+def test_nm_gradual_intermediate_sparsity():
+    scores = jax.random.normal(jax.random.key(1), (16, 4))
+    m = np.asarray(P.NM(2, 4).mask(scores, 0.25))  # 3 of 4 kept
+    assert (m.reshape(4, 4, 4).sum(1) == 3).all()
+    m0 = np.asarray(P.NM(2, 4).mask(scores, 0.0))
+    assert m0.all()
+    m_over = np.asarray(P.NM(2, 4).mask(scores, 0.9))  # capped at n kept
+    assert (m_over.reshape(4, 4, 4).sum(1) == 2).all()
+
+
+@SETTINGS
+@given(r=st.sampled_from([1, 2, 4]), c=st.sampled_from([1, 2, 3]), br=st.integers(1, 4),
+       bc=st.integers(1, 4), s=st.floats(0, 0.99), seed=st.integers(0, 100))
+def test_block_exact_blocks(r, c, br, bc, s, seed):
+    scores = jax.random.uniform(jax.random.key(seed), (r * br, c * bc))
+    mask = np.asarray(P.Block(r, c).mask(scores, s))
+    blocks = mask.reshape(br, r, bc, c)
+    # each block is all-kept or all-pruned
+    per_block = blocks.sum(axis=(1, 3))
+    assert np.isin(per_block, [0, r * c]).all()
+    n_pruned = int(np.round(np.float32(s) * br * bc))
+    assert (per_block == 0).sum() == n_pruned
+    bscore = np.asarray(scores).reshape(br, r, bc, c).sum(axis=(1, 3)).reshape(-1)
+    np.testing.assert_array_equal((per_block > 0).reshape(-1), _np_topk(bscore, bscore.size
+                                                                         - n_pruned))
+
+
+def test_channel_prunes_whole_units():
+    scores = jnp.array([[1.0, 5.0, 0.1], [1.0, 5.0, 0.2]])
+    m = np.asarray(P.Channel().mask(scores, 1 / 3))
+    np.testing.assert_array_equal(m, [[True, True, False]] * 2)
+    conv = jax.random.uniform(jax.random.key(0), (3, 3, 4, 8))
+    m = np.asarray(P.Channel().mask(conv, 0.5))
+    per_unit = m.reshape(-1, 8).all(axis=0) | ~m.reshape(-1, 8).any(axis=0)
+    assert per_unit.all() and (~m.reshape(-1, 8).any(axis=0)).sum() == 4
+
+
+def test_patterns_hashable_and_static_under_jit():
+    for p in (P.Unstructured(), P.NM(2, 4), P.Block(2, 2), P.Channel(),
+              P.PerLeaf((("a", P.NM(1, 2)),))):
+        hash(p)
+    f = jax.jit(lambda s, sp, pat: pat.mask(s, sp), static_argnums=2)
+    x = jnp.arange(16.0).reshape(8, 2)
+    np.testing.assert_array_equal(f(x, 0.5, P.NM(2, 4)), P.NM(2, 4).mask(x, 0.5))
+
+
+def test_parse_and_errors():
+    assert P.parse("4:8") == P.NM(4, 8)
+    assert P.parse("block:2x8") == P.Block(2, 8)
+    with pytest.raises(ValueError, match="unknown pattern 'diagonal'"):
+        P.parse("diagonal")
+    with pytest.raises(ValueError, match="'enc/kernel'.*axis 0 has length 6.*m=4"):
+        P.NM(2, 4).validate("enc/kernel", (6, 3))
+    with pytest.raises(ValueError, match=r"block \(4, 4\) does not divide 'x/kernel'"):
+        P.Block(4, 4).validate("x/kernel", (8, 6))
+    with pytest.raises(ValueError, match="0 < n <= m"):
+        P.NM(5, 4)
