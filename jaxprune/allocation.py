@@ -169,28 +169,21 @@ class Global(Allocation):
     def _solve(self, shapes, target, scores):
         if scores is None:
             raise ValueError("jaxprune: Global allocation needs scores")
-        flats = [s.reshape(-1).astype(jnp.float32) for s in scores]
-        sizes = [f.size for f in flats]
+        from jaxprune.patterns import count_threshold_key, sortable_key
+
+        keys = [sortable_key(s.reshape(-1)) for s in scores]
+        sizes = [k.size for k in keys]
         total = sum(sizes)
         floors = jnp.asarray([math.ceil(self.min_density * n) for n in sizes], jnp.int32)
         budget = total - jnp.round(target * total).astype(jnp.int32)
-        srt = jnp.sort(jnp.concatenate(flats))[::-1]  # descending
 
-        def kept_at(j: jax.Array) -> jax.Array:
-            t = jnp.where(j < 0, jnp.inf, srt[jnp.clip(j, 0, total - 1)])
-            c = jnp.stack([jnp.sum(f >= t, dtype=jnp.int32) for f in flats])
+        def kept_at(t: jax.Array) -> jax.Array:
+            c = jnp.stack([jnp.sum(k >= t, dtype=jnp.int32) for k in keys])
             return jnp.maximum(c, floors)
 
-        # largest j in [-1, total-1] with sum(kept_at(j)) <= budget (monotone in j)
-        def body(_, lohi):
-            lo, hi = lohi
-            mid = (lo + hi + 1) // 2
-            ok = jnp.sum(kept_at(mid)) <= budget
-            return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
-
-        lo, hi = jnp.asarray(-1, jnp.int32), jnp.asarray(total - 1, jnp.int32)
-        lo, hi = jax.lax.fori_loop(0, max(1, math.ceil(math.log2(total + 1)) + 1), body, (lo, hi))
-        k = kept_at(lo)
+        # one global threshold: the smallest t whose kept count (with floors) fits the budget
+        t = count_threshold_key(lambda t: jnp.sum(kept_at(t)), budget)
+        k = kept_at(t)
         return [1.0 - k[i].astype(jnp.float32) / sizes[i] for i in range(len(shapes))]
 
 
