@@ -36,8 +36,11 @@ from jaxprune.masks import PyTree, _is_none, leaves_with_paths
 __all__ = ["Allocation", "Uniform", "ERK", "Global", "get", "check_sparsity"]
 
 
-def check_sparsity(path: str, value: Any) -> None:
+def check_sparsity(path: str, value: Any, *, allow_full: bool = False) -> None:
     """Raise ``ValueError`` naming ``path`` if a concrete ``value`` is outside ``[0, 1)``.
+
+    ``allow_full=True`` accepts ``1.0`` too: an allocation may prune a whole leaf (layer
+    collapse under a global threshold), while a user's target must leave something.
 
     >>> check_sparsity("dense/kernel", 1.0)
     Traceback (most recent call last):
@@ -47,8 +50,10 @@ def check_sparsity(path: str, value: Any) -> None:
     if isinstance(value, jax.core.Tracer):
         return
     v = float(value)
-    if not (0.0 <= v < 1.0) or math.isnan(v):
-        raise ValueError(f"jaxprune: sparsity for '{path}' must be in [0, 1), got {v}")
+    ok = (0.0 <= v <= 1.0) if allow_full else (0.0 <= v < 1.0)
+    if not ok or math.isnan(v):
+        rng = "[0, 1]" if allow_full else "[0, 1)"
+        raise ValueError(f"jaxprune: sparsity for '{path}' must be in {rng}, got {v}")
 
 
 def _override_for(overrides: tuple[tuple[str, float], ...], path: str) -> float | None:

@@ -60,6 +60,9 @@ def _key_str(k: Any) -> str:
     return str(k)
 
 
+_WRAPPER_ATTRS = ("value", "raw_value", "_value")
+
+
 def path_str(path: KeyPath) -> str:
     """Render a ``jax.tree_util`` key path as ``a/b/0/kernel``.
 
@@ -70,9 +73,10 @@ def path_str(path: KeyPath) -> str:
     >>> [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path({"a": [1, 2]})[0]]
     ['a/0', 'a/1']
     """
-    parts = [_key_str(k) for k in path]
-    parts = [p for p in parts if p not in ("value", "raw_value", "_value")]
-    return "/".join(parts)
+    return "/".join(
+        _key_str(k) for k in path
+        if not (isinstance(k, jax.tree_util.GetAttrKey) and k.name in _WRAPPER_ATTRS)
+    )
 
 
 def leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
@@ -187,6 +191,9 @@ def init_masks(params: PyTree, filter: Filter | None = None) -> PyTree:
 def check_masks(params: PyTree, masks: PyTree) -> None:
     """Raise ``ValueError`` naming the first path where ``masks`` does not mirror ``params``.
 
+    Paths and shapes are compared; container types are not, so masks held in an ``nnx.State`` of
+    optimizer variables match the ``nnx.State`` of ``Param`` s they were made from.
+
     >>> check_masks({"w": jnp.ones(2)}, {"v": None})
     Traceback (most recent call last):
     ...
@@ -211,11 +218,6 @@ def check_masks(params: PyTree, masks: PyTree) -> None:
         raise ValueError(
             f"jaxprune: mask tree does not match params tree: '{extra}' exists only in {name}"
         )
-    ps = jax.tree.structure(params, is_leaf=_is_none)
-    ms = jax.tree.structure(masks, is_leaf=_is_none)
-    if ps.num_leaves == ms.num_leaves and ps != ms:
-        # same paths but different container types (e.g. dict vs FrozenDict): still incompatible
-        raise ValueError(f"jaxprune: mask tree structure {ms} does not match params {ps}")
 
 
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:

@@ -97,8 +97,14 @@ def topk_mask(scores: jax.Array, k_keep: Any) -> jax.Array:
     gt = key > kth
     eq = key == kth
     room = k - jnp.sum(gt, dtype=jnp.int32)
-    keep = gt | (eq & (jnp.cumsum(eq, dtype=jnp.int32) <= room))
-    return keep & (k > 0)
+    # float scores rarely tie at the threshold: skip the tie-ranking scan when all ties fit
+    ties = jax.lax.cond(
+        jnp.sum(eq, dtype=jnp.int32) <= room,
+        lambda e: e,
+        lambda e: e & (jnp.cumsum(e, dtype=jnp.int32) <= room),
+        eq,
+    )
+    return (gt | ties) & (k > 0)
 
 
 class Pattern:

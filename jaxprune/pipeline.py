@@ -101,7 +101,7 @@ def compute_masks(
             raise ValueError(
                 f"jaxprune: scores for '{path}' have shape {tuple(s.shape)}, mask {tuple(m.shape)}"
             )
-        alloc_lib.check_sparsity(path, a)
+        alloc_lib.check_sparsity(path, a, allow_full=True)
         _check_scores(path, s)
         pat = pat_lib.for_path(pattern, path)
         pat.validate(path, tuple(m.shape))

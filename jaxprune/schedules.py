@@ -6,8 +6,8 @@ only ``jnp`` ops, so a schedule lives inside a jitted train step.
 
 Example:
     >>> s = Polynomial(target=0.9, begin=0, end=100, freq=10)
-    >>> float(s.sparsity(0)), round(float(s.sparsity(50)), 4), float(s.sparsity(100))
-    (0.0, 0.7875, 0.9)
+    >>> [round(float(s.sparsity(t)), 4) for t in (0, 50, 100)]
+    [0.0, 0.7875, 0.9]
 """
 
 from __future__ import annotations

@@ -109,9 +109,6 @@ def pruner(
             raise ValueError("jaxprune: pruner needs params: call tx.update(grads, state, params)")
         grads = updates
         inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra)
-        new_params = tree_map_masked(
-            lambda m, p, u: None if m is None else p + u, state.masks, params, inner_updates
-        )
         movement = state.movement
         if needs_movement:
             movement = tree_map_masked(
@@ -133,6 +130,10 @@ def pruner(
                         f"jaxprune: criterion '{crit.name}' needs '{s}', which training cannot "
                         "supply; use jaxprune.prune with the signal instead"
                     )
+            # the post-step params, built only on steps that recompute the masks
+            new_params = tree_map_masked(
+                lambda m, p, u: None if m is None else p + u, masks, params, inner_updates
+            )
             scores = crit(new_params, masks, **signals)
             return compute_masks(masks, scores, schedule.sparsity(state.count), alloc, pat)
 
@@ -179,6 +180,17 @@ def get_prune_state(opt_state: optax.OptState) -> PruneState:
     return found[0]
 
 
+def _unwrap(x: Any) -> Any:
+    # nnx.Optimizer keeps optimizer state in Variable wrappers; hand back plain arrays
+    return x.value if hasattr(x, "value") and hasattr(x, "get_metadata") else x
+
+
 def get_masks(opt_state: optax.OptState) -> PyTree:
-    """The current masks of the (single) pruner inside ``opt_state``."""
-    return get_prune_state(opt_state).masks
+    """The current masks of the (single) pruner inside ``opt_state`` (nnx wrappers removed).
+
+    >>> tx = pruner(optax.sgd(0.1), schedule=sched_lib.OneShot(0.5, step=0))
+    >>> get_masks(tx.init({"kernel": jnp.ones((2, 2))}))["kernel"].shape
+    (2, 2)
+    """
+    masks = get_prune_state(opt_state).masks
+    return jax.tree.map(_unwrap, masks, is_leaf=lambda x: x is None or hasattr(x, "get_metadata"))

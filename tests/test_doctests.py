@@ -4,6 +4,10 @@ import doctest
 import importlib
 import pkgutil
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 import pytest
 
 import jaxprune
@@ -22,6 +26,8 @@ def _modules():
 @pytest.mark.parametrize("name", _modules())
 def test_docstring_examples(name):
     mod = importlib.import_module(name)
-    res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
-                          verbose=False)
+    # the names every example may assume (as in a notebook); anything else the example imports itself
+    extraglobs = {"jax": jax, "jnp": jnp, "np": np, "optax": optax, "jp": jaxprune}
+    res = doctest.testmod(mod, extraglobs=extraglobs,
+                          optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False)
     assert res.failed == 0, f"{res.failed} doctest failure(s) in {name}"
