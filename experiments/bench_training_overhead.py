@@ -1,0 +1,338 @@
+"""Train-step overhead of gradual magnitude pruning vs dense Adam on the digits MLP and CNN.
+
+For each model (``MLP`` 64-256-256-10, ``CNN``), Adam, batch 64, this times the jitted train step of
+``jaxprune.loops.make_train_step`` for
+
+* ``dense``: plain ``optax.adam``;
+* ``steady``: ``gradual_magnitude(adam, 0.9, ...)`` after its schedule ended (masks fixed; the
+  ``lax.cond`` never takes the update branch, the update is projected every step);
+* ``window``: a 200-step window inside a long schedule with a mask update every 10 steps;
+* ``window_fasttie`` (prototype, not in the core): the same window with an unstructured pattern
+  whose top-k skips the tie-breaking ``cumsum`` when the ties at the threshold all fit — see
+  :func:`topk_mask_fasttie`.
+
+Every run times one block of steps per variant (``block_until_ready`` at the end), variants
+interleaved in a rotating order, so slow phases of a shared machine hit all variants alike. The
+report gives medians over runs and the median of per-run ratios to dense (computed within each
+run), printed and written as JSON. The primary clock is the process CPU time (XLA:CPU limited to
+one intra-op thread by default): on a machine shared with other jobs, wall time varied 2-3x
+between identical blocks while CPU time varied ~10%. Wall times are recorded too. One mask
+recomputation (all leaves, jitted) is also timed for the core top-k and the prototype.
+
+Usage::
+
+    .venv/bin/jaxprune run bench_training_overhead            # full (a few minutes on 2 CPUs)
+    .venv/bin/jaxprune run bench_training_overhead -- --quick # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jaxprune as jp
+from jaxprune import patterns as pat_lib
+from jaxprune.loops import make_train_step
+
+TARGETS = {"mlp": {"steady": 1.05, "window": 1.5}, "cnn": {"steady": 1.05, "window": 1.10}}
+
+
+# ------------------------------------------------------------------------------------------------
+# Prototype of a faster top-k (candidate for jaxprune.patterns.topk_mask)
+# ------------------------------------------------------------------------------------------------
+
+
+def topk_mask_fasttie(scores: jax.Array, k_keep: Any) -> jax.Array:
+    """``patterns.topk_mask`` with a fast path: skip the tie-break ``cumsum`` when ties fit.
+
+    Same result as :func:`jaxprune.patterns.topk_mask` (keep the ``k`` largest, ties to the lower
+    index). The core version always runs ``cumsum(eq)`` over the whole leaf to rank ties at the
+    threshold; on XLA:CPU that scan (a tree of ``reduce-window`` ops) costs about as much as the
+    32 radix-select counting passes. With float scores the threshold value is almost always
+    unique (``sum(eq) <= room``), so a ``lax.cond`` takes ``eq`` as is and the scan runs only when
+    it is needed.
+
+    >>> topk_mask_fasttie(jnp.array([1., 2., 2., 0.]), 2)
+    Array([False,  True,  True, False], dtype=bool)
+    >>> topk_mask_fasttie(jnp.array([1., 1., 1.]), 2)
+    Array([ True,  True, False], dtype=bool)
+    """
+    n = scores.shape[0]
+    k = jnp.clip(jnp.asarray(k_keep, jnp.int32), 0, n)
+    key = pat_lib.sortable_key(scores)
+    t = pat_lib.count_threshold_key(lambda t: jnp.sum(key >= t, dtype=jnp.int32), k - 1)
+    kth = jnp.max(jnp.where(key < t, key, jnp.uint32(0)))
+    gt = key > kth
+    eq = key == kth
+    room = k - jnp.sum(gt, dtype=jnp.int32)
+    ties = jax.lax.cond(
+        jnp.sum(eq, dtype=jnp.int32) <= room,
+        lambda e: e,
+        lambda e: e & (jnp.cumsum(e, dtype=jnp.int32) <= room),
+        eq,
+    )
+    return (gt | ties) & (k > 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class FastTieUnstructured(pat_lib.Unstructured):
+    """:class:`jaxprune.Unstructured` using :func:`topk_mask_fasttie` (bench prototype)."""
+
+    def mask(self, scores: jax.Array, sparsity: Any) -> jax.Array:
+        flat = scores.reshape(-1)
+        n_pruned = jnp.round(jnp.asarray(sparsity, jnp.float32) * flat.size).astype(jnp.int32)
+        return topk_mask_fasttie(flat, flat.size - n_pruned).reshape(scores.shape)
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Variant:
+    name: str
+    step: Any
+    params: Any
+    state: Any
+
+
+def _time_block(v: Variant, x: jax.Array, y: jax.Array, steps: int) -> tuple[float, float]:
+    """``(wall, cpu)`` seconds per step over ``steps`` steps from the variant's start state.
+
+    ``cpu`` is the process CPU time (all threads): on a shared machine it is far more stable
+    than wall time, which also counts the time other processes hold the cores.
+    """
+    p, s = v.params, v.state
+    jax.block_until_ready((p, s))
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        p, s, _ = v.step(p, s, x, y)
+    jax.block_until_ready((p, s))
+    return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
+
+
+def _model(name: str):
+    from jaxprune.models import CNN, MLP
+
+    return {"mlp": MLP(features=(256, 256, 10)), "cnn": CNN()}[name]
+
+
+def build_variants(model_name: str, x: jax.Array, y: jax.Array, *, freq: int, lr: float,
+                   target: float, fasttie: bool) -> list[Variant]:
+    """Dense, steady-state, in-schedule window (and the fast-tie prototype) for one model."""
+    model = _model(model_name)
+    params = model.init(jax.random.key(0), x[:1])["params"]
+    variants = []
+
+    def add(name: str, tx: optax.GradientTransformation, state: Any | None = None) -> None:
+        step = make_train_step(model.apply, tx)
+        variants.append(Variant(name, step, params, tx.init(params) if state is None else state))
+
+    add("dense", optax.adam(lr))
+    # steady: run a short schedule to its end, then time with fixed masks
+    end = 5 * freq
+    tx_s = jp.gradual_magnitude(optax.adam(lr), target, begin=0, end=end, freq=freq)
+    step_s = make_train_step(model.apply, tx_s)
+    p, s = params, tx_s.init(params)
+    for _ in range(end + 2):
+        p, s, _ = step_s(p, s, x, y)
+    assert float(jp.total_sparsity(p, jp.get_masks(s))) > target - 0.01
+    variants.append(Variant("steady", step_s, p, s))
+    # window: mid-schedule (long schedule, start at a grid step so updates hit every `freq`)
+    long_end = 100_000
+    start = 10 * freq
+
+    def window_state(tx):
+        st = tx.init(params)
+        return st._replace(count=jnp.asarray(start, jnp.int32))
+
+    tx_w = jp.gradual_magnitude(optax.adam(lr), target, begin=0, end=long_end, freq=freq)
+    add("window", tx_w, window_state(tx_w))
+    if fasttie:
+        tx_f = jp.gradual_magnitude(optax.adam(lr), target, begin=0, end=long_end, freq=freq,
+                                    pattern=FastTieUnstructured())
+        add("window_fasttie", tx_f, window_state(tx_f))
+    return variants
+
+
+def profile_mask_update(model_name: str, x: jax.Array, reps: int) -> dict[str, Any]:
+    """Milliseconds for one jitted mask recomputation per leaf: core top-k vs fast-tie prototype."""
+    model = _model(model_name)
+    params = model.init(jax.random.key(0), x[:1])["params"]
+    masks = jp.init_masks(params)
+    out: dict[str, Any] = {}
+    for name, pat in (("core", pat_lib.Unstructured()), ("fasttie", FastTieUnstructured())):
+        f = jax.jit(lambda p, s, pat=pat: jp.compute_masks(
+            masks, jp.criteria.magnitude(p, masks), s, "uniform", pat))
+        jax.block_until_ready(f(params, 0.5))
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for _ in range(10):
+                r = f(params, 0.5)
+            jax.block_until_ready(r)
+            ts.append((time.perf_counter() - t0) / 10 * 1e3)
+        out[name] = round(float(np.median(ts)), 4)
+    out["leaves"] = {path: int(np.prod(m.shape)) for path, m in jp.masks.mask_leaves(masks)}
+    return out
+
+
+def bench_model(model_name: str, *, runs: int, steps: int, freq: int, fasttie: bool,
+                profile: bool, lr: float = 1e-3, target: float = 0.9) -> dict[str, Any]:
+    from jaxprune.data import load_digits
+
+    xs, ys = load_digits("train", source="sklearn")
+    x, y = jnp.asarray(xs[:64]), jnp.asarray(ys[:64])
+    variants = build_variants(model_name, x, y, freq=freq, lr=lr, target=target, fasttie=fasttie)
+    for v in variants:  # compile + warm caches
+        _time_block(v, x, y, 2)
+    times: dict[str, list[float]] = {v.name: [] for v in variants}
+    walls: dict[str, list[float]] = {v.name: [] for v in variants}
+    for r in range(runs):
+        k = r % len(variants)
+        for v in variants[k:] + variants[:k]:  # rotate the order run by run
+            wall, cpu = _time_block(v, x, y, steps)
+            times[v.name].append(cpu)
+            walls[v.name].append(wall)
+    med = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
+    dense = np.asarray(times["dense"])
+    paired = {k: float(np.median(np.asarray(v) / dense)) for k, v in times.items() if k != "dense"}
+    wmed = {k: float(np.median(v)) * 1e3 for k, v in walls.items()}
+    wdense = np.asarray(walls["dense"])
+    res: dict[str, Any] = {
+        "clock": "process CPU time per step (primary); wall time below for reference",
+        "median_ms_per_step": {k: round(v, 4) for k, v in med.items()},
+        "ratio_of_medians": {k: round(med[k] / med["dense"], 3) for k in med if k != "dense"},
+        "ratio_of_minimums": {k: round(min(times[k]) / min(times["dense"]), 3)
+                              for k in times if k != "dense"},
+        "median_paired_ratio": {k: round(v, 3) for k, v in paired.items()},
+        "runs_ms_per_step": {k: [round(t * 1e3, 4) for t in v] for k, v in times.items()},
+        "wall_median_ms_per_step": {k: round(v, 4) for k, v in wmed.items()},
+        "wall_median_paired_ratio": {
+            k: round(float(np.median(np.asarray(v) / wdense)), 3)
+            for k, v in walls.items() if k != "dense"
+        },
+        "wall_runs_ms_per_step": {k: [round(t * 1e3, 4) for t in v] for k, v in walls.items()},
+        "targets": TARGETS[model_name],
+        "meets_target": {
+            k: paired[k] <= TARGETS[model_name]["steady" if k == "steady" else "window"]
+            for k in paired
+        },
+    }
+    if profile:
+        res["mask_update_ms"] = profile_mask_update(model_name, x, reps=max(3, runs))
+    return res
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Markdown table: ms/step (median) and median paired ratio to dense, per model and variant."""
+    names = ["dense", "steady", "window", "window_fasttie"]
+    head = ["model", *names]
+    rows = []
+    for m, r in results.items():
+        cells = [m]
+        for n in names:
+            if n not in r["median_ms_per_step"]:
+                cells.append("-")
+                continue
+            ms = r["median_ms_per_step"][n]
+            if n == "dense":
+                cells.append(f"{ms:.3f} ms")
+            else:
+                ratio = r["median_paired_ratio"][n]
+                tgt = r["targets"]["steady" if n == "steady" else "window"]
+                mark = "ok" if ratio <= tgt else "over"
+                cells.append(f"{ms:.3f} ms ({ratio:.2f}x, target {tgt:.2f}x {mark})")
+        rows.append(cells)
+    w = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
+    line = lambda c: "| " + " | ".join(s.ljust(k) for s, k in zip(c, w, strict=True)) + " |"
+    return "\n".join([line(head), "|" + "|".join("-" * (k + 2) for k in w) + "|",
+                      *(line(r) for r in rows)])
+
+
+def _set_threads(n: int) -> bool:
+    """Limit XLA:CPU to ``n`` intra-op threads if no JAX backend has started yet."""
+    from jax._src import xla_bridge
+
+    if n <= 0 or xla_bridge._backends:
+        return False
+    flags = os.environ.get("XLA_FLAGS", "")
+    extra = f"--xla_cpu_multi_thread_eigen={'true' if n > 1 else 'false'} "
+    extra += f"intra_op_parallelism_threads={n}"
+    os.environ["XLA_FLAGS"] = f"{flags} {extra}".strip()
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; print the table; write the JSON. Returns 0 (timings never fail it)."""
+    ap = argparse.ArgumentParser(prog="bench_training_overhead", description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="mlp,cnn", help="comma list of mlp, cnn (default both)")
+    ap.add_argument("--runs", type=int, default=7, help="timed runs per variant (default 7, >= 5)")
+    ap.add_argument("--steps", type=int, default=200, help="steps per timed block (default 200)")
+    ap.add_argument("--freq", type=int, default=10, help="mask update every N steps (default 10)")
+    ap.add_argument("--no-fasttie", action="store_true", help="skip the fast-tie prototype")
+    ap.add_argument("--no-profile", action="store_true", help="skip the mask-update profile")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="XLA:CPU intra-op threads (default 1: stable timings on a shared "
+                         "machine; 0 leaves XLA's default). Applied only before JAX starts.")
+    ap.add_argument("--quick", action="store_true", help="2 runs of 20 steps: a smoke test")
+    ap.add_argument("--out", type=Path, default=Path("results/bench_training_overhead.json"))
+    args = ap.parse_args(argv)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    bad = [m for m in models if m not in TARGETS]
+    if bad:
+        ap.error(f"unknown model(s) {bad}; valid: {sorted(TARGETS)}")
+    runs, steps = (2, 20) if args.quick else (args.runs, args.steps)
+    if runs < 1 or steps < 1:
+        ap.error("--runs and --steps must be >= 1")
+    threads_applied = _set_threads(args.threads)
+    load0 = os.getloadavg()
+    t0 = time.perf_counter()
+    results = {}
+    for m in models:
+        results[m] = bench_model(m, runs=runs, steps=steps, freq=args.freq,
+                                 fasttie=not args.no_fasttie, profile=not args.no_profile)
+        print(f"{m}: done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    table = format_table(results)
+    print(table)
+    for m, r in results.items():
+        if "mask_update_ms" in r:
+            mu = r["mask_update_ms"]
+            print(f"{m}: one mask recomputation (all leaves, jitted): core top-k {mu['core']:.3f} "
+                  f"ms, fast-tie prototype {mu['fasttie']:.3f} ms")
+    report = {
+        "config": {"runs": runs, "steps_per_block": steps, "mask_update_every": args.freq,
+                   "batch_size": 64, "optimizer": "adam(1e-3)", "target_sparsity": 0.9},
+        "environment": {
+            "jax": jax.__version__, "backend": jax.default_backend(),
+            "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "xla_cpu_threads": args.threads if threads_applied else "default",
+            "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+            "loadavg_start": [round(v, 2) for v in load0],
+            "loadavg_end": [round(v, 2) for v in os.getloadavg()],
+            "seconds": round(time.perf_counter() - t0, 1),
+        },
+        "results": results,
+        "table_markdown": table,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
