@@ -1,0 +1,120 @@
+"""Train a small byte-level GPT on the Python standard library's source; report held-out perplexity.
+
+Data: the ``stdlib_bytes`` tfds dataset (array_record, read with tfds' data source, no tensorflow;
+see ``jaxprune.data.text_tfds``). The trained params go to ``results/gpt_params.msgpack`` (with
+``results/gpt_config.json``) so ``oneshot_gpt`` can reuse them; it retrains when they are absent.
+
+    jaxprune run train_gpt            # ~4 layers, d=128, a few CPU minutes
+    jaxprune run train_gpt --quick    # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import serialization
+
+from jaxprune.data import text_tfds
+from jaxprune.models.gpt import GPT, GPTConfig, loss_fn, perplexity
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+PARAMS = RESULTS / "gpt_params.msgpack"
+CONFIG = RESULTS / "gpt_config.json"
+VAL_RECORDS = 512  # fixed held-out subset (first records of the validation split)
+
+
+def load_data(data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, validation)`` byte records from the tfds dataset."""
+    return text_tfds.load_split("train", data_dir), text_tfds.load_split("validation", data_dir)
+
+
+def train(cfg: GPTConfig, steps: int, batch: int, lr: float, seed: int = 0,
+          data_dir: str | None = None, progress: bool = True) -> tuple[dict, dict]:
+    """Train; returns ``(params, info)`` with validation perplexity."""
+    from tqdm.auto import tqdm
+
+    tr, va = load_data(data_dir)
+    tr, va = tr[:, : cfg.seq + 1], va[:VAL_RECORDS, : cfg.seq + 1]
+    model = GPT(cfg)
+    params = model.init(jax.random.key(seed), jnp.zeros((1, cfg.seq), jnp.int32))["params"]
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 20, 1), steps, lr * 0.1)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.1))
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(p, o, r):
+        loss, g = jax.value_and_grad(lambda p: loss_fn(model, p, r))(p)
+        u, o = tx.update(g, o, p)
+        return optax.apply_updates(p, u), o, loss
+
+    rng = np.random.default_rng(seed)
+    t0 = time.time()
+    bar = tqdm(range(steps), desc="train gpt", disable=not progress)
+    losses = []
+    for i in bar:
+        r = tr[rng.integers(0, len(tr), batch)]
+        params, opt, loss = step(params, opt, r)
+        if i % 20 == 0 or i == steps - 1:
+            losses.append(float(loss))
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+    secs = time.time() - t0
+    ppl = perplexity(model, params, va)
+    info = {"steps": steps, "batch": batch, "lr": lr, "train_seconds": round(secs, 1),
+            "final_train_loss": losses[-1], "val_ppl": ppl, "val_bits_per_byte": float(np.log2(ppl)),
+            "train_records": int(len(tr)), "val_records": int(len(va)), "config": cfg._asdict()}
+    return params, info
+
+
+def save(params: dict, cfg: GPTConfig, info: dict, path: Path = PARAMS) -> None:
+    """Write params (flax msgpack) and config/info JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(serialization.to_bytes(params))
+    CONFIG.write_text(json.dumps({"config": cfg._asdict(), "info": info}, indent=2))
+
+
+def load_or_train(quick: bool = False, retrain: bool = False) -> tuple[GPTConfig, dict, dict]:
+    """The trained GPT from ``results/`` (training and saving it first if absent)."""
+    if PARAMS.exists() and CONFIG.exists() and not retrain:
+        meta = json.loads(CONFIG.read_text())
+        cfg = GPTConfig(**meta["config"])
+        template = GPT(cfg).init(jax.random.key(0), jnp.zeros((1, cfg.seq), jnp.int32))["params"]
+        return cfg, serialization.from_bytes(template, PARAMS.read_bytes()), meta["info"]
+    cfg = GPTConfig(seq=128)
+    steps, batch = (40, 8) if quick else (300, 16)
+    params, info = train(cfg, steps, batch, 3e-3)
+    if not quick:
+        save(params, cfg, info)
+    return cfg, params, info
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train the GPT and print its held-out perplexity."""
+    ap = argparse.ArgumentParser(prog="jaxprune run train_gpt", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a few steps, nothing saved")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--pos", choices=["learned", "rope"], default="learned")
+    args = ap.parse_args(argv)
+    cfg = GPTConfig(pos=args.pos, seq=args.seq)
+    steps, batch = (40, 8) if args.quick else (args.steps, args.batch)
+    params, info = train(cfg, steps, batch, args.lr)
+    if not args.quick:
+        save(params, cfg, info)
+        (RESULTS / "train_gpt.json").write_text(json.dumps(info, indent=2))
+    print(f"{'steps':>6} {'batch':>5} {'seconds':>8} {'train loss':>10} {'val ppl':>8} {'bpb':>6}")
+    print(f"{steps:>6} {batch:>5} {info['train_seconds']:>8} {info['final_train_loss']:>10.3f} "
+          f"{info['val_ppl']:>8.3f} {info['val_bits_per_byte']:>6.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

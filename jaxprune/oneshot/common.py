@@ -1,0 +1,146 @@
+"""Shared pieces of the one-shot layer transforms: targets, Hessian checks, damped inverses.
+
+A *target* is a sparsity float in ``[0, 1)`` (unstructured), an ``"N:M"`` string or a
+:class:`jaxprune.patterns.NM` (keep ``n`` of every ``m`` along the fan-in axis).
+
+>>> parse_target("2:4")
+(NM(n=2, m=4, axis=None), 0.5)
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune import allocation as alloc_lib
+from jaxprune import patterns as pat_lib
+
+__all__ = ["Target", "parse_target", "check_hessian", "damped_inverse_cholesky", "recon_error"]
+
+Target = float | str | pat_lib.Pattern
+
+
+def parse_target(target: Target, name: str = "<layer>", fan_in: int | None = None
+                 ) -> tuple[pat_lib.Pattern, float]:
+    """``(pattern, sparsity)`` for a target; validates range and N:M divisibility of ``fan_in``.
+
+    >>> parse_target(0.5)
+    (Unstructured(), 0.5)
+    >>> parse_target("2:4", "fc/kernel", 6)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: jaxprune: 2:4 pattern on 'fc/kernel' ... length 6, which is not divisible by m=4
+    """
+    if isinstance(target, str | pat_lib.Pattern):
+        pat = pat_lib.parse(target)
+        if isinstance(pat, pat_lib.NM):
+            if fan_in is not None:
+                pat.validate(name, (fan_in, 1))
+            return pat_lib.NM(pat.n, pat.m), 1.0 - pat.n / pat.m
+        if isinstance(pat, pat_lib.Unstructured):
+            raise ValueError(f"jaxprune: layer '{name}': give unstructured targets as a float")
+        raise ValueError(f"jaxprune: layer '{name}': one-shot transforms support unstructured and "
+                         f"N:M targets, got {target!r}")
+    alloc_lib.check_sparsity(name, target)
+    return pat_lib.Unstructured(), float(target)
+
+
+def check_hessian(h: Any, name: str) -> np.ndarray:
+    """Return ``h`` as float32 numpy; raise ``ValueError`` naming the layer on NaN/Inf or bad shape.
+
+    >>> check_hessian(np.array([[1., np.nan], [0., 1.]]), "fc/kernel")
+    Traceback (most recent call last):
+    ...
+    ValueError: jaxprune: Hessian of layer 'fc/kernel' has 1 non-finite entries (first at (0, 1): nan)
+    """
+    h = np.asarray(h, np.float32)
+    if h.ndim != 2 or h.shape[0] != h.shape[1]:
+        raise ValueError(f"jaxprune: Hessian of layer '{name}' must be square, got {h.shape}")
+    bad = ~np.isfinite(h)
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"jaxprune: Hessian of layer '{name}' has {int(bad.sum())} non-finite entries "
+            f"(first at {idx}: {h[idx]})"
+        )
+    return h
+
+
+@jax.jit
+def _inv_chol(h: jax.Array, damp: jax.Array) -> jax.Array:
+    n = h.shape[0]
+    hd = h + damp * jnp.eye(n, dtype=h.dtype)
+    lo = jnp.linalg.cholesky(hd)
+    hinv = jax.scipy.linalg.cho_solve((lo, True), jnp.eye(n, dtype=h.dtype))
+    hinv = 0.5 * (hinv + hinv.T)
+    return jnp.linalg.cholesky(hinv).T  # upper U with H^-1 = U^T U
+
+
+@jax.jit
+def _inv(h: jax.Array, damp: jax.Array) -> jax.Array:
+    n = h.shape[0]
+    hd = h + damp * jnp.eye(n, dtype=h.dtype)
+    lo = jnp.linalg.cholesky(hd)
+    hinv = jax.scipy.linalg.cho_solve((lo, True), jnp.eye(n, dtype=h.dtype))
+    return 0.5 * (hinv + hinv.T)
+
+
+def prepare_hessian(h: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Check ``h`` and mark dead inputs (zero diagonal): returns ``(h with 1 on dead diag, dead)``."""
+    h = check_hessian(h, name).copy()
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    return h, dead
+
+
+def damped_inverse_cholesky(h: np.ndarray, percdamp: float, name: str,
+                            upper_cholesky: bool = True, max_tries: int = 8) -> jax.Array:
+    """Upper Cholesky factor of ``(H + λI)⁻¹`` (or the inverse itself), ``λ = percdamp·mean(diag)``.
+
+    If the damped ``H`` is singular or indefinite (Cholesky fails, NaN appears) ``λ`` grows ×10 with a
+    ``RuntimeWarning`` naming the layer, up to ``max_tries`` times; the result is never NaN.
+
+    >>> u = damped_inverse_cholesky(np.eye(2, dtype=np.float32), 0.0, "fc")
+    >>> np.allclose(u, np.eye(2))
+    True
+    """
+    hj = jnp.asarray(h, jnp.float32)
+    mean_diag = float(np.mean(np.abs(np.diag(h)))) or 1.0
+    damp = percdamp * mean_diag
+    fn = _inv_chol if upper_cholesky else _inv
+    for i in range(max_tries):
+        out = fn(hj, jnp.asarray(damp, jnp.float32))
+        if bool(jnp.all(jnp.isfinite(out))):
+            return out
+        new = max(damp * 10.0, 1e-2 * mean_diag) if damp > 0 else 1e-2 * mean_diag
+        if i == 0 or new > damp:
+            warnings.warn(
+                f"jaxprune: Hessian of layer '{name}' is singular or indefinite with dampening "
+                f"{damp:.3g}; increasing dampening to {new:.3g}",
+                RuntimeWarning, stacklevel=3,
+            )
+        damp = new
+    # Last resort: a diagonal Hessian (never NaN).
+    d = np.maximum(np.abs(np.diag(h)), 1e-8 * mean_diag) + damp
+    warnings.warn(f"jaxprune: Hessian of layer '{name}' stays indefinite; using its diagonal",
+                  RuntimeWarning, stacklevel=3)
+    inv = np.diag(1.0 / d).astype(np.float32)
+    return jnp.asarray(np.sqrt(inv) if upper_cholesky else inv)
+
+
+def recon_error(w_dense: Any, w_new: Any, h: Any) -> float:
+    """Relative layer reconstruction error ``‖WX−ŴX‖²/‖WX‖²`` from ``H ∝ XᵀX`` (kernels ``(in, out)``).
+
+    >>> recon_error(np.eye(2), np.zeros((2, 2)), np.eye(2))
+    1.0
+    """
+    w = np.asarray(w_dense, np.float64)
+    d = w - np.asarray(w_new, np.float64)
+    h = np.asarray(h, np.float64)
+    num = float(np.einsum("io,ij,jo->", d, h, d))
+    den = float(np.einsum("io,ij,jo->", w, h, w))
+    return num / max(den, 1e-30)

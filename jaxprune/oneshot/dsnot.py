@@ -1,0 +1,175 @@
+"""DSnoT (Zhang et al., 2024): training-free prune-and-grow on top of any initial mask.
+
+For every output unit (a column of the Flax kernel) DSnoT tracks the expected reconstruction error
+``ε = Σ_j (W_j − Ŵ_j) E[x_j]`` between the dense and the sparse output and repeatedly swaps one
+weight (no backprop, no weight update):
+
+* **grow** the pruned weight ``j`` whose revival moves ``ε`` most towards 0
+  (``argmax V_j E[x_j]`` if ``ε > 0``, else ``argmin``), where ``V`` are the values a kept weight takes
+  (the dense weights, or e.g. SparseGPT's reconstructed ones);
+* **prune** the kept weight ``k`` with the lowest Wanda importance ``|V_k|·‖x_k‖ / var_k^γ`` among
+  those whose removal also moves ``ε`` towards 0 (``sign(V_k E[x_k]) = −sign(ε')``); for N:M, ``k``
+  must lie in ``j``'s group, so the pattern is kept.
+
+A swap is accepted only if it lowers the exact quadratic objective
+``(W − Ŵ)ᵀ H (W − Ŵ)`` of that output (``H = XᵀX/n``); otherwise that output stops. So the
+reconstruction error never increases and the number of kept weights per output is unchanged.
+Runs ``max_cycles`` swaps per output in one ``jax.jit`` (``lax.fori_loop``), vectorised over outputs.
+
+Example:
+    >>> import numpy as np
+    >>> from jaxprune.oneshot.calibration import LayerStats
+    >>> x = np.random.default_rng(0).normal(1.0, 1.0, size=(64, 8)).astype(np.float32)
+    >>> st = LayerStats(x.T @ x, x.sum(0), (x**2).sum(0), 64, 8)
+    >>> w = np.random.default_rng(1).normal(size=(8, 3)).astype(np.float32)
+    >>> m0 = np.abs(w) > np.median(np.abs(w))
+    >>> _, m = dsnot(w, st, m0)
+    >>> int(np.asarray(m).sum()) == int(m0.sum())
+    True
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune.oneshot.calibration import LayerStats, as_matrix
+from jaxprune.oneshot.common import Target, check_hessian
+
+__all__ = ["dsnot", "with_dsnot", "quadratic_error"]
+
+
+@functools.partial(jax.jit, static_argnames=("max_cycles", "m"))
+def _dsnot_core(wd, v, mask, h, mu, imp, max_cycles: int, m: int | None):
+    fin, out = wd.shape
+    cols = jnp.arange(out)
+    idx = jnp.arange(fin)
+    d = wd - jnp.where(mask, v, 0.0)
+    g = jnp.matmul(h, d, precision=jax.lax.Precision.HIGHEST)
+    obj = jnp.sum(d * g, axis=0)
+    vm = v * mu[:, None]  # V_j E[x_j]
+
+    def cycle(_, c):
+        mask, d, g, obj, active = c
+        eps = jnp.sum(d * mu[:, None], axis=0)
+        grow_sc = jnp.where(mask, -jnp.inf, jnp.where(eps[None, :] > 0, vm, -vm))
+        j = jnp.argmax(grow_sc, axis=0)
+        can_grow = jnp.any(~mask, axis=0)
+        vj = v[j, cols]
+        eps2 = eps - vj * mu[j]
+        cand = mask & (idx[:, None] != j[None, :])
+        if m is not None:
+            cand = cand & ((idx[:, None] // m) == (j // m)[None, :])
+        good = cand & (jnp.sign(vm) == -jnp.sign(eps2)[None, :])
+        use = jnp.where(jnp.any(good, axis=0), 1, 0)
+        sc = jnp.where(jnp.where(use[None, :] == 1, good, cand), imp, jnp.inf)
+        k = jnp.argmin(sc, axis=0)
+        can_prune = jnp.any(cand, axis=0)
+        dj = -vj  # d_j: W_j -> W_j - V_j
+        dk = v[k, cols]  # d_k: W_k - V_k -> W_k
+        g2 = g + h[:, j] * dj[None, :] + h[:, k] * dk[None, :]
+        d2 = d.at[j, cols].add(dj).at[k, cols].add(dk)
+        obj2 = jnp.sum(d2 * g2, axis=0)
+        ok = active & can_grow & can_prune & (obj2 < obj * (1.0 - 1e-6))
+        mask2 = mask.at[j, cols].set(True).at[k, cols].set(False)
+        mask = jnp.where(ok[None, :], mask2, mask)
+        d = jnp.where(ok[None, :], d2, d)
+        g = jnp.where(ok[None, :], g2, g)
+        obj = jnp.where(ok, obj2, obj)
+        return mask, d, g, obj, ok
+
+    mask, *_ = jax.lax.fori_loop(0, max_cycles, cycle,
+                                 (mask, d, g, obj, jnp.ones(out, bool)))
+    return mask
+
+
+def quadratic_error(w_dense: Any, w_new: Any, h: Any) -> np.ndarray:
+    """Per-output ``(W − Ŵ)ᵀ H (W − Ŵ)`` for ``(fan_in, out)`` matrices (numpy, float64).
+
+    >>> quadratic_error(np.ones((2, 1)), np.zeros((2, 1)), np.eye(2)).tolist()
+    [2.0]
+    """
+    d = np.asarray(w_dense, np.float64) - np.asarray(w_new, np.float64)
+    return np.einsum("io,ij,jo->o", d, np.asarray(h, np.float64), d)
+
+
+def dsnot(
+    weight: Any,
+    stats: LayerStats,
+    mask: Any,
+    *,
+    values: Any = None,
+    max_cycles: int = 50,
+    var_power: float = 1.0,
+    nm_m: int | None = None,
+    name: str = "<layer>",
+) -> tuple[jax.Array, jax.Array]:
+    """Refine ``mask`` of a layer with DSnoT; returns ``(values * new_mask, new_mask)``.
+
+    Args:
+      weight: the dense kernel (the reconstruction target).
+      stats: the layer's statistics (``gram``, means, variances, norms).
+      mask: initial boolean mask of ``weight``'s shape (from any method).
+      values: the values kept weights take (default ``weight``; pass SparseGPT's new weights to
+        refine its mask while keeping its reconstruction).
+      nm_m: keep N:M validity with groups of ``nm_m`` along the fan-in.
+
+    >>> import numpy as np
+    >>> from jaxprune.oneshot.calibration import LayerStats
+    >>> st = LayerStats(np.eye(2, dtype=np.float32), np.ones(2), np.ones(2), 1, 2)
+    >>> _, m = dsnot(np.array([[1.], [3.]]), st, np.array([[True], [False]]))
+    >>> np.asarray(m)[:, 0].tolist()
+    [False, True]
+    """
+    if stats.gram is None:
+        raise ValueError(f"jaxprune: DSnoT on '{name}' needs calibration with gram=True")
+    shape = np.shape(weight)
+    if np.shape(mask) != shape:
+        raise ValueError(f"jaxprune: DSnoT on '{name}': mask shape {np.shape(mask)} != weight "
+                         f"shape {shape}")
+    h = jnp.asarray(check_hessian(stats.hessian, name))
+    wd = as_matrix(weight, stats, name).astype(jnp.float32)
+    v = wd if values is None else as_matrix(values, stats, name).astype(jnp.float32)
+    m0 = as_matrix(jnp.asarray(mask, bool), stats, name)
+    if nm_m is not None and stats.fan_in % nm_m:
+        raise ValueError(f"jaxprune: DSnoT on '{name}': fan-in {stats.fan_in} is not divisible by "
+                         f"m={nm_m}")
+    mu = jnp.asarray(stats.mean, jnp.float32)
+    var = jnp.asarray(stats.var, jnp.float32)
+    imp = jnp.abs(v) * jnp.asarray(stats.norms, jnp.float32)[:, None]
+    if var_power:
+        imp = imp / jnp.power(var + 1e-8, var_power)[:, None]
+    new = _dsnot_core(wd, v, m0, h, mu, imp, int(max_cycles), nm_m)
+    new = new.reshape(shape)
+    vals = jnp.asarray(weight if values is None else values)
+    return jnp.where(new, vals, jnp.zeros((), vals.dtype)), new
+
+
+def with_dsnot(method: Callable[..., tuple[jax.Array, jax.Array]], **kw: Any
+               ) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """Compose a layer method with DSnoT: ``method`` picks the initial mask (and values).
+
+    >>> from jaxprune.oneshot.wanda import wanda
+    >>> f = with_dsnot(wanda)
+    >>> f.__name__
+    'wanda+dsnot'
+    """
+    from jaxprune import patterns as pat_lib
+    from jaxprune.oneshot.common import parse_target
+
+    def run(weight: Any, stats: LayerStats, target: Target, *, name: str = "<layer>", **mkw: Any):
+        new, m = method(weight, stats, target, name=name, **mkw)
+        pat, _ = parse_target(target, name, stats.fan_in)
+        nm_m = pat.m if isinstance(pat, pat_lib.NM) else None
+        # kept weights keep the method's values; a regrown weight takes its dense value
+        values = jnp.where(m, new, jnp.asarray(weight))
+        return dsnot(weight, stats, m, values=values, nm_m=nm_m, name=name, **kw)
+
+    run.__name__ = f"{getattr(method, '__name__', 'method')}+dsnot"
+    run.needs_gram = True  # type: ignore[attr-defined]
+    return run

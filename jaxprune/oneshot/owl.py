@@ -1,0 +1,114 @@
+"""OWL (Yin et al., 2024): outlier-weighted layer-wise sparsity.
+
+A layer's *outlier ratio* (LOD) is the fraction of its Wanda scores ``|W|·‖x‖`` above ``M`` times
+their mean. Ratios are rescaled to ``[0, 2λ]``, centred and added to the target density, so layers
+with more outliers stay denser; the size-weighted mean sparsity equals the target exactly.
+
+:class:`OWL` is a :class:`jaxprune.allocation.Allocation` (pass Wanda scores to
+``compute_masks``); :func:`owl_targets` gives ``{kernel path: sparsity}`` from calibration stats for
+the one-shot drivers, optionally pooling layers into groups (the paper uses transformer blocks).
+
+Example:
+    >>> owl_from_ratios([0.0, 0.1], [100, 100], 0.5, lam=0.1)
+    [0.6, 0.4]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune.allocation import Allocation
+from jaxprune.oneshot.calibration import LayerStats
+from jaxprune.oneshot.wanda import wanda_scores
+
+__all__ = ["OWL", "owl_from_ratios", "outlier_ratio", "owl_targets"]
+
+
+def outlier_ratio(scores: Any, M: float = 5.0) -> float:
+    """Fraction of entries above ``M`` × mean score.
+
+    >>> outlier_ratio(np.array([1., 1., 1., 100.]), M=2.0)
+    0.25
+    """
+    s = np.asarray(scores, np.float64)
+    return float(np.mean(s > M * s.mean()))
+
+
+def owl_from_ratios(ratios: Sequence[float], sizes: Sequence[int], target: float,
+                    lam: float = 0.08) -> list[float]:
+    """Per-layer sparsities from outlier ratios (size-weighted mean = ``target``, clipped to
+    ``[0, 0.99]``).
+
+    >>> owl_from_ratios([0.2, 0.2], [10, 30], 0.7)
+    [0.7, 0.7]
+    """
+    r = np.asarray(ratios, np.float64)
+    w = np.asarray(sizes, np.float64) / np.sum(sizes)
+    span = r.max() - r.min()
+    z = np.zeros_like(r) if span <= 0 else (r - r.min()) / span * 2.0 * lam
+    density = (1.0 - target) + z - np.sum(w * z)
+    return [round(float(x), 10) for x in np.clip(1.0 - density, 0.0, 0.99)]
+
+
+@dataclasses.dataclass(frozen=True)
+class OWL(Allocation):
+    """Outlier-weighted allocation over the leaves' scores (pass Wanda scores).
+
+    >>> sc = {"a": jnp.array([[1., 1.], [1., 1.]]), "b": jnp.array([[1., 1.], [1., 100.]])}
+    >>> s = OWL(M=2.0, lam=0.1).allocate({k: v > 0 for k, v in sc.items()}, 0.5, sc)
+    >>> float(s["a"]) > float(s["b"])
+    True
+    """
+
+    M: float = 5.0
+    lam: float = 0.08
+
+    def _solve(self, shapes, target, scores):
+        if scores is None:
+            raise ValueError("jaxprune: OWL allocation needs (Wanda) scores")
+        ratios = [outlier_ratio(np.asarray(s), self.M) for s in scores]
+        sizes = [int(np.prod(s)) for s in shapes]
+        return [jnp.asarray(v, jnp.float32)
+                for v in owl_from_ratios(ratios, sizes, float(target), self.lam)]
+
+
+def owl_targets(
+    kernels: dict[str, Any],
+    stats: dict[str, LayerStats],
+    target: float,
+    *,
+    M: float = 5.0,
+    lam: float = 0.08,
+    group: str | None = None,
+) -> dict[str, float]:
+    """``{path: sparsity}`` for the layers in ``stats`` (``kernels`` maps the same paths to weights).
+
+    ``group``: a regex whose first match in the path names the group (e.g. ``r"block_\\d+"``); layers
+    of a group share its pooled outlier ratio. Default: one group per layer.
+
+    >>> st = {"a": LayerStats(None, np.zeros(2), np.ones(2), 1, 2)}
+    >>> owl_targets({"a": np.ones((2, 2))}, st, 0.5)
+    {'a': 0.5}
+    """
+    keys = list(stats)
+    missing = [k for k in keys if k not in kernels]
+    if missing:
+        raise ValueError(f"jaxprune: owl_targets: no kernel for calibrated layer(s) {missing}")
+    gname = {}
+    for k in keys:
+        mt = re.search(group, k) if group else None
+        gname[k] = mt.group(0) if mt else k
+    groups = list(dict.fromkeys(gname.values()))
+    pooled: dict[str, list[np.ndarray]] = {g: [] for g in groups}
+    for k in keys:
+        pooled[gname[k]].append(np.asarray(wanda_scores(kernels[k], stats[k], k)).reshape(-1))
+    ratios = [outlier_ratio(np.concatenate(pooled[g]), M) for g in groups]
+    sizes = [sum(x.size for x in pooled[g]) for g in groups]
+    sp = dict(zip(groups, owl_from_ratios(ratios, sizes, target, lam), strict=True))
+    return {k: sp[gname[k]] for k in keys}

@@ -1,0 +1,99 @@
+"""Calibration statistics against direct numpy computations (linen Dense/Conv/DenseGeneral, nnx)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import nnx
+
+from jaxprune.masks import leaves_with_paths
+from jaxprune.models.small import CNN, MLP, NnxMLP
+from jaxprune.oneshot.calibration import calibrate
+
+
+def _check(st, x):
+    x = np.asarray(x, np.float64)
+    np.testing.assert_allclose(st.gram, x.T @ x, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(st.norms, np.linalg.norm(x, axis=0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(st.mean, x.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(st.var, x.var(0), rtol=1e-3, atol=1e-5)
+    assert st.count == x.shape[0]
+
+
+def test_linen_mlp_streamed():
+    model = MLP((16, 8, 3))
+    x = jax.random.normal(jax.random.key(0), (10, 12))
+    params = model.init(jax.random.key(1), x)["params"]
+    st = calibrate(model, params, [x[:4], x[4:]])
+    assert set(st) == {"Dense_0/kernel", "Dense_1/kernel", "Dense_2/kernel"}
+    assert set(st) <= {p for p, _ in leaves_with_paths(params)}
+    h0 = np.asarray(x)
+    h1 = np.maximum(h0 @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"], 0)
+    h2 = np.maximum(h1 @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"], 0)
+    for k, xi in zip(sorted(st), [h0, h1, h2], strict=True):
+        _check(st[k], xi)
+    assert calibrate(model, params, [x], gram=False)["Dense_0/kernel"].gram is None
+
+
+def _im2col(x, kh, kw):
+    n, h, w, c = x.shape
+    ph, pw = (kh - 1) // 2, (kw - 1) // 2
+    xp = np.pad(x, ((0, 0), (ph, kh - 1 - ph), (pw, kw - 1 - pw), (0, 0)))
+    rows = [xp[:, i:i + kh, j:j + kw, :].reshape(n, -1) for i in range(h) for j in range(w)]
+    return np.stack(rows, 1).reshape(-1, kh * kw * c)
+
+
+def test_linen_conv_patches_in_kernel_order():
+    model = CNN((3, 4), hidden=8)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 2))
+    params = model.init(jax.random.key(1), x)["params"]
+    st = calibrate(model, params, [x])
+    _check(st["Conv_0/kernel"], _im2col(np.asarray(x), 3, 3))
+    assert st["Conv_0/kernel"].fan_in == 18
+    # the Gram in kernel order reproduces the conv output energy: sum_o w_o^T G w_o = ||y||^2
+    k = np.asarray(params["Conv_0"]["kernel"]).reshape(18, 3)
+    y = jax.lax.conv_general_dilated(x, params["Conv_0"]["kernel"], (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(np.einsum("io,ij,jo->", k, st["Conv_0/kernel"].gram, k),
+                               float((np.asarray(y) ** 2).sum()), rtol=1e-3)
+
+
+class _Gen(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.DenseGeneral((2, 3), name="split")(x)
+        return nn.DenseGeneral(4, axis=(-2, -1), name="merge")(h)
+
+
+def test_linen_dense_general():
+    x = jax.random.normal(jax.random.key(0), (5, 7, 6))
+    m = _Gen()
+    p = m.init(jax.random.key(1), x)["params"]
+    st = calibrate(m, p, [x])
+    _check(st["split/kernel"], np.asarray(x).reshape(-1, 6))
+    h = np.einsum("btd,dhk->bthk", x, p["split"]["kernel"]) + p["split"]["bias"]
+    _check(st["merge/kernel"], h.reshape(-1, 6))
+
+
+def test_nnx_model_keys_match_state_paths():
+    model = NnxMLP(12, (16, 3), rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (9, 12))
+    st = calibrate(model, None, [x])
+    paths = {p for p, _ in leaves_with_paths(nnx.state(model, nnx.Param))}
+    assert set(st) == {"layers/0/kernel", "layers/1/kernel"} and set(st) <= paths
+    _check(st["layers/0/kernel"], x)
+    h = np.maximum(np.asarray(model.layers[0](x)), 0)
+    _check(st["layers/1/kernel"], h)
+    assert nnx.Linear.__call__.__qualname__.startswith("Linear")  # patch undone
+
+
+def test_bad_batches():
+    model = MLP((4,))
+    params = model.init(jax.random.key(1), jnp.ones((1, 3)))["params"]
+    with pytest.raises(ValueError, match="zero batches"):
+        calibrate(model, params, [])
+    with pytest.raises(ValueError, match="batch 1 .*shapes \\[\\(5,\\)\\].*\\[\\(3,\\)\\]"):
+        calibrate(model, params, [jnp.ones((2, 3)), jnp.ones((2, 5))])
+    with pytest.raises(TypeError, match="linen or nnx"):
+        calibrate(lambda x: x, params, [jnp.ones((2, 3))])

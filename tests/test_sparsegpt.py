@@ -1,0 +1,125 @@
+"""SparseGPT against a direct numpy implementation of the published algorithm, plus bad input."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+from jaxprune.oneshot.calibration import LayerStats
+from jaxprune.oneshot.common import recon_error
+from jaxprune.oneshot.sparsegpt import sparsegpt
+from jaxprune.patterns import nm_valid
+
+
+def ref_sparsegpt(W, H, sparsity, prunen=0, prunem=0, blocksize=128, percdamp=0.01):
+    """Frantar & Alistarh (2023), Algorithm 1 / reference code, W is (out, in), float64.
+
+    Only change to the reference: exactly round(s * numel) entries per block (the reference's
+    `<= thresh` prunes one more)."""
+    W = W.astype(np.float64).copy()
+    H = H.astype(np.float64).copy()
+    rows, cols = W.shape
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += percdamp * np.mean(np.diag(H)) * np.eye(cols)
+    Hinv = np.linalg.cholesky(np.linalg.inv(H)).T  # upper: H^-1 = U^T U
+    keep = np.ones_like(W, bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        count = i2 - i1
+        W1 = W[:, i1:i2].copy()
+        Q1 = np.zeros_like(W1)
+        Err1 = np.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        mask1 = np.zeros_like(W1, bool)  # True = pruned
+        if prunen == 0:
+            tmp = W1**2 / np.diag(Hinv1)[None, :] ** 2
+            k = int(round(tmp.size * sparsity))
+            mask1.flat[np.argsort(tmp.ravel(), kind="stable")[:k]] = True
+        for i in range(count):
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            if prunen != 0 and i % prunem == 0:
+                tmp = W1[:, i:i + prunem] ** 2 / np.diag(Hinv1)[i:i + prunem][None, :] ** 2
+                idx = np.argsort(tmp, axis=1, kind="stable")[:, :prunen]
+                mask1[np.arange(rows)[:, None], i + idx] = True
+            q = w.copy()
+            q[mask1[:, i]] = 0
+            Q1[:, i] = q
+            err1 = (w - q) / d
+            W1[:, i:] -= np.outer(err1, Hinv1[i, i:])
+            Err1[:, i] = err1
+        W[:, i1:i2] = Q1
+        keep[:, i1:i2] = ~mask1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return W, keep
+
+
+def _stats(x):
+    x = x.astype(np.float32)
+    return LayerStats(x.T @ x, x.sum(0), (x**2).sum(0), x.shape[0], x.shape[1])
+
+
+def _layer(fin=20, out=6, n=64, seed=0, dead=()):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, fin)) @ rng.normal(size=(fin, fin)) * 0.5
+    x[:, list(dead)] = 0
+    w = rng.normal(size=(fin, out)).astype(np.float32)
+    return w, _stats(x)
+
+
+@pytest.mark.parametrize("sparsity,bs", [(0.5, 8), (0.7, 8), (0.5, 128), (0.3, 16)])
+def test_unstructured_matches_reference(sparsity, bs):
+    w, st = _layer(dead=(3,))
+    q, m = sparsegpt(w, st, sparsity, blocksize=bs)
+    rq, rm = ref_sparsegpt(w.T, st.hessian, sparsity, blocksize=bs)
+    np.testing.assert_array_equal(np.asarray(m), rm.T)
+    np.testing.assert_allclose(np.asarray(q), rq.T, rtol=2e-4, atol=2e-4)
+    assert np.all(np.asarray(q)[~np.asarray(m)] == 0)
+
+
+@pytest.mark.parametrize("n,m,bs", [(2, 4, 8), (1, 4, 128), (4, 8, 16)])
+def test_nm_matches_reference(n, m, bs):
+    w, st = _layer(fin=24, out=5, seed=1)
+    q, mask = sparsegpt(w, st, f"{n}:{m}", blocksize=bs)
+    rq, rm = ref_sparsegpt(w.T, st.hessian, 0, prunen=m - n, prunem=m, blocksize=bs)
+    np.testing.assert_array_equal(np.asarray(mask), rm.T)
+    np.testing.assert_allclose(np.asarray(q), rq.T, rtol=2e-4, atol=2e-4)
+    assert nm_valid(mask, n, m)
+    assert int(np.asarray(mask).sum()) == 24 * 5 * n // m
+
+
+def test_beats_plain_masking_and_conv_shape():
+    w, st = _layer(fin=36, out=4, seed=2)
+    q, m = sparsegpt(w, st, 0.5)
+    assert recon_error(w, q, st.hessian) < recon_error(w, w * np.asarray(m), st.hessian)
+    q4, m4 = sparsegpt(w.reshape(3, 3, 4, 4), st, 0.5)  # conv kernel (h, w, in, out)
+    np.testing.assert_allclose(np.asarray(q4).reshape(36, 4), np.asarray(q), atol=1e-6)
+
+
+def test_bad_inputs():
+    w, st = _layer()
+    bad = st._replace(gram=np.where(np.eye(20) > 0, np.nan, st.gram).astype(np.float32))
+    with pytest.raises(ValueError, match="blocks.3/fc/kernel.*non-finite"):
+        sparsegpt(w, bad, 0.5, name="blocks.3/fc/kernel")
+    with pytest.raises(ValueError, match="fc/kernel.*1.0"):
+        sparsegpt(w, st, 1.0, name="fc/kernel")
+    with pytest.raises(ValueError, match="fc/kernel.*not divisible by m=8"):
+        sparsegpt(w, st, "2:8", name="fc/kernel")
+    with pytest.raises(ValueError, match="does not match calibration fan-in"):
+        sparsegpt(np.ones((7, 2), np.float32), st, 0.5)
+
+
+def test_indefinite_and_singular_hessian_never_nan():
+    w, st = _layer(fin=8, out=3)
+    neg = st._replace(gram=-np.eye(8, dtype=np.float32) * st.count)
+    with pytest.warns(RuntimeWarning, match="fc.*increasing dampening"):
+        q, m = sparsegpt(w, neg, 0.5, name="fc")
+    assert np.all(np.isfinite(np.asarray(q)))
+    x = np.random.default_rng(0).normal(size=(2, 8))  # rank 2 < 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        q, m = sparsegpt(w, _stats(x), 0.5, percdamp=0.0)
+    assert np.all(np.isfinite(np.asarray(q)))
+    assert int(np.asarray(m).sum()) == 12
