@@ -1,0 +1,39 @@
+"""Sparse formats and Pallas kernels for pruned weights (N:M, block-sparse, bitmask).
+
+* :mod:`~jaxprune.kernels.formats` — packed pytrees and lossless ``pack_*`` / :func:`unpack`.
+* :func:`nm_matmul`, :func:`block_sparse_matmul` — Pallas kernels (interpret mode on CPU,
+  compiled on GPU/TPU, reference fallback with a warning), differentiable via ``custom_vjp``.
+* :mod:`~jaxprune.kernels.reference` — the ``jnp`` oracle.
+* :mod:`~jaxprune.kernels.export` — pruned params + masks → packed params, run unmodified Flax
+  models with the kernels (:func:`apply_packed`).
+
+>>> import jax.numpy as jnp
+>>> from jaxprune import kernels
+>>> p = kernels.pack_nm(jnp.eye(4), jnp.eye(4, dtype=bool), 2, 4)
+>>> kernels.unpack(p).shape
+(4, 4)
+"""
+
+from jaxprune.kernels import formats, reference
+from jaxprune.kernels.block_sparse_matmul import block_sparse_matmul
+from jaxprune.kernels.export import apply_packed, dense_interceptor, pack_params, packed_matmul
+from jaxprune.kernels.formats import (
+    Bitmask,
+    BlockSparse,
+    NMPacked,
+    is_packed,
+    pack_bitmask,
+    pack_block,
+    pack_nm,
+    to_mask,
+    unpack,
+)
+from jaxprune.kernels.nm_matmul import nm_matmul
+
+__all__ = [
+    "formats", "reference",
+    "NMPacked", "BlockSparse", "Bitmask", "pack_nm", "pack_block", "pack_bitmask", "unpack",
+    "to_mask", "is_packed",
+    "nm_matmul", "block_sparse_matmul",
+    "pack_params", "apply_packed", "packed_matmul", "dense_interceptor",
+]
