@@ -1,0 +1,243 @@
+"""Sparse pretraining of a tiny byte-level GPT with gradual magnitude pruning on a device mesh.
+
+The corpus is the bytes of the Python standard library's ``*.py`` files (offline, deterministic
+order); the last 10% is held out. Batch ``i`` is a pure function of ``(seed, i)``, so a run
+interrupted at any step and restarted with ``--resume`` continues with exactly the same data,
+params, masks, optimizer state and PRNG key. Params, masks and Adam moments live on a
+``data x model`` mesh (``--mesh 2,4``); pruning ramps to ``--sparsity`` with the Zhu & Gupta
+polynomial schedule through :func:`jaxprune.pruner`. Logs loss and tokens/s; checkpoints every
+``--ckpt-every`` steps (orbax, async); writes a compact sparse checkpoint at the end.
+
+Examples::
+
+    python -m experiments.sparse_pretrain --quick                    # CPU, ~1 minute
+    python -m experiments.sparse_pretrain --quick --cpu-devices 8 --mesh 2,4
+    python -m experiments.sparse_pretrain --steps 2000 --ckpt-dir /tmp/run --resume
+    # multi-host (one process per host): add --distributed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import sysconfig
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The experiment's command-line flags."""
+    p = argparse.ArgumentParser(prog="sparse_pretrain", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny model, 60 steps (CPU smoke run)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 2000)")
+    p.add_argument("--batch", type=int, default=None, help="global batch size (default 32)")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default 128)")
+    p.add_argument("--d-model", type=int, default=None, help="width (default 256)")
+    p.add_argument("--layers", type=int, default=None, help="decoder blocks (default 4)")
+    p.add_argument("--heads", type=int, default=None, help="attention heads (default 4)")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--sparsity", type=float, default=0.85, help="final sparsity (0.8-0.9)")
+    p.add_argument("--prune-begin", type=float, default=0.1, help="ramp start, fraction of steps")
+    p.add_argument("--prune-end", type=float, default=0.7, help="ramp end, fraction of steps")
+    p.add_argument("--prune-every", type=int, default=None, help="mask update period (steps)")
+    p.add_argument("--allocation", default="uniform", help="uniform | erk | global")
+    p.add_argument("--mesh", default="1,1", help="data,model mesh shape, e.g. 2,4")
+    p.add_argument("--cpu-devices", type=int, default=None,
+                   help="number of virtual CPU devices (set before JAX starts)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ckpt-dir", default="results/sparse_pretrain_ckpt")
+    p.add_argument("--ckpt-every", type=int, default=None, help="checkpoint period (steps)")
+    p.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="exit after this step (simulates an interrupted run)")
+    p.add_argument("--log-every", type=int, default=None)
+    p.add_argument("--corpus-bytes", type=int, default=4_000_000)
+    p.add_argument("--out", default=None, help="write the final metrics as JSON here")
+    p.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize (multi-host slice)")
+    p.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-host)")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
+    return p
+
+
+QUICK = dict(steps=60, batch=16, seq=64, d_model=64, layers=2, heads=4, prune_every=5,
+             ckpt_every=20, log_every=10)
+FULL = dict(steps=2000, batch=32, seq=128, d_model=256, layers=4, heads=4, prune_every=50,
+            ckpt_every=500, log_every=100)
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill unset size flags from the ``--quick`` or full preset."""
+    preset = QUICK if args.quick else FULL
+    for k, v in preset.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
+def load_corpus(max_bytes: int) -> np.ndarray:
+    """Bytes of the stdlib's ``*.py`` files in sorted order, up to ``max_bytes`` (uint8)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    chunks, total = [], 0
+    for f in sorted(root.glob("*.py")):
+        b = f.read_bytes()
+        chunks.append(b)
+        total += len(b)
+        if total >= max_bytes:
+            break
+    data = np.frombuffer(b"".join(chunks)[:max_bytes], dtype=np.uint8)
+    if data.size < 10_000:
+        raise RuntimeError(f"sparse_pretrain: stdlib corpus under {root} is too small")
+    return data
+
+
+def batch_at(data: np.ndarray, seed: int, step: int, batch: int, seq: int,
+             rows: slice | None = None) -> np.ndarray:
+    """Batch ``step``: ``batch`` random windows of ``seq`` bytes, a pure function of the step.
+
+    ``rows`` picks this process's rows on a multi-host run.
+    """
+    rng = np.random.default_rng([seed, step])
+    starts = rng.integers(0, data.size - seq, size=batch)
+    out = np.stack([data[s:s + seq] for s in starts]).astype(np.int32)
+    return out if rows is None else out[rows]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the experiment; returns the process exit code."""
+    args = resolve(build_parser().parse_args(argv))
+    if not 0.0 <= args.sparsity < 1.0:
+        print(f"sparse_pretrain: --sparsity must be in [0, 1), got {args.sparsity}")
+        return 2
+    import jax
+
+    if args.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    from jaxprune import sharding as shd
+
+    if args.distributed or args.coordinator:
+        shd.initialize_distributed(args.coordinator, args.num_processes, args.process_id,
+                                   auto=True)
+    import optax
+
+    import jaxprune as jp
+    from jaxprune import checkpoint as ck
+    from jaxprune import sparse_ckpt
+    from jaxprune.models.tiny_lm import TinyLM, lm_loss
+
+    data_ax, model_ax = (int(v) for v in args.mesh.split(","))
+    mesh = shd.make_mesh(data_ax, model_ax)
+    if args.batch % data_ax or args.batch % jax.process_count():
+        print(f"sparse_pretrain: --batch {args.batch} not divisible by data axis {data_ax}")
+        return 2
+    corpus = load_corpus(args.corpus_bytes)
+    split = int(0.9 * corpus.size)
+    train_data, val_data = corpus[:split], corpus[split:]
+
+    model = TinyLM(d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
+                   max_len=args.seq)
+    params = model.init(jax.random.key(args.seed), np.zeros((1, args.seq), np.int32))["params"]
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    begin = int(args.prune_begin * args.steps)
+    end = max(begin + 1, int(args.prune_end * args.steps))
+    schedule = jp.Polynomial(args.sparsity, begin=begin, end=end, freq=args.prune_every)
+    tx = jp.pruner(optax.adamw(args.lr, weight_decay=0.0), schedule=schedule,
+                   allocation=args.allocation)
+    state, shardings = shd.init_train_state(params, tx, mesh, seed=args.seed)
+    bsh = shd.batch_sharding(mesh)
+
+    def loss_fn(p, tokens, rng):
+        return lm_loss(model.apply({"params": p}, tokens), tokens)
+
+    train_step = shd.make_train_step(loss_fn, tx, shardings, bsh)
+    eval_loss = jax.jit(lambda p, t: loss_fn(p, t, None), in_shardings=(shardings.params, bsh))
+
+    ckpt_dir = os.path.abspath(args.ckpt_dir)
+    config = {k: v for k, v in vars(args).items() if k not in ("resume", "stop_after", "out")}
+    mgr = ck.CheckpointManager(ckpt_dir, max_to_keep=args.keep)
+    if args.resume and mgr.latest_step() is not None:
+        state, saved_cfg = mgr.restore(state)
+        print(f"resumed from step {int(state.step)} in {ckpt_dir} (saved config: "
+              f"d_model={saved_cfg.get('d_model')}, layers={saved_cfg.get('layers')})")
+    elif not args.resume and mgr.latest_step() is not None:
+        print(f"sparse_pretrain: {ckpt_dir} already has step {mgr.latest_step()}; pass --resume "
+              "to continue it or choose another --ckpt-dir")
+        mgr.close()
+        return 2
+
+    per_proc = args.batch // jax.process_count()
+    pid = jax.process_index()
+    rows = slice(pid * per_proc, (pid + 1) * per_proc)
+    start = int(state.step)
+    last = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
+    print(f"TinyLM d_model={args.d_model} layers={args.layers} params={n_params:,} "
+          f"mesh={dict(mesh.shape)} devices={jax.device_count()} ({jax.devices()[0].platform}) "
+          f"batch={args.batch}x{args.seq} steps {start}->{last} target sparsity {args.sparsity}")
+    t_window, tok_window, rates = None, 0, []
+    loss = float("nan")
+    for i in range(start, last):
+        assert int(state.data_pos) == i  # the data position is part of the state
+        tokens = shd.shard_batch(batch_at(train_data, args.seed, i, args.batch, args.seq, rows),
+                                 bsh)
+        state, loss_arr = train_step(state, tokens)
+        step = i + 1
+        if t_window is None:  # first step compiles; time from its end
+            jax.block_until_ready(loss_arr)
+            t_window, tok_window = time.perf_counter(), 0
+        else:
+            tok_window += args.batch * args.seq
+        if step % args.log_every == 0 or step == last:
+            loss = float(loss_arr)
+            dt = time.perf_counter() - t_window
+            tps = tok_window / dt if dt > 0 and tok_window else float("nan")
+            if tok_window:
+                rates.append(tps)
+            sp = jp.total_sparsity(state.params, jp.get_masks(state.opt_state))
+            print(f"step {step:6d}  loss {loss:.4f}  sparsity {sp:.3f}  tokens/s {tps:,.0f}")
+            t_window, tok_window = time.perf_counter(), 0
+        if step % args.ckpt_every == 0 or step == last:
+            mgr.save(step, state, config=config, force=step == last)
+    mgr.close()  # waits for async saves; raises if any failed
+    if last < args.steps:
+        print(f"stopped after step {last} (--stop-after); continue with --resume")
+        return 0
+
+    masks = jp.get_masks(state.opt_state)
+    val = np.mean([float(eval_loss(state.params, shd.shard_batch(
+        batch_at(val_data, args.seed + 1, j, args.batch, args.seq, rows), bsh)))
+        for j in range(8)])
+    sparsity = jp.total_sparsity(state.params, masks)
+    metrics: dict[str, Any] = {
+        "params": int(n_params), "steps": args.steps, "final_train_loss": loss,
+        "val_loss_nats": float(val), "val_bits_per_byte": float(val / np.log(2)),
+        "sparsity_pruned_leaves": float(sparsity),
+        "tokens_per_s_median": float(np.median(rates)) if rates else float("nan"),
+        "mesh": dict(mesh.shape), "platform": jax.devices()[0].platform,
+    }
+    if pid == 0:
+        sparse_dir = os.path.join(ckpt_dir, f"sparse_{args.steps}")
+        if os.path.exists(sparse_dir):
+            import shutil
+
+            shutil.rmtree(sparse_dir)
+        info = sparse_ckpt.save_sparse(sparse_dir, jax.device_get(state.params),
+                                       jax.device_get(masks))
+        metrics["compact_ckpt_bytes"] = info["bytes"]
+        metrics["dense_params_masks_bytes"] = info["dense_bytes"]
+        metrics["train_state_ckpt_bytes"] = ck.dir_size(os.path.join(ckpt_dir, str(args.steps)))
+    print(json.dumps(metrics, indent=1))
+    if args.out and pid == 0:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(metrics, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
