@@ -10,6 +10,9 @@ The pipeline every method reuses is criteria → allocation → pattern → mask
 0.5
 """
 
+import importlib
+from typing import Any
+
 from jaxprune import allocation, criteria, masks, patterns, pipeline, schedules, training
 from jaxprune.allocation import ERK, Global, Uniform
 from jaxprune.criteria import Criterion
@@ -35,6 +38,23 @@ from jaxprune.training import (
 )
 
 __version__ = "0.1.0"
+
+# method families and tools, imported on first use (``jp.oneshot.sparsegpt``, ``jp.kernels``...)
+# so ``import jaxprune`` stays light and never needs the data packages
+_LAZY_SUBMODULES = (
+    "checkpoint", "data", "kernels", "loops", "lottery", "models", "oneshot", "pai", "sharding",
+    "sparse_ckpt", "sparse_training", "ste", "structured",
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"jaxprune.{name}")
+    raise AttributeError(f"module 'jaxprune' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY_SUBMODULES])
 
 __all__ = [
     "allocation", "criteria", "masks", "patterns", "pipeline", "schedules", "training",
