@@ -7,9 +7,6 @@ For each model (``MLP`` 64-256-256-10, ``CNN``), Adam, batch 64, this times the 
 * ``steady``: ``gradual_magnitude(adam, 0.9, ...)`` after its schedule ended (masks fixed; the
   ``lax.cond`` never takes the update branch, the update is projected every step);
 * ``window``: a 200-step window inside a long schedule with a mask update every 10 steps;
-* ``window_fasttie`` (prototype, not in the core): the same window with an unstructured pattern
-  whose top-k skips the tie-breaking ``cumsum`` when the ties at the threshold all fit — see
-  :func:`topk_mask_fasttie`.
 
 Every run times one block of steps per variant (``block_until_ready`` at the end), variants
 interleaved in a rotating order, so slow phases of a shared machine hit all variants alike. The
@@ -17,7 +14,7 @@ report gives medians over runs and the median of per-run ratios to dense (comput
 run), printed and written as JSON. The primary clock is the process CPU time (XLA:CPU limited to
 one intra-op thread by default): on a machine shared with other jobs, wall time varied 2-3x
 between identical blocks while CPU time varied ~10%. Wall times are recorded too. One mask
-recomputation (all leaves, jitted) is also timed for the core top-k and the prototype.
+recomputation (all leaves, jitted) is also timed.
 
 Usage::
 
@@ -46,53 +43,6 @@ from jaxprune import patterns as pat_lib
 from jaxprune.loops import make_train_step
 
 TARGETS = {"mlp": {"steady": 1.05, "window": 1.5}, "cnn": {"steady": 1.05, "window": 1.10}}
-
-
-# ------------------------------------------------------------------------------------------------
-# Prototype of a faster top-k (candidate for jaxprune.patterns.topk_mask)
-# ------------------------------------------------------------------------------------------------
-
-
-def topk_mask_fasttie(scores: jax.Array, k_keep: Any) -> jax.Array:
-    """``patterns.topk_mask`` with a fast path: skip the tie-break ``cumsum`` when ties fit.
-
-    Same result as :func:`jaxprune.patterns.topk_mask` (keep the ``k`` largest, ties to the lower
-    index). The core version always runs ``cumsum(eq)`` over the whole leaf to rank ties at the
-    threshold; on XLA:CPU that scan (a tree of ``reduce-window`` ops) costs about as much as the
-    32 radix-select counting passes. With float scores the threshold value is almost always
-    unique (``sum(eq) <= room``), so a ``lax.cond`` takes ``eq`` as is and the scan runs only when
-    it is needed.
-
-    >>> topk_mask_fasttie(jnp.array([1., 2., 2., 0.]), 2)
-    Array([False,  True,  True, False], dtype=bool)
-    >>> topk_mask_fasttie(jnp.array([1., 1., 1.]), 2)
-    Array([ True,  True, False], dtype=bool)
-    """
-    n = scores.shape[0]
-    k = jnp.clip(jnp.asarray(k_keep, jnp.int32), 0, n)
-    key = pat_lib.sortable_key(scores)
-    t = pat_lib.count_threshold_key(lambda t: jnp.sum(key >= t, dtype=jnp.int32), k - 1)
-    kth = jnp.max(jnp.where(key < t, key, jnp.uint32(0)))
-    gt = key > kth
-    eq = key == kth
-    room = k - jnp.sum(gt, dtype=jnp.int32)
-    ties = jax.lax.cond(
-        jnp.sum(eq, dtype=jnp.int32) <= room,
-        lambda e: e,
-        lambda e: e & (jnp.cumsum(e, dtype=jnp.int32) <= room),
-        eq,
-    )
-    return (gt | ties) & (k > 0)
-
-
-@dataclasses.dataclass(frozen=True)
-class FastTieUnstructured(pat_lib.Unstructured):
-    """:class:`jaxprune.Unstructured` using :func:`topk_mask_fasttie` (bench prototype)."""
-
-    def mask(self, scores: jax.Array, sparsity: Any) -> jax.Array:
-        flat = scores.reshape(-1)
-        n_pruned = jnp.round(jnp.asarray(sparsity, jnp.float32) * flat.size).astype(jnp.int32)
-        return topk_mask_fasttie(flat, flat.size - n_pruned).reshape(scores.shape)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -130,8 +80,8 @@ def _model(name: str):
 
 
 def build_variants(model_name: str, x: jax.Array, y: jax.Array, *, freq: int, lr: float,
-                   target: float, fasttie: bool) -> list[Variant]:
-    """Dense, steady-state, in-schedule window (and the fast-tie prototype) for one model."""
+                   target: float) -> list[Variant]:
+    """Dense, steady-state and in-schedule window variants for one model."""
     model = _model(model_name)
     params = model.init(jax.random.key(0), x[:1])["params"]
     variants = []
@@ -160,20 +110,16 @@ def build_variants(model_name: str, x: jax.Array, y: jax.Array, *, freq: int, lr
 
     tx_w = jp.gradual_magnitude(optax.adam(lr), target, begin=0, end=long_end, freq=freq)
     add("window", tx_w, window_state(tx_w))
-    if fasttie:
-        tx_f = jp.gradual_magnitude(optax.adam(lr), target, begin=0, end=long_end, freq=freq,
-                                    pattern=FastTieUnstructured())
-        add("window_fasttie", tx_f, window_state(tx_f))
     return variants
 
 
 def profile_mask_update(model_name: str, x: jax.Array, reps: int) -> dict[str, Any]:
-    """Milliseconds for one jitted mask recomputation per leaf: core top-k vs fast-tie prototype."""
+    """Milliseconds for one jitted mask recomputation (all leaves, unstructured top-k)."""
     model = _model(model_name)
     params = model.init(jax.random.key(0), x[:1])["params"]
     masks = jp.init_masks(params)
     out: dict[str, Any] = {}
-    for name, pat in (("core", pat_lib.Unstructured()), ("fasttie", FastTieUnstructured())):
+    for name, pat in (("core", pat_lib.Unstructured()),):
         f = jax.jit(lambda p, s, pat=pat: jp.compute_masks(
             masks, jp.criteria.magnitude(p, masks), s, "uniform", pat))
         jax.block_until_ready(f(params, 0.5))
@@ -189,13 +135,13 @@ def profile_mask_update(model_name: str, x: jax.Array, reps: int) -> dict[str, A
     return out
 
 
-def bench_model(model_name: str, *, runs: int, steps: int, freq: int, fasttie: bool,
+def bench_model(model_name: str, *, runs: int, steps: int, freq: int,
                 profile: bool, lr: float = 1e-3, target: float = 0.9) -> dict[str, Any]:
     from jaxprune.data import load_digits
 
     xs, ys = load_digits("train", source="sklearn")
     x, y = jnp.asarray(xs[:64]), jnp.asarray(ys[:64])
-    variants = build_variants(model_name, x, y, freq=freq, lr=lr, target=target, fasttie=fasttie)
+    variants = build_variants(model_name, x, y, freq=freq, lr=lr, target=target)
     for v in variants:  # compile + warm caches
         _time_block(v, x, y, 2)
     times: dict[str, list[float]] = {v.name: [] for v in variants}
@@ -238,7 +184,7 @@ def bench_model(model_name: str, *, runs: int, steps: int, freq: int, fasttie: b
 
 def format_table(results: dict[str, Any]) -> str:
     """Markdown table: ms/step (median) and median paired ratio to dense, per model and variant."""
-    names = ["dense", "steady", "window", "window_fasttie"]
+    names = ["dense", "steady", "window"]
     head = ["model", *names]
     rows = []
     for m, r in results.items():
@@ -282,7 +228,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=7, help="timed runs per variant (default 7, >= 5)")
     ap.add_argument("--steps", type=int, default=200, help="steps per timed block (default 200)")
     ap.add_argument("--freq", type=int, default=10, help="mask update every N steps (default 10)")
-    ap.add_argument("--no-fasttie", action="store_true", help="skip the fast-tie prototype")
     ap.add_argument("--no-profile", action="store_true", help="skip the mask-update profile")
     ap.add_argument("--threads", type=int, default=1,
                     help="XLA:CPU intra-op threads (default 1: stable timings on a shared "
@@ -303,15 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for m in models:
         results[m] = bench_model(m, runs=runs, steps=steps, freq=args.freq,
-                                 fasttie=not args.no_fasttie, profile=not args.no_profile)
+                                 profile=not args.no_profile)
         print(f"{m}: done ({time.perf_counter() - t0:.0f} s)", flush=True)
     table = format_table(results)
     print(table)
     for m, r in results.items():
         if "mask_update_ms" in r:
             mu = r["mask_update_ms"]
-            print(f"{m}: one mask recomputation (all leaves, jitted): core top-k {mu['core']:.3f} "
-                  f"ms, fast-tie prototype {mu['fasttie']:.3f} ms")
+            print(f"{m}: one mask recomputation (all leaves, jitted): {mu['core']:.3f} ms")
     report = {
         "config": {"runs": runs, "steps_per_block": steps, "mask_update_every": args.freq,
                    "batch_size": 64, "optimizer": "adam(1e-3)", "target_sparsity": 0.9},

@@ -36,7 +36,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -159,12 +158,6 @@ def _check_finite_scores(scores: PyTree) -> None:
             )
 
 
-@functools.partial(jax.jit, static_argnames=("allocation", "pattern"))
-def _compute_jit(masks, scores, target, allocation, pattern):
-    # one compiled mask computation per shape (SynFlow calls this once per round)
-    return compute_masks(masks, scores, target, allocation, pattern)
-
-
 def masks_from_scores(
     masks: PyTree,
     scores: PyTree,
@@ -187,7 +180,7 @@ def masks_from_scores(
     _check_finite_scores(scores)
     alloc = alloc_lib.get(allocation)
     pat = pat_lib.parse(pattern)
-    return _compute_jit(masks, scores, jnp.float32(sparsity), alloc, pat)
+    return compute_masks(masks, scores, sparsity, alloc, pat)
 
 
 def snip(loss_fn: LossFn, params: PyTree, batch: Any, sparsity: float, *,

@@ -16,9 +16,11 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import allocation as alloc_lib
@@ -71,8 +73,10 @@ def compute_masks(
     """New masks from scores: allocate per-leaf sparsity for ``target``, then apply each pattern.
 
     ``masks`` gives which leaves are pruned (non-``None``) and their shapes. Works under ``jit``
-    (``target`` may be traced); outside ``jit`` it also checks scores for NaN/Inf and per-leaf
-    sparsities for the range ``[0, 1)``, naming the leaf path.
+    (``target`` may be traced). Called eagerly, it first checks the target (``[0, 1)``), the
+    scores (shapes, NaN/Inf) and the patterns, naming the leaf path, then runs as one compiled
+    program per (tree, shapes, allocation, pattern) with ``target`` traced, so repeated calls at
+    new sparsities do not recompile and no step runs op by op.
 
     >>> m = compute_masks({"w": jnp.ones((2, 2), bool)}, {"w": jnp.array([[1., 4.], [3., 2.]])}, 0.5)
     >>> m["w"]
@@ -81,31 +85,58 @@ def compute_masks(
     """
     allocation = alloc_lib.get(allocation)
     pattern = pat_lib.parse(pattern)
-    spars = allocation.allocate(masks, target, scores)
-    mflat, treedef = jax.tree_util.tree_flatten(masks, is_leaf=_is_none)
+    leaves = jax.tree_util.tree_leaves((masks, scores, target))
+    if all(_concrete(x) for x in leaves):
+        alloc_lib.check_sparsity("<target>", target)
+        _check_leaves(masks, scores, pattern)
+        return _compute_masks_jit(masks, scores, jnp.asarray(target, jnp.float32), allocation,
+                                  pattern)
+    return _compute_masks_impl(masks, scores, target, allocation, pattern)
+
+
+def _check_leaves(masks: PyTree, scores: PyTree, pattern: pat_lib.Pattern) -> list[tuple]:
+    """``[(path, mask, score)]``; raises ``ValueError`` naming the first bad leaf."""
+    mflat, _ = jax.tree_util.tree_flatten(masks, is_leaf=_is_none)
     paths = [p for p, _ in leaves_with_paths(masks)]
     sflat = jax.tree_util.tree_flatten(scores, is_leaf=_is_none)[0]
-    aflat = jax.tree_util.tree_flatten(spars, is_leaf=_is_none)[0]
     if len(sflat) != len(mflat):
         raise ValueError(
             f"jaxprune: scores tree has {len(sflat)} leaves but masks have {len(mflat)}"
         )
     out = []
-    for path, m, s, a in zip(paths, mflat, sflat, aflat, strict=True):
+    for path, m, s in zip(paths, mflat, sflat, strict=True):
+        out.append((path, m, s))
         if m is None:
-            out.append(None)
             continue
         if s is None:
             raise ValueError(f"jaxprune: no score for pruned leaf '{path}'")
-        if tuple(s.shape) != tuple(m.shape):
+        if tuple(np.shape(s)) != tuple(m.shape):
             raise ValueError(
-                f"jaxprune: scores for '{path}' have shape {tuple(s.shape)}, mask {tuple(m.shape)}"
+                f"jaxprune: scores for '{path}' have shape {tuple(np.shape(s))}, mask "
+                f"{tuple(m.shape)}"
             )
-        alloc_lib.check_sparsity(path, a, allow_full=True)
         _check_scores(path, s)
-        pat = pat_lib.for_path(pattern, path)
-        pat.validate(path, tuple(m.shape))
-        out.append(pat.mask(s, a))
+        pat_lib.for_path(pattern, path).validate(path, tuple(m.shape))
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("allocation", "pattern"))
+def _compute_masks_jit(masks, scores, target, allocation, pattern):
+    return _compute_masks_impl(masks, scores, target, allocation, pattern)
+
+
+def _compute_masks_impl(masks: PyTree, scores: PyTree, target: Any,
+                        allocation: alloc_lib.Allocation, pattern: pat_lib.Pattern) -> PyTree:
+    spars = allocation.allocate(masks, target, scores)
+    _, treedef = jax.tree_util.tree_flatten(masks, is_leaf=_is_none)
+    aflat = jax.tree_util.tree_flatten(spars, is_leaf=_is_none)[0]
+    out = []
+    for (path, m, s), a in zip(_check_leaves(masks, scores, pattern), aflat, strict=True):
+        if m is None:
+            out.append(None)
+            continue
+        alloc_lib.check_sparsity(path, a, allow_full=True)
+        out.append(pat_lib.for_path(pattern, path).mask(jnp.asarray(s), a))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

@@ -180,9 +180,15 @@ def get_prune_state(opt_state: optax.OptState) -> PruneState:
     return found[0]
 
 
+def _is_wrapper(x: Any) -> bool:
+    # nnx.Optimizer keeps optimizer state in Variable wrappers (duck-typed: no flax import here)
+    return hasattr(x, "get_metadata") and (hasattr(x, "get_value") or hasattr(x, "value"))
+
+
 def _unwrap(x: Any) -> Any:
-    # nnx.Optimizer keeps optimizer state in Variable wrappers; hand back plain arrays
-    return x.value if hasattr(x, "value") and hasattr(x, "get_metadata") else x
+    if not _is_wrapper(x):
+        return x
+    return x.get_value() if hasattr(x, "get_value") else x.value
 
 
 def get_masks(opt_state: optax.OptState) -> PyTree:
@@ -193,4 +199,7 @@ def get_masks(opt_state: optax.OptState) -> PyTree:
     (2, 2)
     """
     masks = get_prune_state(opt_state).masks
-    return jax.tree.map(_unwrap, masks, is_leaf=lambda x: x is None or hasattr(x, "get_metadata"))
+    is_leaf = lambda x: x is None or _is_wrapper(x)  # noqa: E731
+    if not any(_is_wrapper(x) for x in jax.tree.leaves(masks, is_leaf=is_leaf)):
+        return masks
+    return jax.tree.map(_unwrap, masks, is_leaf=is_leaf)

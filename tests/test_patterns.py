@@ -10,6 +10,9 @@ from hypothesis import strategies as st
 from jaxprune import patterns as P
 
 SETTINGS = settings(max_examples=25, deadline=None)
+# Shapes come from small fixed sets: each new shape costs an XLA compile, while values, ties and
+# sparsities (the interesting part) vary freely.
+SIZES = st.sampled_from([1, 2, 3, 7, 16, 61, 200])
 
 
 def _np_topk(scores: np.ndarray, k: int) -> np.ndarray:
@@ -22,7 +25,7 @@ def _np_topk(scores: np.ndarray, k: int) -> np.ndarray:
 
 @SETTINGS
 @given(
-    st.integers(1, 200).flatmap(
+    SIZES.flatmap(
         lambda n: st.tuples(
             st.lists(st.integers(-3, 3).map(float), min_size=n, max_size=n),
             st.floats(0.0, 0.999),
@@ -48,8 +51,8 @@ def test_topk_traced_k_under_jit():
 @SETTINGS
 @given(
     n_m=st.sampled_from([(1, 2), (2, 4), (1, 4), (4, 8), (3, 8)]),
-    groups=st.integers(1, 6),
-    out=st.integers(1, 5),
+    groups=st.sampled_from([1, 3, 6]),
+    out=st.sampled_from([1, 5]),
     seed=st.integers(0, 1000),
 )
 def test_nm_validity_dense_kernel(n_m, groups, out, seed):
@@ -85,8 +88,8 @@ def test_nm_gradual_intermediate_sparsity():
 
 
 @SETTINGS
-@given(r=st.sampled_from([1, 2, 4]), c=st.sampled_from([1, 2, 3]), br=st.integers(1, 4),
-       bc=st.integers(1, 4), s=st.floats(0, 0.99), seed=st.integers(0, 100))
+@given(r=st.sampled_from([1, 2, 4]), c=st.sampled_from([1, 3]), br=st.sampled_from([1, 4]),
+       bc=st.sampled_from([1, 3]), s=st.floats(0, 0.99), seed=st.integers(0, 100))
 def test_block_exact_blocks(r, c, br, bc, s, seed):
     scores = jax.random.uniform(jax.random.key(seed), (r * br, c * bc))
     mask = np.asarray(P.Block(r, c).mask(scores, s))

@@ -118,8 +118,10 @@ def _builder_cls() -> Any:
 
 
 def default_data_dir() -> Path:
-    """``$JAXPRUNE_DATA`` or ``~/.cache/jaxprune/tfds``."""
-    return Path(os.environ.get("JAXPRUNE_DATA", Path.home() / ".cache" / "jaxprune" / "tfds"))
+    """``$JAXPRUNE_DATA_DIR`` or ``~/.cache/jaxprune/tfds`` (the same rule as the digits data)."""
+    from jaxprune.data.digits import default_data_dir as _digits_default
+
+    return _digits_default(None)
 
 
 def load_split(split: str, data_dir: str | Path | None = None) -> np.ndarray:
