@@ -28,7 +28,7 @@ test: lint
 
 docs: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e ".[docs]"
-	$(VENV)/bin/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) results/*.csv results/*.png site
