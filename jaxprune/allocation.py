@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -65,8 +65,14 @@ def _override_for(overrides: tuple[tuple[str, float], ...], path: str) -> float 
 
 @dataclasses.dataclass(frozen=True)
 class Allocation:
-    """Base class: ``allocate(masks, target, scores=None) -> per-leaf sparsity tree``."""
+    """Base class: ``allocate(masks, target, scores=None) -> per-leaf sparsity tree``.
 
+    ``traceable``: whether ``allocate`` runs under ``jit`` (a traced ``target`` and scores). An
+    allocation that needs concrete values (host-side statistics) sets it to ``False``; then
+    :func:`jaxprune.pipeline.compute_masks` runs it eagerly and it cannot be used in training.
+    """
+
+    traceable: ClassVar[bool] = True
     overrides: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:

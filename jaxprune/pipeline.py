@@ -86,7 +86,7 @@ def compute_masks(
     allocation = alloc_lib.get(allocation)
     pattern = pat_lib.parse(pattern)
     leaves = jax.tree_util.tree_leaves((masks, scores, target))
-    if all(_concrete(x) for x in leaves):
+    if all(_concrete(x) for x in leaves) and allocation.traceable:
         alloc_lib.check_sparsity("<target>", target)
         _check_leaves(masks, scores, pattern)
         return _compute_masks_jit(masks, scores, jnp.asarray(target, jnp.float32), allocation,

@@ -89,6 +89,11 @@ def pruner(
     inner = optax.with_extra_args_support(inner)
     crit = crit_lib.get(criterion)
     alloc = alloc_lib.get(allocation)
+    if not alloc.traceable:
+        raise ValueError(
+            f"jaxprune: allocation {type(alloc).__name__} needs concrete values and cannot run "
+            "inside a jitted training step; use it with jaxprune.prune / compute_masks"
+        )
     pat = pat_lib.parse(pattern)
     if "key" in crit.needs and key is None:
         raise ValueError(f"jaxprune: criterion '{crit.name}' needs key=; pass a PRNG key")

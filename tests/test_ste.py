@@ -37,7 +37,8 @@ def test_ste_forward_and_straight_through_grad():
     g_ste = jax.jit(jax.grad(lambda p: f(ste.ste_params(p, "2:4"))))(params)
     g_ref = jax.grad(f)(jp.apply_masks(params, {"d": {"kernel": jnp.asarray(keep),
                                                       "bias": None}}))
-    np.testing.assert_allclose(g_ste["d"]["kernel"], g_ref["d"]["kernel"], rtol=1e-6)
+    # jit vs eager: different fusion, float32 rounding
+    np.testing.assert_allclose(g_ste["d"]["kernel"], g_ref["d"]["kernel"], rtol=1e-5, atol=1e-6)
     # the gradient reaches pruned weights too (dense gradient, not masked)
     assert np.any(np.asarray(g_ste["d"]["kernel"])[~keep] != 0)
 

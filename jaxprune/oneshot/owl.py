@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax.numpy as jnp
 import numpy as np
@@ -66,6 +66,7 @@ class OWL(Allocation):
     True
     """
 
+    traceable: ClassVar[bool] = False  # outlier ratios are host-side statistics
     M: float = 5.0
     lam: float = 0.08
 
