@@ -54,6 +54,12 @@ def make_train_step(
     return step
 
 
+# ``apply_fn`` is static: a bound ``model.apply`` of equal models hashes equal, so repeated
+# evaluations reuse one compile per batch shape
+_predict_jit = jax.jit(lambda apply_fn, p, xb: jnp.argmax(apply_fn({"params": p}, xb), -1),
+                       static_argnums=0)
+
+
 def accuracy(apply_fn: Callable[..., jax.Array], params: PyTree, x: np.ndarray, y: np.ndarray,
              batch_size: int = 512) -> float:
     """Top-1 accuracy of ``apply_fn({"params": params}, x)``.
@@ -61,10 +67,10 @@ def accuracy(apply_fn: Callable[..., jax.Array], params: PyTree, x: np.ndarray, 
     >>> accuracy(lambda v, x: x, {}, np.eye(3, dtype=np.float32), np.arange(3))
     1.0
     """
-    f = jax.jit(lambda p, xb: jnp.argmax(apply_fn({"params": p}, xb), -1))
     correct = 0
     for i in range(0, len(x), batch_size):
-        correct += int((np.asarray(f(params, x[i:i + batch_size])) == y[i:i + batch_size]).sum())
+        pred = _predict_jit(apply_fn, params, x[i:i + batch_size])
+        correct += int((np.asarray(pred) == y[i:i + batch_size]).sum())
     return correct / max(len(x), 1)
 
 

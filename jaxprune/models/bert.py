@@ -225,14 +225,17 @@ def tokenize(tok: Any, texts: list[str], pad_to: int | None = None
     return ids, mask
 
 
+# one compile per model config and batch shape, reused across calls (linen modules hash)
+_encode_jit = jax.jit(encode, static_argnums=0)
+
+
 def embed_texts(model: Bert, params: Any, tok: Any, texts: list[str], batch: int = 64,
                 pad_to: int | None = 128) -> np.ndarray:
     """Unit-norm sentence embeddings ``(len(texts), hidden)`` as numpy."""
-    fn = jax.jit(lambda p, i, m: encode(model, p, i, m))
     out = []
     for s in range(0, len(texts), batch):
         ids, mask = tokenize(tok, texts[s:s + batch], pad_to)
-        out.append(np.asarray(fn(params, ids, mask)))
+        out.append(np.asarray(_encode_jit(model, params, ids, mask)))
     return np.concatenate(out) if out else np.zeros((0, model.cfg.hidden), np.float32)
 
 
