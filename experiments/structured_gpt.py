@@ -1,13 +1,18 @@
-"""Toy byte-level GPT with 20% / 40% of attention heads + FFN units removed (magnitude vs Taylor vs
+"""The trained byte GPT with 20% / 40% of attention heads + FFN units removed (magnitude vs Taylor vs
 FLAP with/without bias compensation) and 25% of layers removed (angular distance / block influence
-vs dropping the last layers): held-out perplexity, no fine-tuning.
+vs dropping the last layers): held-out perplexity, parameter counts, no fine-tuning.
 
-The model is :mod:`jaxprune.structured._toy_transformer` (per-layer head / FFN counts, so a pruned
-model is again an instance), trained briefly on bytes of the Python standard library's source.
-Groups come from tracing the model; each head / FFN group loses the same fraction (per-group).
+The model is the GPT of ``train_gpt`` (:mod:`jaxprune.models.gpt`, loaded from
+``results/gpt_params.msgpack``, trained first if absent), evaluated on the same held-out validation
+records and calibrated on the same train records as ``oneshot_gpt``. Head and FFN groups come from
+tracing the model (:func:`jaxprune.structured.discover_groups`); a slimmed model is again a
+:class:`~jaxprune.models.gpt.GPT` with per-layer head counts / FFN widths
+(:func:`~jaxprune.models.gpt.config_from_params`), and its perplexity is checked against the masked
+full-size model's.
 
     python -m experiments.structured_gpt            # results/structured_gpt.{csv,json,png}
-    python -m experiments.structured_gpt --quick
+    python -m experiments.structured_gpt --quick    # smoke run, nothing written
+    jaxprune run structured_gpt [--quick]           # the same through the CLI
 """
 
 from __future__ import annotations
@@ -15,137 +20,190 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
+import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-
-from experiments.bench_structured import head_ffn_groups
-from jaxprune.loops import cross_entropy, train_classifier
-from jaxprune.structured import (
-    block_scores,
-    choose_blocks,
-    compensate_bias,
-    discover_groups,
-    drop_blocks,
-    group_scores,
-    input_stats,
-    param_count,
-    select,
-)
-from jaxprune.structured import slim as do_slim
-from jaxprune.structured._toy_transformer import ToyConfig, ToyGPT, bytes_corpus, config_from_params
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
+METHODS = [("magnitude", "l2", False), ("taylor", "taylor", False), ("flap", "flap", False),
+           ("flap+bias", "flap", True)]
 
 
-def windows(data: np.ndarray, seq: int) -> tuple[np.ndarray, np.ndarray]:
-    """Non-overlapping ``(inputs, targets)`` windows of length ``seq``."""
-    n = (len(data) - 1) // seq
-    x = data[: n * seq].reshape(n, seq).astype(np.int32)
-    y = data[1: n * seq + 1].reshape(n, seq).astype(np.int32)
-    return x, y
+def head_ffn_groups(groups: list) -> tuple[list, list]:
+    """``(head groups, FFN groups)`` of a traced :class:`~jaxprune.models.gpt.GPT`.
 
-
-def perplexity(model: ToyGPT, variables: dict, x: np.ndarray, y: np.ndarray, bs: int = 64) -> float:
-    """``exp`` of the mean next-byte cross-entropy."""
-    f = jax.jit(lambda v, xb, yb: cross_entropy(model.apply(v, xb), yb))
-    tot, n = 0.0, 0
-    for i in range(0, len(x), bs):
-        xb, yb = x[i:i + bs], y[i:i + bs]
-        tot += float(f(variables, xb, yb)) * len(xb)
-        n += len(xb)
-    return math.exp(tot / n)
+    A head group owns the leading (head) factor of ``o_proj``'s input axis (with q/k/v columns and
+    biases); an FFN group owns ``fc2``'s input axis (with the ``fc1`` column and bias). The per-head
+    dimension groups and the (inexact) residual stream are left out.
+    """
+    heads, ffn = [], []
+    for g in groups:
+        if not g.exact:
+            continue
+        for m in g.members:
+            if m.path.endswith("o_proj/kernel") and m.axis == 0 and len(m.sizes) > 1 and m.pos == 0:
+                heads.append(g)
+                break
+            if m.path.endswith("fc2/kernel") and m.axis == 0:
+                ffn.append(g)
+                break
+    return heads, ffn
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Train, prune several ways, evaluate; print a table and write results."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4])
-    ap.add_argument("--steps", type=int, default=None, help="default 1500 (150 with --quick)")
-    a = ap.parse_args(argv)
-    if a.quick:
-        cfg = ToyConfig(vocab=256, d_model=64, n_layers=4, n_heads=4, n_kv_heads=4, head_dim=16,
-                        d_ff=256, max_len=64)
-        steps, nbytes, seq = a.steps or 150, 120_000, 64
-    else:
-        cfg = ToyConfig(vocab=256, d_model=128, n_layers=4, n_heads=8, n_kv_heads=8, head_dim=16,
-                        d_ff=512, max_len=128)
-        steps, nbytes, seq = a.steps or 1500, 1_200_000, 128
-    data = bytes_corpus(nbytes)
-    cut = int(0.9 * len(data))
-    xtr, ytr = windows(data[:cut], seq)
-    xte, yte = windows(data[cut:], seq)
-    xte, yte = xte[:256], yte[:256]
-    model = ToyGPT(cfg)
-    tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 2e-3, 50, steps), weight_decay=0.01)
-    params, _, hist = train_classifier(model, tx, xtr, ytr, steps=steps, batch_size=32,
-                                       desc="train gpt")
-    v = {"params": params}
-    ppl0 = perplexity(model, v, xte, yte)
-    calib = [jnp.asarray(xtr[i:i + 32]) for i in range(0, 128, 32)]
-    ycal = [jnp.asarray(ytr[i:i + 32]) for i in range(0, 128, 32)]
-
-    groups = head_ffn_groups(discover_groups(model.apply, v, xtr[:1]))
-    stats = input_stats(model.apply, v, calib)
-    grads = None
-    for xb, yb in zip(calib, ycal, strict=True):
-        g = jax.grad(lambda p, xb=xb, yb=yb: cross_entropy(model.apply({"params": p}, xb), yb))(
-            params)
-        grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
-    grads = {"params": grads}
-    consumers = sorted({m.path for gr in groups for m in gr.members
-                        if (m.path.endswith("o/kernel") or m.path.endswith("down/kernel"))
-                        and m.axis == 0})
-    means = {p: stats[p].mean for p in consumers}
-
-    rows = [{"kind": "dense", "method": "-", "ratio": 0.0, "params": param_count(params),
-             "ppl": ppl0, "notes": ""}]
-    methods = [("magnitude", "l2", False), ("taylor", "taylor", False), ("flap", "flap", False),
-               ("flap+bias", "flap", True)]
+    """Prune the trained GPT several ways, evaluate; print a table and write results."""
+    import jax
+    import jax.numpy as jnp
     from tqdm.auto import tqdm
 
-    jobs = [(r, m) for r in a.ratios for m in methods]
-    for r, (label, crit, comp) in tqdm(jobs, desc="heads+ffn"):
-        sc = group_scores(v, groups, crit, grads=grads, stats=stats)
-        sel = select(sc, groups, r)
-        vv = compensate_bias(v, groups, sel.keep, means) if comp else v
-        sv = do_slim(vv, groups, sel.keep)
-        sm = ToyGPT(config_from_params(cfg, sv["params"]))
-        rows.append({"kind": "heads+ffn", "method": label, "ratio": r,
-                     "params": param_count(sv["params"]), "ppl": perplexity(sm, sv, xte, yte),
-                     "notes": "; ".join(sel.notes[:1])})
+    from experiments.train_gpt import VAL_RECORDS, load_or_train
+    from jaxprune.data import text_tfds
+    from jaxprune.masks import apply_masks
+    from jaxprune.models.gpt import GPT, config_from_params, loss_fn, perplexity
+    from jaxprune.structured import (
+        block_scores,
+        choose_blocks,
+        compensate_bias,
+        discover_groups,
+        drop_blocks,
+        group_masks,
+        group_scores,
+        input_stats,
+        param_count,
+        select,
+        slim,
+    )
 
-    bs = block_scores(model.apply, v, calib)
-    n_drop = max(1, int(round(0.25 * cfg.n_layers)))
+    ap = argparse.ArgumentParser(prog="python -m experiments.structured_gpt",
+                                 description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="few records, one ratio, nothing written")
+    ap.add_argument("--ratios", type=float, nargs="+", default=None, help="default 0.2 0.4")
+    ap.add_argument("--calib", type=int, default=64, help="calibration records (train split)")
+    ap.add_argument("--eval", type=int, default=256, help="held-out records (as oneshot_gpt)")
+    ap.add_argument("--allocation", choices=["per_group", "global"], default="per_group",
+                    help="per_group: every layer loses the same fraction of heads / FFN units; "
+                         "global: one threshold over all layers' (standardised) head scores, "
+                         "another over FFN scores")
+    a = ap.parse_args(argv)
+    t_start = time.time()
+    cfg, params, info = load_or_train(quick=a.quick)
+    model = GPT(cfg)
+    v = {"params": params}
+    tr = text_tfds.load_split("train")[:, : cfg.seq + 1]
+    va = text_tfds.load_split("validation")[:VAL_RECORDS, : cfg.seq + 1]
+    n_cal, n_ev = (16, 32) if a.quick else (a.calib, a.eval)
+    ratios = a.ratios or ([0.2] if a.quick else [0.2, 0.4])
+    cal_rec = tr[np.random.default_rng(1).choice(len(tr), n_cal, replace=False)]  # as oneshot_gpt
+    calib = [cal_rec[i:i + 8, :-1].astype(np.int32) for i in range(0, n_cal, 8)]
+    ev = va[:n_ev]
+    ppl0 = perplexity(model, params, ev)
+    n0 = param_count(params)
+
+    groups = discover_groups(model.apply, v, jnp.zeros((1, cfg.seq), jnp.int32))
+    heads, ffn = head_ffn_groups(groups)
+    if len(heads) != cfg.layers or len(ffn) != cfg.layers:
+        raise RuntimeError(f"expected {cfg.layers} head and FFN groups, traced {len(heads)} / "
+                           f"{len(ffn)}; declare them with jaxprune.structured.declare_groups")
+    prunable = heads + ffn
+    stats = input_stats(model.apply, v, calib)
+    grads = None
+    for i in range(0, n_cal, 8):
+        g = jax.grad(lambda p, r: loss_fn(model, p, r))(params, cal_rec[i:i + 8].astype(np.int32))
+        grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+    grads = {"params": grads}
+    consumers = sorted({m.path for g in prunable for m in g.members
+                        if m.path.endswith(("o_proj/kernel", "fc2/kernel")) and m.axis == 0})
+    means = {p: stats[p].mean for p in consumers}
+
+    def counts(p: dict) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        c = config_from_params(cfg, p)
+        return tuple(c.layer(i)[0] for i in range(c.layers)), tuple(c.layer(i)[1]
+                                                                   for i in range(c.layers))
+
+    rows = [{"kind": "dense", "method": "-", "ratio": 0.0, "params": n0, "ppl": ppl0,
+             "ppl_masked": ppl0, "heads": str(counts(params)[0]), "ffn": str(counts(params)[1]),
+             "seconds": 0.0, "notes": ""}]
+    score_cache: dict[str, dict] = {}
+    rounding_notes: dict[float, list[str]] = {}
+    jobs = [(r, m) for r in ratios for m in METHODS]
+    for r, (label, crit, comp) in tqdm(jobs, desc="heads+ffn"):
+        t0 = time.time()
+        if crit not in score_cache:
+            score_cache[crit] = group_scores(v, prunable, crit, grads=grads, stats=stats)
+        sc = score_cache[crit]
+        sh = select(sc, heads, r, allocation=a.allocation)
+        sf = select(sc, ffn, r, allocation=a.allocation)
+        keep = {**sh.keep, **sf.keep}
+        vv = compensate_bias(v, prunable, keep, means) if comp else v
+        sv = slim(vv, prunable, keep)
+        scfg = config_from_params(cfg, sv)
+        ppl = perplexity(GPT(scfg), sv["params"], ev)
+        secs = time.time() - t0
+        masked = apply_masks(vv, group_masks(vv, prunable, keep))
+        ppl_m = perplexity(model, masked["params"], ev)
+        h, f = counts(sv["params"])
+        notes = (f"removed {1 - sum(h) / (cfg.heads * cfg.layers):.1%} of heads, "
+                 f"{1 - sum(f) / (cfg.mlp * cfg.d * cfg.layers):.1%} of FFN units")
+        rows.append({"kind": "heads+ffn", "method": label, "ratio": r,
+                     "params": param_count(sv["params"]), "ppl": ppl, "ppl_masked": ppl_m,
+                     "heads": str(h), "ffn": str(f), "seconds": round(secs, 2), "notes": notes})
+        if r not in rounding_notes:  # select's notes on whole-unit rounding (first layer's)
+            rounding_notes[r] = sh.notes[:1] + sf.notes[:1]
+
+    bs = block_scores(model.apply, v, calib, pattern=r"^block_(\d+)$")
+    n_drop = max(1, int(round(0.25 * cfg.layers)))
     for metric in ("angular", "influence", "last"):
+        t0 = time.time()
         rm = choose_blocks(bs, n_drop, metric)
-        sv = drop_blocks(v, rm)
-        sm = ToyGPT(config_from_params(cfg, sv["params"]))
-        rows.append({"kind": "layers", "method": metric, "ratio": n_drop / cfg.n_layers,
-                     "params": param_count(sv["params"]), "ppl": perplexity(sm, sv, xte, yte),
+        sv = drop_blocks(v, rm, prefix="block_")
+        scfg = config_from_params(cfg, sv)
+        ppl = perplexity(GPT(scfg), sv["params"], ev)
+        h, f = counts(sv["params"])
+        rows.append({"kind": "layers", "method": metric, "ratio": n_drop / cfg.layers,
+                     "params": param_count(sv["params"]), "ppl": ppl, "ppl_masked": float("nan"),
+                     "heads": str(h), "ffn": str(f), "seconds": round(time.time() - t0, 2),
                      "notes": f"removed blocks {rm}"})
 
-    print(f"dense: {cfg.n_layers} layers, d={cfg.d_model}, {steps} steps, "
-          f"final train loss {hist['loss'][-1]:.3f}")
+    # reference for the layer metrics: perplexity without each single block
+    drop_each = []
+    for s in bs:
+        sv = drop_blocks(v, [s.index], prefix="block_")
+        drop_each.append(perplexity(GPT(config_from_params(cfg, sv)), sv["params"], ev))
+
+    hf = [row for row in rows if row["kind"] == "heads+ffn"]
+    gap = max((abs(row["ppl"] - row["ppl_masked"]) / row["ppl_masked"] for row in hf), default=0.0)
+    total = time.time() - t_start
+    print(f"GPT d={cfg.d}, {cfg.layers} layers x {cfg.heads} heads, FFN {cfg.mlp * cfg.d}; "
+          f"{n_cal} calibration / {n_ev} held-out records of {cfg.seq} bytes; "
+          f"{a.allocation} allocation")
     print("block scores: " + ", ".join(f"{s.index}: ang {s.angular:.3f} / inf {s.influence:.3f}"
                                        for s in bs))
-    print(f"{'kind':<10} {'method':<10} {'ratio':>5} {'params':>8} {'ppl':>8}  notes")
+    print(f"{'kind':<10} {'method':<10} {'ratio':>5} {'params':>8} {'ppl':>9} {'masked':>9} "
+          f"{'heads':<14} {'ffn':<22} notes")
     for row in rows:
         print(f"{row['kind']:<10} {row['method']:<10} {row['ratio']:>5.2f} {row['params']:>8d} "
-              f"{row['ppl']:>8.3f}  {row['notes']}")
+              f"{row['ppl']:>9.3f} {row['ppl_masked']:>9.3f} {row['heads']:<14} {row['ffn']:<22} "
+              f"{row['notes']}")
+    print("perplexity without one block: " + ", ".join(f"{s.index}: {q:.3f}"
+                                                      for s, q in zip(bs, drop_each, strict=True)))
+    for r, ns in rounding_notes.items():
+        print(f"ratio {r}: " + "; ".join(ns))
+    print(f"slim vs masked perplexity: max relative difference {gap:.2e}; total {total:.0f} s")
+    if a.quick:
+        return 0
     RESULTS.mkdir(exist_ok=True)
     with open(RESULTS / "structured_gpt.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    meta = {"config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "steps": steps,
-            "train_bytes": cut, "test_windows": int(len(xte)), "seq": seq, "quick": a.quick,
-            "block_scores": [s._asdict() for s in bs]}
+    meta = {"gpt": info, "config": cfg._asdict(), "calib_records": n_cal, "eval_records": n_ev,
+            "seq": cfg.seq, "allocation": a.allocation, "ratios": ratios,
+            "slim_vs_masked_max_rel_diff": gap, "total_seconds": round(total, 1),
+            "device": str(jax.devices()[0]),
+            "block_scores": [s._asdict() for s in bs],
+            "ppl_without_block": dict(enumerate(drop_each)),
+            "rounding_notes": {str(r): ns for r, ns in rounding_notes.items()}}
     (RESULTS / "structured_gpt.json").write_text(json.dumps({"meta": meta, "rows": rows},
                                                             indent=2, default=str))
     try:
@@ -154,16 +212,22 @@ def main(argv: list[str] | None = None) -> int:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for label, _, _ in methods:
-            rs = [row for row in rows if row["method"] == label]
-            ax.plot([0.0] + [row["ratio"] for row in rs], [ppl0] + [row["ppl"] for row in rs],
-                    "o-", label=label)
-        ax.set_xlabel("fraction of heads + FFN units removed")
-        ax.set_ylabel("held-out perplexity (bytes)")
-        ax.legend()
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, _, _ in METHODS:
+            rs = [row for row in hf if row["method"] == label]
+            ax.plot([n0] + [row["params"] for row in rs], [ppl0] + [row["ppl"] for row in rs],
+                    "o-", label=f"heads+FFN: {label}")
+        lrows = [row for row in rows if row["kind"] == "layers"]
+        for row, mk, ms in zip(lrows, "s^v", (11, 8, 5), strict=True):  # often the same point
+            ax.plot([row["params"]], [row["ppl"]], mk, ms=ms, ls="none", mfc="none", mew=1.5,
+                    label=f"{row['ratio']:.0%} layers: {row['method']} {row['notes'][8:]}")
+        ax.axhline(ppl0, color="k", ls="--", lw=0.8, label="dense")
+        ax.set_xlabel("parameters")
+        ax.set_ylabel("held-out byte perplexity")
+        ax.invert_xaxis()
+        ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(RESULTS / "structured_gpt.png", dpi=100)
+        fig.savefig(RESULTS / "structured_gpt.png", dpi=110)
     except Exception as e:  # noqa: BLE001 - plotting is optional
         print(f"(plot skipped: {e})")
     return 0

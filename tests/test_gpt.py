@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxprune.data import text_tfds
 from jaxprune.models.gpt import GPT, GPTConfig, blocks, loss_fn, perplexity
@@ -41,3 +42,53 @@ def test_sequential_on_tiny_gpt_matches_perplexity_order():
     assert float(k.mean()) == 0.5
     assert np.isfinite(perplexity(GPT(cfg), pruned, rec))
     assert float(loss_fn(GPT(cfg), pruned, rec)) > 0
+
+
+def _head_ffn_groups(groups):
+    """Head groups (leading factor of o_proj's input axis) and FFN groups (fc2's input axis)."""
+    out = []
+    for g in groups:
+        for m in g.members:
+            if m.axis == 0 and ((m.path.endswith("o_proj/kernel") and len(m.sizes) > 1
+                                 and m.pos == 0) or m.path.endswith("fc2/kernel")):
+                out.append(g)
+                break
+    return out
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_slim_gpt_per_layer_heads_ffn_equals_masked(pos):
+    from jaxprune.masks import apply_masks
+    from jaxprune.models.gpt import config_from_params
+    from jaxprune.structured import discover_groups, drop_blocks, group_masks, param_count, slim
+
+    cfg = GPTConfig(d=16, layers=2, heads=4, mlp=2, seq=8, pos=pos)
+    hd, m = cfg.head_dim, GPT(cfg)
+    x = jax.random.randint(jax.random.key(2), (2, 8), 0, 256)
+    v = m.init(jax.random.key(0), x)
+    leaves, tree = jax.tree_util.tree_flatten(v)  # random biases / norms so no bug hides behind 0
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    v = tree.unflatten([a + 0.3 * jax.random.normal(k, a.shape) for k, a in zip(keys, leaves,
+                                                                                 strict=True)])
+    groups = _head_ffn_groups(discover_groups(m.apply, v, x))
+    assert [(g.size, g.exact) for g in groups] == [(32, True), (4, True), (32, True), (4, True)]
+    assert all(g.name.startswith("params/block_0/") for g in groups[:2])
+    # layer 0: FFN 32 -> 20, heads 4 -> 1; layer 1: FFN 32 -> 7, heads 4 -> 3
+    keep = {groups[0].name: np.arange(0, 32, 32 / 20).astype(int), groups[1].name: [2],
+            groups[2].name: [1, 4, 9, 16, 25, 30, 31], groups[3].name: [0, 1, 3]}
+    small = slim(v, groups, keep)
+    scfg = config_from_params(cfg, small)
+    assert scfg.layer_heads == (1, 3) and scfg.layer_ffn == (20, 7)
+    ref = m.apply(apply_masks(v, group_masks(v, groups, keep)), x)
+    np.testing.assert_allclose(GPT(scfg).apply(small, x), ref, atol=1e-4, rtol=1e-4)
+    # exactly the removed groups: a head is q/k/v columns + biases and o rows, an FFN unit is an
+    # fc1 column + bias entry and an fc2 row
+    d = cfg.d
+    removed_heads, removed_ffn = (4 - 1) + (4 - 3), (32 - 20) + (32 - 7)
+    assert param_count(v) - param_count(small) == (removed_heads * (4 * d * hd + 3 * hd)
+                                                   + removed_ffn * (2 * d + 1))
+    # layer removal leaves a GPT too
+    shallow = drop_blocks(small, [0], prefix="block_")
+    c1 = config_from_params(scfg, shallow)
+    assert (c1.layers, c1.layer_heads, c1.layer_ffn) == (1, (3,), (7,))
+    assert GPT(c1).apply(shallow, x).shape == (2, 8, 256)
