@@ -299,8 +299,6 @@ def test_compact_template_mismatch(tmp_path):
         sc.load_sparse(tmp_path / "s", template=_params(np.random.default_rng(0), [(16, 4)]))
 
 
-@pytest.mark.skipif(not os.environ.get("JAXPRUNE_SLOW_TESTS"),
-                    reason="end-to-end experiment run (~20-60 s); set JAXPRUNE_SLOW_TESTS=1")
 def test_sparse_pretrain_stop_and_resume(tmp_path):
     """The experiment resumes with one flag (bit-exactness itself is tested above)."""
     sys.path.insert(0, str(REPO))
