@@ -154,6 +154,21 @@ def test_read_only_directory_errors(tmp_path):
         d.chmod(0o755)
 
 
+def test_read_only_filesystem_errors_for_any_user(tmp_path, monkeypatch):
+    """The chmod test above cannot run as root (CI); a read-only mount (EROFS) is refused too."""
+    import builtins
+    import errno
+
+    def ro_open(path, *a, **k):
+        if ".jaxprune-write-probe-" in str(path):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return builtins.open(path, *a, **k)
+
+    monkeypatch.setattr(ck, "open", ro_open, raising=False)
+    with pytest.raises(ck.CheckpointError, match="is read-only"):
+        ck.CheckpointManager(tmp_path / "ro")
+
+
 def test_full_directory_refuses_to_save(tmp_path, monkeypatch):
     with ck.CheckpointManager(tmp_path) as mgr:
         mgr.save(1, {"w": jnp.ones(1000)}, wait=True)
