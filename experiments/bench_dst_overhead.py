@@ -20,9 +20,9 @@ from pathlib import Path
 import jax
 import optax
 
-from jaxprune.loops import cross_entropy
-from jaxprune.models import CNN, MLP
-from jaxprune.sparse_training import rigl, set_training, static_sparse
+from jaxprune.training.dst import rigl, set_training, static_sparse
+from jaxprune.zoo.loops import cross_entropy
+from jaxprune.zoo.models import CNN, MLP
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 

@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxprune import patterns
+from jaxprune.core import patterns
 from jaxprune.kernels import _backend, formats
 from jaxprune.kernels.block_sparse_matmul import block_sparse_matmul
 from jaxprune.kernels.nm_matmul import nm_matmul

@@ -50,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
             out["layers"].append({"shape": [fin, fout], "target": str(tgt),
                                   "median_s": float(np.median(times)), "times_s": times})
     if not (args.quick or args.skip_minilm):
-        from jaxprune.data.text_tfds import stdlib_sentences
-        from jaxprune.models import bert
         from jaxprune.oneshot import get_method, prune_sequential
+        from jaxprune.zoo.data.text_tfds import stdlib_sentences
+        from jaxprune.zoo.models import bert
 
         t0 = time.perf_counter()
         model, params, tok = bert.load_minilm()

@@ -38,9 +38,9 @@ def median_time(fn: Callable[[], Any], iters: int = 20, repeats: int = 7) -> flo
 
 def bench_cnn(ratios: list[float], batch: int, iters: int, repeats: int) -> list[dict]:
     """CNN rows: params and time of original vs slim for each ratio of conv channels removed."""
-    from jaxprune.models import CNN
-    from jaxprune.structured import discover_groups, group_scores, param_count, rebuild_small, select
+    from jaxprune.structured import choose_units, discover_groups, group_scores, param_count, rebuild_small
     from jaxprune.structured import slim as do_slim
+    from jaxprune.zoo.models import CNN
 
     model = CNN(channels=(64, 128), hidden=256)
     x = jax.random.normal(jax.random.key(0), (batch, 8, 8, 1))
@@ -51,7 +51,7 @@ def bench_cnn(ratios: list[float], batch: int, iters: int, repeats: int) -> list
     t0 = median_time(lambda: f0(v, x), iters, repeats)
     rows = []
     for r in ratios:
-        sel = select(group_scores(v, groups, "l2"), groups, r)
+        sel = choose_units(group_scores(v, groups, "l2"), groups, r)
         sv = do_slim(v, groups, sel.keep)
         sm = rebuild_small(model, sv["params"])
         f1 = jax.jit(sm.apply)
@@ -64,9 +64,9 @@ def bench_cnn(ratios: list[float], batch: int, iters: int, repeats: int) -> list
 
 def bench_gpt(ratios: list[float], batch: int, iters: int, repeats: int) -> list[dict]:
     """Toy GPT rows: heads + FFN units removed by L2 norm."""
-    from jaxprune.structured import discover_groups, group_scores, param_count, select
+    from jaxprune.structured import choose_units, discover_groups, group_scores, param_count
     from jaxprune.structured import slim as do_slim
-    from jaxprune.structured._toy_transformer import ToyConfig, ToyGPT, config_from_params
+    from jaxprune.zoo.models.toy_transformer import ToyConfig, ToyGPT, config_from_params
 
     cfg = ToyConfig(vocab=256, d_model=128, n_layers=4, n_heads=8, n_kv_heads=8, head_dim=16,
                     d_ff=512, max_len=128)
@@ -78,7 +78,7 @@ def bench_gpt(ratios: list[float], batch: int, iters: int, repeats: int) -> list
     t0 = median_time(lambda: f0(v, x), iters, repeats)
     rows = []
     for r in ratios:
-        sel = select(group_scores(v, groups, "l2"), groups, r)
+        sel = choose_units(group_scores(v, groups, "l2"), groups, r)
         sv = do_slim(v, groups, sel.keep)
         sm = ToyGPT(config_from_params(cfg, sv["params"]))
         f1 = jax.jit(sm.apply)

@@ -1,7 +1,7 @@
 """Train-step overhead of gradual magnitude pruning vs dense Adam on the digits MLP and CNN.
 
 For each model (``MLP`` 64-256-256-10, ``CNN``), Adam, batch 64, this times the jitted train step of
-``jaxprune.loops.make_train_step`` for
+``jaxprune.zoo.loops.make_train_step`` for
 
 * ``dense``: plain ``optax.adam``;
 * ``steady``: ``gradual_magnitude(adam, 0.9, ...)`` after its schedule ended (masks fixed; the
@@ -39,8 +39,8 @@ import numpy as np
 import optax
 
 import jaxprune as jp
-from jaxprune import patterns as pat_lib
-from jaxprune.loops import make_train_step
+from jaxprune.core import patterns as pat_lib
+from jaxprune.zoo.loops import make_train_step
 
 TARGETS = {"mlp": {"steady": 1.05, "window": 1.5}, "cnn": {"steady": 1.05, "window": 1.10}}
 
@@ -74,7 +74,7 @@ def _time_block(v: Variant, x: jax.Array, y: jax.Array, steps: int) -> tuple[flo
 
 
 def _model(name: str):
-    from jaxprune.models import CNN, MLP
+    from jaxprune.zoo.models import CNN, MLP
 
     return {"mlp": MLP(features=(256, 256, 10)), "cnn": CNN()}[name]
 
@@ -137,7 +137,7 @@ def profile_mask_update(model_name: str, x: jax.Array, reps: int) -> dict[str, A
 
 def bench_model(model_name: str, *, runs: int, steps: int, freq: int,
                 profile: bool, lr: float = 1e-3, target: float = 0.9) -> dict[str, Any]:
-    from jaxprune.data import load_digits
+    from jaxprune.zoo.data import load_digits
 
     xs, ys = load_digits("train", source="sklearn")
     x, y = jnp.asarray(xs[:64]), jnp.asarray(ys[:64])

@@ -1,6 +1,6 @@
 """Lottery tickets on digits MLP: IMP rewinding to init / early step vs random re-init vs one-shot.
 
-Iterative magnitude pruning (``jaxprune.lottery.imp``) removes ``fraction`` of the remaining
+Iterative magnitude pruning (``jaxprune.training.lottery.imp``) removes ``fraction`` of the remaining
 weights per round down to ~98% sparsity. Compared at every round's sparsity:
 
 * IMP, rewind to init (Frankle & Carbin 2019);
@@ -26,10 +26,10 @@ import numpy as np
 import optax
 
 import jaxprune as jp
-from jaxprune import lottery as lt
-from jaxprune.data import load_digits
-from jaxprune.loops import accuracy, batches, cross_entropy
-from jaxprune.models import MLP
+from jaxprune.training import lottery as lt
+from jaxprune.zoo.data import load_digits
+from jaxprune.zoo.loops import accuracy, batches, cross_entropy
+from jaxprune.zoo.models import MLP
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 VARIANTS = ["IMP rewind to init", "IMP rewind to step k", "IMP LR rewinding", "random re-init",

@@ -28,10 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     from experiments.train_gpt import VAL_RECORDS, load_or_train
-    from jaxprune.data import text_tfds
-    from jaxprune.models.gpt import GPT, blocks, perplexity
     from jaxprune.oneshot import calibrate, get_method, owl_targets, prune_sequential, recon_error
     from jaxprune.oneshot.sequential import get_path
+    from jaxprune.zoo.data import text_tfds
+    from jaxprune.zoo.models.gpt import GPT, blocks, perplexity
 
     ap = argparse.ArgumentParser(prog="jaxprune run oneshot_gpt", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")

@@ -36,9 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the study and print the table."""
     from tqdm.auto import tqdm
 
-    from jaxprune.data.text_tfds import stdlib_sentences
-    from jaxprune.models import bert
     from jaxprune.oneshot import get_method, prune_sequential
+    from jaxprune.zoo.data.text_tfds import stdlib_sentences
+    from jaxprune.zoo.models import bert
 
     ap = argparse.ArgumentParser(prog="jaxprune run oneshot_minilm",
                                  description=__doc__.split("\n")[0])

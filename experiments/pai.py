@@ -20,10 +20,10 @@ import numpy as np
 import optax
 
 import jaxprune as jp
-from jaxprune import pai
-from jaxprune.data import load_digits
-from jaxprune.loops import accuracy, batches, cross_entropy
-from jaxprune.models import CNN
+from jaxprune.training import pai
+from jaxprune.zoo.data import load_digits
+from jaxprune.zoo.loops import accuracy, batches, cross_entropy
+from jaxprune.zoo.models import CNN
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 METHODS = ["random", "SNIP", "GraSP", "SynFlow"]

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-    from jaxprune import sharding as shd
+    from jaxprune.io import sharding as shd
 
     if args.distributed or args.coordinator:
         shd.initialize_distributed(args.coordinator, args.num_processes, args.process_id,
@@ -128,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     import optax
 
     import jaxprune as jp
-    from jaxprune import checkpoint as ck
-    from jaxprune import sparse_ckpt
-    from jaxprune.models.tiny_lm import TinyLM, lm_loss
+    from jaxprune.io import checkpoint as ck
+    from jaxprune.io import compact as sparse_ckpt
+    from jaxprune.zoo.models.tiny_lm import TinyLM, lm_loss
 
     data_ax, model_ax = (int(v) for v in args.mesh.split(","))
     mesh = shd.make_mesh(data_ax, model_ax)

@@ -1,6 +1,6 @@
 """Sparse training on digits CNN: dense, gradual magnitude, static, SET, RigL (ERK/uniform).
 
-Trains the small digits CNN (``jaxprune.models.CNN``) at 80/90/95% sparsity with every method over
+Trains the small digits CNN (``jaxprune.zoo.models.CNN``) at 80/90/95% sparsity with every method over
 several seeds and reports test accuracy mean ± std. Dynamic methods use the paper's defaults scaled
 to the short run: drop fraction 0.3, cosine annealed until 75% of training, ``ΔT`` = steps / 12.
 
@@ -20,10 +20,10 @@ import numpy as np
 import optax
 
 import jaxprune as jp
-from jaxprune.data import load_digits
-from jaxprune.loops import accuracy, train_classifier
-from jaxprune.models import CNN
-from jaxprune.sparse_training import rigl, set_training, static_sparse
+from jaxprune.training.dst import rigl, set_training, static_sparse
+from jaxprune.zoo.data import load_digits
+from jaxprune.zoo.loops import accuracy, train_classifier
+from jaxprune.zoo.models import CNN
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 

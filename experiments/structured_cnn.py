@@ -19,11 +19,11 @@ import jax
 import optax
 
 from experiments.bench_structured import median_time
-from jaxprune.data import load_digits
-from jaxprune.loops import accuracy, train_classifier
-from jaxprune.models import CNN
-from jaxprune.structured import discover_groups, group_scores, param_count, rebuild_small, select
+from jaxprune.structured import choose_units, discover_groups, group_scores, param_count, rebuild_small
 from jaxprune.structured import slim as do_slim
+from jaxprune.zoo.data import load_digits
+from jaxprune.zoo.loops import accuracy, train_classifier
+from jaxprune.zoo.models import CNN
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     for r in tqdm(a.ratios, desc="ratios"):
-        sel = select(group_scores(v, groups, a.criterion), groups, r)
+        sel = choose_units(group_scores(v, groups, a.criterion), groups, r)
         sv = do_slim(v, groups, sel.keep)
         sm = rebuild_small(model, sv["params"])
         acc1 = accuracy(sm.apply, sv["params"], xte, yte)

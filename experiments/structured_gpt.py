@@ -2,12 +2,12 @@
 FLAP with/without bias compensation) and 25% of layers removed (angular distance / block influence
 vs dropping the last layers): held-out perplexity, parameter counts, no fine-tuning.
 
-The model is the GPT of ``train_gpt`` (:mod:`jaxprune.models.gpt`, loaded from
+The model is the GPT of ``train_gpt`` (:mod:`jaxprune.zoo.models.gpt`, loaded from
 ``results/gpt_params.msgpack``, trained first if absent), evaluated on the same held-out validation
 records and calibrated on the same train records as ``oneshot_gpt``. Head and FFN groups come from
 tracing the model (:func:`jaxprune.structured.discover_groups`); a slimmed model is again a
-:class:`~jaxprune.models.gpt.GPT` with per-layer head counts / FFN widths
-(:func:`~jaxprune.models.gpt.config_from_params`), and its perplexity is checked against the masked
+:class:`~jaxprune.zoo.models.gpt.GPT` with per-layer head counts / FFN widths
+(:func:`~jaxprune.zoo.models.gpt.config_from_params`), and its perplexity is checked against the masked
 full-size model's.
 
     python -m experiments.structured_gpt            # results/structured_gpt.{csv,json,png}
@@ -31,7 +31,7 @@ METHODS = [("magnitude", "l2", False), ("taylor", "taylor", False), ("flap", "fl
 
 
 def head_ffn_groups(groups: list) -> tuple[list, list]:
-    """``(head groups, FFN groups)`` of a traced :class:`~jaxprune.models.gpt.GPT`.
+    """``(head groups, FFN groups)`` of a traced :class:`~jaxprune.zoo.models.gpt.GPT`.
 
     A head group owns the leading (head) factor of ``o_proj``'s input axis (with q/k/v columns and
     biases); an FFN group owns ``fc2``'s input axis (with the ``fc1`` column and bias). The per-head
@@ -58,12 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     from experiments.train_gpt import VAL_RECORDS, load_or_train
-    from jaxprune.data import text_tfds
-    from jaxprune.masks import apply_masks
-    from jaxprune.models.gpt import GPT, config_from_params, loss_fn, perplexity
+    from jaxprune.core.masks import apply_masks
     from jaxprune.structured import (
         block_scores,
         choose_blocks,
+        choose_units,
         compensate_bias,
         discover_groups,
         drop_blocks,
@@ -71,9 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         group_scores,
         input_stats,
         param_count,
-        select,
         slim,
     )
+    from jaxprune.zoo.data import text_tfds
+    from jaxprune.zoo.models.gpt import GPT, config_from_params, loss_fn, perplexity
 
     ap = argparse.ArgumentParser(prog="python -m experiments.structured_gpt",
                                  description=__doc__.splitlines()[0])
@@ -132,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         if crit not in score_cache:
             score_cache[crit] = group_scores(v, prunable, crit, grads=grads, stats=stats)
         sc = score_cache[crit]
-        sh = select(sc, heads, r, allocation=a.allocation)
-        sf = select(sc, ffn, r, allocation=a.allocation)
+        sh = choose_units(sc, heads, r, allocation=a.allocation)
+        sf = choose_units(sc, ffn, r, allocation=a.allocation)
         keep = {**sh.keep, **sf.keep}
         vv = compensate_bias(v, prunable, keep, means) if comp else v
         sv = slim(vv, prunable, keep)
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"kind": "heads+ffn", "method": label, "ratio": r,
                      "params": param_count(sv["params"]), "ppl": ppl, "ppl_masked": ppl_m,
                      "heads": str(h), "ffn": str(f), "seconds": round(secs, 2), "notes": notes})
-        if r not in rounding_notes:  # select's notes on whole-unit rounding (first layer's)
+        if r not in rounding_notes:  # choose_units' notes on whole-unit rounding (first layer's)
             rounding_notes[r] = sh.notes[:1] + sf.notes[:1]
 
     bs = block_scores(model.apply, v, calib, pattern=r"^block_(\d+)$")

@@ -1,7 +1,7 @@
 """Train a small byte-level GPT on the Python standard library's source; report held-out perplexity.
 
 Data: the ``stdlib_bytes`` tfds dataset (array_record, read with tfds' data source, no tensorflow;
-see ``jaxprune.data.text_tfds``). The trained params go to ``results/gpt_params.msgpack`` (with
+see ``jaxprune.zoo.data.text_tfds``). The trained params go to ``results/gpt_params.msgpack`` (with
 ``results/gpt_config.json``) so ``oneshot_gpt`` can reuse them; it retrains when they are absent.
 
     jaxprune run train_gpt            # ~4 layers, d=128, a few CPU minutes
@@ -21,8 +21,8 @@ import numpy as np
 import optax
 from flax import serialization
 
-from jaxprune.data import text_tfds
-from jaxprune.models.gpt import GPT, GPTConfig, loss_fn, perplexity
+from jaxprune.zoo.data import text_tfds
+from jaxprune.zoo.models.gpt import GPT, GPTConfig, loss_fn, perplexity
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 PARAMS = RESULTS / "gpt_params.msgpack"

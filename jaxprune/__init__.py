@@ -1,8 +1,11 @@
 """jaxprune: neural-network pruning as pure transforms over JAX parameter pytrees.
 
-The pipeline every method reuses is criteria → allocation → pattern → mask
-(:mod:`jaxprune.criteria`, :mod:`jaxprune.allocation`, :mod:`jaxprune.patterns`,
-:mod:`jaxprune.masks`); training-time pruning is an Optax transform (:func:`pruner`).
+The pipeline every method reuses is criteria → allocation → pattern → mask (:mod:`jaxprune.core`);
+training-time pruning is an Optax transform (:mod:`jaxprune.training`); post-training pruning with
+calibration lives in :mod:`jaxprune.oneshot`, shape-shrinking pruning in :mod:`jaxprune.structured`,
+packed formats and Pallas kernels in :mod:`jaxprune.kernels`, checkpoints and sharding in
+:mod:`jaxprune.io`. Reference models, data and loops are in :mod:`jaxprune.zoo`, apart from the
+library.
 
 >>> import jax.numpy as jnp, jaxprune as jp
 >>> pruned, masks = jp.prune({"kernel": jnp.array([[1., -3.], [2., 0.]])}, 0.5)
@@ -13,21 +16,21 @@ The pipeline every method reuses is criteria → allocation → pattern → mask
 import importlib
 from typing import Any
 
-from jaxprune import allocation, criteria, masks, patterns, pipeline, schedules, training
-from jaxprune.allocation import ERK, Global, Uniform
-from jaxprune.criteria import Criterion
-from jaxprune.masks import (
+from jaxprune import training
+from jaxprune.core import allocation, criteria, filters, masks, patterns, pipeline, schedules
+from jaxprune.core.allocation import ERK, Global, Uniform
+from jaxprune.core.criteria import Criterion
+from jaxprune.core.masks import (
     apply_masks,
     check_masks,
     init_masks,
-    select,
     sparsity_stats,
     summary_table,
     total_sparsity,
 )
-from jaxprune.patterns import NM, Block, Channel, PerLeaf, Unstructured
-from jaxprune.pipeline import compute_masks, prune
-from jaxprune.schedules import Iterative, OneShot, Polynomial
+from jaxprune.core.patterns import NM, Block, Channel, PerLeaf, Unstructured
+from jaxprune.core.pipeline import compute_masks, leaf_mask, prune
+from jaxprune.core.schedules import Iterative, OneShot, Polynomial
 from jaxprune.training import (
     PruneState,
     get_masks,
@@ -39,12 +42,9 @@ from jaxprune.training import (
 
 __version__ = "0.1.0"
 
-# method families and tools, imported on first use (``jp.oneshot.sparsegpt``, ``jp.kernels``...)
-# so ``import jaxprune`` stays light and never needs the data packages
-_LAZY_SUBMODULES = (
-    "checkpoint", "data", "kernels", "loops", "lottery", "models", "oneshot", "pai", "sharding",
-    "sparse_ckpt", "sparse_training", "ste", "structured",
-)
+# method families imported on first use (``jp.oneshot``, ``jp.kernels``...) so ``import jaxprune``
+# stays light and never needs the data packages
+_LAZY_SUBMODULES = ("core", "io", "kernels", "oneshot", "structured")
 
 
 def __getattr__(name: str) -> Any:
@@ -56,13 +56,14 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted([*globals(), *_LAZY_SUBMODULES])
 
+
 __all__ = [
-    "allocation", "criteria", "masks", "patterns", "pipeline", "schedules", "training",
+    "allocation", "criteria", "filters", "masks", "patterns", "pipeline", "schedules", "training",
     "ERK", "Global", "Uniform", "Criterion",
-    "apply_masks", "check_masks", "init_masks", "select", "sparsity_stats", "summary_table",
+    "apply_masks", "check_masks", "init_masks", "sparsity_stats", "summary_table",
     "total_sparsity",
     "NM", "Block", "Channel", "PerLeaf", "Unstructured",
-    "compute_masks", "prune",
+    "compute_masks", "leaf_mask", "prune",
     "Iterative", "OneShot", "Polynomial",
     "PruneState", "get_masks", "get_prune_state", "gradual_magnitude", "project", "pruner",
 ]

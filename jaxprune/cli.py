@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="train the digits CNN dense and with gradual magnitude pruning; table + plot"
     )
-    from jaxprune import demo as demo_lib
+    from jaxprune.zoo import demo as demo_lib
 
     demo_lib.add_arguments(demo)
     run = sub.add_parser(
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     if args.command == "demo":
-        from jaxprune import demo as demo_lib
+        from jaxprune.zoo import demo as demo_lib
 
         return int(demo_lib.run(args) or 0)
     if args.command == "run":

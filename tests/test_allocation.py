@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxprune import allocation as A
-from jaxprune.masks import leaves_with_paths
+from jaxprune.core import allocation as A
+from jaxprune.core.masks import leaves_with_paths
 
 
 def _masks(shapes):

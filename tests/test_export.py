@@ -7,7 +7,7 @@ import pytest
 
 import jaxprune as jp
 from jaxprune.kernels import export, formats
-from jaxprune.models.small import MLP
+from jaxprune.zoo.models.small import MLP
 
 
 @pytest.fixture(scope="module")

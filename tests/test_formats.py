@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxprune import patterns
+from jaxprune.core import patterns
 from jaxprune.kernels import formats as F
 
 SETTINGS = settings(max_examples=20, deadline=None)

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxprune.data import text_tfds
-from jaxprune.models.gpt import GPT, GPTConfig, blocks, loss_fn, perplexity
 from jaxprune.oneshot import get_method, prune_sequential
+from jaxprune.zoo.data import text_tfds
+from jaxprune.zoo.models.gpt import GPT, GPTConfig, blocks, loss_fn, perplexity
 
 
 def test_gpt_causal_and_rope():
@@ -58,9 +58,9 @@ def _head_ffn_groups(groups):
 
 @pytest.mark.parametrize("pos", ["learned", "rope"])
 def test_slim_gpt_per_layer_heads_ffn_equals_masked(pos):
-    from jaxprune.masks import apply_masks
-    from jaxprune.models.gpt import config_from_params
+    from jaxprune.core.masks import apply_masks
     from jaxprune.structured import discover_groups, drop_blocks, group_masks, param_count, slim
+    from jaxprune.zoo.models.gpt import config_from_params
 
     cfg = GPTConfig(d=16, layers=2, heads=4, mlp=2, seq=8, pos=pos)
     hd, m = cfg.head_dim, GPT(cfg)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxprune import patterns
+from jaxprune.core import patterns
 from jaxprune.kernels import _backend
 from jaxprune.kernels import formats as F
 from jaxprune.kernels import reference as ref

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxprune.structured import block_scores, choose_blocks, drop_blocks
-from jaxprune.structured._toy_transformer import ToyConfig, ToyGPT, config_from_params
+from jaxprune.zoo.models.toy_transformer import ToyConfig, ToyGPT, config_from_params
 
 CFG = ToyConfig(vocab=11, d_model=16, n_layers=3, n_heads=2, n_kv_heads=2, head_dim=4, d_ff=16,
                 max_len=8)

@@ -1,4 +1,4 @@
-"""Tests for jaxprune.lottery: IMP rounds, rewinding, the rewind point in optimizer state."""
+"""Tests for jaxprune.training.lottery: IMP rounds, rewinding, the rewind point in optimizer state."""
 
 import jax
 import jax.numpy as jnp
@@ -8,9 +8,9 @@ import pytest
 from flax import nnx
 
 import jaxprune as jp
-from jaxprune import lottery as lt
-from jaxprune.models import MLP, NnxMLP
-from jaxprune.sparse_training import static_sparse
+from jaxprune.training import lottery as lt
+from jaxprune.training.dst import static_sparse
+from jaxprune.zoo.models import MLP, NnxMLP
 
 
 def _setup():

@@ -7,8 +7,9 @@ import pytest
 from flax import nnx
 
 import jaxprune as jp
-from jaxprune.masks import leaves_with_paths, select, tree_map_masked
-from jaxprune.models import CNN, NnxCNN
+from jaxprune.core.filters import select
+from jaxprune.core.masks import leaves_with_paths, tree_map_masked
+from jaxprune.zoo.models import CNN, NnxCNN
 
 
 def _linen_params():

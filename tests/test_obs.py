@@ -5,9 +5,9 @@ import itertools
 import numpy as np
 import pytest
 
+from jaxprune.core.patterns import nm_valid
 from jaxprune.oneshot.calibration import LayerStats
 from jaxprune.oneshot.obs import obs, obs_greedy
-from jaxprune.patterns import nm_valid
 
 
 def _setup(seed=0):

@@ -1,4 +1,4 @@
-"""Tests for jaxprune.pai: SNIP, GraSP, SynFlow against direct numpy computations."""
+"""Tests for jaxprune.training.pai: SNIP, GraSP, SynFlow against direct numpy computations."""
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 import jaxprune as jp
-from jaxprune import pai
-from jaxprune.models import NnxMLP
+from jaxprune.training import pai
+from jaxprune.zoo.models import NnxMLP
 
 RNG = np.random.default_rng(0)
 W1 = RNG.normal(size=(5, 4))

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxprune import patterns as P
+from jaxprune.core import patterns as P
 
 SETTINGS = settings(max_examples=25, deadline=None)
 # Shapes come from small fixed sets: each new shape costs an XLA compile, while values, ties and

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxprune import schedules as S
+from jaxprune.core import schedules as S
 
 
 def _zhu_gupta(t, s_i, s_f, t0, n, dt):

@@ -11,11 +11,11 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jaxprune as jp
-from jaxprune import checkpoint as ck
-from jaxprune import sharding as shd
-from jaxprune.loops import cross_entropy
-from jaxprune.masks import leaves_with_paths
-from jaxprune.models import MLP
+from jaxprune.core.masks import leaves_with_paths
+from jaxprune.io import checkpoint as ck
+from jaxprune.io import sharding as shd
+from jaxprune.zoo.loops import cross_entropy
+from jaxprune.zoo.models import MLP
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (virtual) devices")
 
@@ -36,7 +36,7 @@ def loss_fn(params, batch, rng):
 
 def make_tx(allocation):
     if allocation == "rigl":
-        from jaxprune.sparse_training import rigl
+        from jaxprune.training.dst import rigl
 
         return rigl(optax.adam(1e-2), sparsity=0.8, update_period=2, total_steps=8,
                     key=jax.random.key(3))

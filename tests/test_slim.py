@@ -9,9 +9,9 @@ import pytest
 from flax import linen as nn
 from flax import nnx
 
-from jaxprune.masks import apply_masks
-from jaxprune.models import CNN, MLP, NnxCNN
+from jaxprune.core.masks import apply_masks
 from jaxprune.structured import (
+    choose_units,
     compensate_bias,
     discover_groups,
     group_masks,
@@ -19,11 +19,11 @@ from jaxprune.structured import (
     input_stats,
     param_count,
     rebuild_small,
-    select,
     slim,
     slim_nnx,
 )
-from jaxprune.structured._toy_transformer import ToyConfig, ToyGPT, config_from_params
+from jaxprune.zoo.models import CNN, MLP, NnxCNN
+from jaxprune.zoo.models.toy_transformer import ToyConfig, ToyGPT, config_from_params
 
 
 class ConvBN(nn.Module):
@@ -50,7 +50,7 @@ def _random_vars(v, seed=0):
 
 def _removed_size(params, groups, keep):
     """Expected param-count drop computed independently: removed slices per (leaf, axis)."""
-    from jaxprune.masks import leaves_with_paths
+    from jaxprune.core.masks import leaves_with_paths
 
     shapes = {p: x.shape for p, x in leaves_with_paths(params)}
     kept_len = {}
@@ -159,7 +159,7 @@ def test_select_refuses_empty_layer_and_reports():
              if any(mm.path.endswith("attn/o/kernel") and mm.axis == 0 and mm.pos == 0 for mm in g.members)]
     assert len(heads) == 1 and heads[0].size == 2
     with pytest.warns(UserWarning, match="keeping the best 1"):
-        sel = select(group_scores(v, heads, "l2"), heads, 1.0)
+        sel = choose_units(group_scores(v, heads, "l2"), heads, 1.0)
     assert len(sel.keep[heads[0].name]) == 1 and any("cannot lose every unit" in n for n in sel.notes)
     with pytest.raises(ValueError, match="would lose all 2 units"):
         slim(v, heads, {heads[0].name: []})
@@ -174,7 +174,7 @@ def test_gqa_uneven_ratio_rounds_and_reports():
     qg = [g for g in gs
           if any(mm.path.endswith("o/kernel") and mm.axis == 0 and mm.pos == 1 for mm in g.members)]
     assert len(qg) == 1 and qg[0].size == 4  # 4 query heads per kv head
-    sel = select(group_scores(v, qg, "l1"), qg, 0.3)  # 30% of 8 heads = 2.4: not a GQA shape
+    sel = choose_units(group_scores(v, qg, "l1"), qg, 0.3)  # 30% of 8 heads = 2.4: not a GQA shape
     assert len(sel.keep[qg[0].name]) == 3  # one unit = one head per kv group -> 2 heads removed
     assert any("rounded to 1 whole units" in n for n in sel.notes)
     small = slim(v, qg, sel.keep)
@@ -189,10 +189,10 @@ def test_scores_against_reference():
     np.testing.assert_allclose(group_scores(p, gs, "l2")[g.name], np.sqrt([1 + 9 + 1, 4 + 0 + 4]))
     grads = jax.tree.map(lambda w: jnp.ones_like(w), p)
     np.testing.assert_allclose(group_scores(p, gs, "taylor", grads=grads)[g.name], [5.0, 0.0])
-    sel = select({g.name: np.array([1.0, 2.0])}, gs, 0.5)
+    sel = choose_units({g.name: np.array([1.0, 2.0])}, gs, 0.5)
     assert sel.keep[g.name].tolist() == [1]
     # global allocation standardises per group; rounding to multiples keeps hardware shapes
-    big = select({g.name: np.arange(16.0)}, [type(g)(g.name, 16, g.members)], 0.3, round_to=8)
+    big = choose_units({g.name: np.arange(16.0)}, [type(g)(g.name, 16, g.members)], 0.3, round_to=8)
     assert len(big.keep[g.name]) == 8 and big.notes
 
 

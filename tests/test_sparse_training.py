@@ -1,4 +1,4 @@
-"""Tests for jaxprune.sparse_training: static sparse, SET, RigL as optax transforms."""
+"""Tests for jaxprune.training.dst: static sparse, SET, RigL as optax transforms."""
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 import jaxprune as jp
-from jaxprune import sparse_training as st
-from jaxprune.models import MLP, NnxMLP
+from jaxprune.training import dst as st
+from jaxprune.zoo.models import MLP, NnxMLP
 
 ALL = lambda p, x: True  # noqa: E731
 
@@ -198,7 +198,7 @@ def test_set_with_uniform_and_key_differs():
 def test_nnx_optimizer():
     model = NnxMLP(12, (16, 10), rngs=nnx.Rngs(0))
     tx = st.rigl(optax.adam(1e-2), sparsity=0.7, update_period=2, end_step=20,
-                 filter=jp.select(names=("kernel",)))
+                 filter=jp.filters.select(names=("kernel",)))
     opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
     x, y = _data()
 

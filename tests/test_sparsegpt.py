@@ -5,10 +5,10 @@ import warnings
 import numpy as np
 import pytest
 
+from jaxprune.core.patterns import nm_valid
 from jaxprune.oneshot.calibration import LayerStats
 from jaxprune.oneshot.common import recon_error
 from jaxprune.oneshot.sparsegpt import sparsegpt
-from jaxprune.patterns import nm_valid
 
 
 def ref_sparsegpt(W, H, sparsity, prunen=0, prunem=0, blocksize=128, percdamp=0.01):

@@ -1,4 +1,4 @@
-"""Tests for jaxprune.ste: straight-through sparse forward and SR-STE decay."""
+"""Tests for jaxprune.training.ste: straight-through sparse forward and SR-STE decay."""
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +7,8 @@ import optax
 import pytest
 
 import jaxprune as jp
-from jaxprune import ste
-from jaxprune.models import MLP
+from jaxprune.training import ste
+from jaxprune.zoo.models import MLP
 
 
 def _nm_oracle(w: np.ndarray, n: int, m: int) -> np.ndarray:

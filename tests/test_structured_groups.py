@@ -9,9 +9,9 @@ import pytest
 from flax import linen as nn
 from flax import nnx
 
-from jaxprune.models import CNN, MLP, NnxMLP
 from jaxprune.structured import TraceError, declare_groups, discover_groups
-from jaxprune.structured._toy_transformer import ToyConfig, ToyGPT
+from jaxprune.zoo.models import CNN, MLP, NnxMLP
+from jaxprune.zoo.models.toy_transformer import ToyConfig, ToyGPT
 
 
 class ScaledMLP(nn.Module):

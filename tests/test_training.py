@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 import jaxprune as jp
-from jaxprune import schedules as S
-from jaxprune.models import MLP, NnxMLP
+from jaxprune.core import schedules as S
+from jaxprune.zoo.models import MLP, NnxMLP
 
 X = jax.random.normal(jax.random.key(1), (32, 16))
 Y = jax.random.randint(jax.random.key(2), (32,), 0, 4)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 import jaxprune as jp
+from jaxprune.core.patterns import nm_valid
 from jaxprune.oneshot.calibration import LayerStats
 from jaxprune.oneshot.wanda import PerOutput, magnitude, wanda
-from jaxprune.patterns import nm_valid
 
 
 def _layer(fin=16, out=5, seed=0):

@@ -1,8 +1,8 @@
 """Inference export: pruned params + masks → packed params, and running Flax models on them.
 
 :func:`pack_params` turns every masked leaf into a packed format chosen by its pattern
-(:class:`~jaxprune.patterns.NM` → :class:`~jaxprune.kernels.formats.NMPacked`,
-:class:`~jaxprune.patterns.Block` → :class:`~jaxprune.kernels.formats.BlockSparse`, anything else →
+(:class:`~jaxprune.core.patterns.NM` → :class:`~jaxprune.kernels.formats.NMPacked`,
+:class:`~jaxprune.core.patterns.Block` → :class:`~jaxprune.kernels.formats.BlockSparse`, anything else →
 :class:`~jaxprune.kernels.formats.Bitmask`); unmasked leaves stay dense.
 
 :func:`apply_packed` runs an *unmodified* linen model on packed params: it intercepts
@@ -29,8 +29,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxprune import masks as mask_lib
-from jaxprune import patterns as pat_lib
+from jaxprune.core import masks as mask_lib
+from jaxprune.core import patterns as pat_lib
 from jaxprune.kernels import formats as F
 from jaxprune.kernels import reference as ref
 from jaxprune.kernels.block_sparse_matmul import block_sparse_matmul
@@ -45,7 +45,7 @@ def pack_params(params: PyTree, masks: PyTree, pattern: pat_lib.Pattern | str) -
     """Packed copy of ``params``: each leaf with a mask becomes the format of its pattern.
 
     ``pattern`` is what the masks were built with (a spec, a pattern or a
-    :class:`~jaxprune.patterns.PerLeaf`). N:M must run along the contraction axis (``ndim - 2``).
+    :class:`~jaxprune.core.patterns.PerLeaf`). N:M must run along the contraction axis (``ndim - 2``).
     Raises ``ValueError`` naming the leaf path when a mask does not fit its pattern.
 
     >>> import jaxprune as jp

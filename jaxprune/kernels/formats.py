@@ -4,7 +4,7 @@ Every format stores a weight ``W`` through its *matrix view* ``(K, N) = (prod(sh
 shape[-1])`` (a Flax ``Dense`` kernel ``(in, out)`` is its own view; a conv kernel ``(h, w, in, out)``
 becomes ``(h*w*in, out)``), so ``x @ W`` contracts over ``K``.
 
-* :class:`NMPacked` — N:M along ``K`` (the contraction axis, as :class:`jaxprune.patterns.NM`):
+* :class:`NMPacked` — N:M along ``K`` (the contraction axis, as :class:`jaxprune.core.patterns.NM`):
   the ``n`` kept values of every group of ``m`` consecutive rows, plus each value's position in its
   group as a ``bits``-bit code packed ``8 // bits`` per ``uint8`` (2:4 → 2-bit codes, 4 per byte,
   as Qwix packs 1:4 indices).
@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxprune import patterns as pat_lib
+from jaxprune.core import patterns as pat_lib
 
 __all__ = [
     "NMPacked", "BlockSparse", "Bitmask", "pack_nm", "pack_block", "pack_bitmask", "unpack",
@@ -295,7 +295,7 @@ def pack_block(
     """Pack the blocks of ``where(mask, w, 0)`` that hold any kept entry.
 
     ``block`` must divide the matrix view (``ValueError`` otherwise, via
-    :meth:`jaxprune.patterns.Block.validate`). ``nnz_max`` pads the block list (default: exact).
+    :meth:`jaxprune.core.patterns.Block.validate`). ``nnz_max`` pads the block list (default: exact).
     A partially kept block is stored with its pruned entries as zeros (values stay exact).
 
     >>> w = jnp.arange(16.).reshape(4, 4)

@@ -3,7 +3,7 @@
 Layers are found by *intercepting calls* (linen ``nn.intercept_methods`` on ``Dense``,
 ``DenseGeneral`` and ``Conv``; for nnx a temporary wrapper around ``nnx.Linear``/``nnx.Conv``
 ``__call__``), so models we did not write work without naming their layers. Statistics are keyed by
-the path of the layer's kernel in the params tree (``jaxprune.masks.path_str``: ``"Dense_0/kernel"``).
+the path of the layer's kernel in the params tree (``jaxprune.core.masks.path_str``: ``"Dense_0/kernel"``).
 
 For every layer we stream, in float32, over all calibration tokens ``x`` (rows of the layer's
 fan-in view: a Dense input row, a flattened conv patch in kernel order ``(h, w, in)``):
@@ -33,7 +33,7 @@ import numpy as np
 from flax import linen as nn
 from flax import nnx
 
-from jaxprune.masks import PyTree
+from jaxprune.core.masks import PyTree
 
 __all__ = ["LayerStats", "calibrate", "layer_inputs", "merge_stats", "as_matrix"]
 

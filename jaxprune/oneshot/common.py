@@ -1,7 +1,7 @@
 """Shared pieces of the one-shot layer transforms: targets, Hessian checks, damped inverses.
 
 A *target* is a sparsity float in ``[0, 1)`` (unstructured), an ``"N:M"`` string or a
-:class:`jaxprune.patterns.NM` (keep ``n`` of every ``m`` along the fan-in axis).
+:class:`jaxprune.core.patterns.NM` (keep ``n`` of every ``m`` along the fan-in axis).
 
 >>> parse_target("2:4")
 (NM(n=2, m=4, axis=None), 0.5)
@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import allocation as alloc_lib
-from jaxprune import patterns as pat_lib
+from jaxprune.core import allocation as alloc_lib
+from jaxprune.core import patterns as pat_lib
 
 __all__ = ["Target", "parse_target", "check_hessian", "damped_inverse_cholesky", "recon_error"]
 

@@ -159,7 +159,7 @@ def with_dsnot(method: Callable[..., tuple[jax.Array, jax.Array]], **kw: Any
     >>> f.__name__
     'wanda+dsnot'
     """
-    from jaxprune import patterns as pat_lib
+    from jaxprune.core import patterns as pat_lib
     from jaxprune.oneshot.common import parse_target
 
     def run(weight: Any, stats: LayerStats, target: Target, *, name: str = "<layer>", **mkw: Any):

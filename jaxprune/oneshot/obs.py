@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import patterns as pat_lib
+from jaxprune.core import patterns as pat_lib
 from jaxprune.oneshot.calibration import LayerStats, as_matrix
 from jaxprune.oneshot.common import (
     Target,

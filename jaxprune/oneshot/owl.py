@@ -4,7 +4,7 @@ A layer's *outlier ratio* (LOD) is the fraction of its Wanda scores ``|W|·‖x�
 their mean. Ratios are rescaled to ``[0, 2λ]``, centred and added to the target density, so layers
 with more outliers stay denser; the size-weighted mean sparsity equals the target exactly.
 
-:class:`OWL` is a :class:`jaxprune.allocation.Allocation` (pass Wanda scores to
+:class:`OWL` is a :class:`jaxprune.core.allocation.Allocation` (pass Wanda scores to
 ``compute_masks``); :func:`owl_targets` gives ``{kernel path: sparsity}`` from calibration stats for
 the one-shot drivers, optionally pooling layers into groups (the paper uses transformer blocks).
 
@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.allocation import Allocation
+from jaxprune.core.allocation import Allocation
 from jaxprune.oneshot.calibration import LayerStats
 from jaxprune.oneshot.wanda import wanda_scores
 

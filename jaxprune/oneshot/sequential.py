@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxprune.masks import Filter, PyTree, leaves_with_paths, tree_map_with_path_masked
+from jaxprune.core.masks import Filter, PyTree, leaves_with_paths, tree_map_with_path_masked
 from jaxprune.oneshot.calibration import LayerStats, calibrate
 from jaxprune.oneshot.common import Target
 

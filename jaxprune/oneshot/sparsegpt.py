@@ -12,7 +12,7 @@ as in the published algorithm (Algorithm 1 and the reference code), in the Flax 
    from the current (already updated) weights with the score ``w² / U_jj²`` — exactly
    ``round(s · rows · out)`` entries per block for unstructured targets (the reference code's
    ``<= threshold`` prunes one extra entry per block; we keep the exact count), or per group of
-   ``m`` inputs for N:M (chosen when the loop reaches the group, via :class:`jaxprune.patterns.NM`).
+   ``m`` inputs for N:M (chosen when the loop reaches the group, via :class:`jaxprune.core.patterns.NM`).
 4. Each input row ``i`` is quantised to its mask, the error ``(w - q)/U_ii`` is spread over the later
    rows of the block with ``U[i, :]``, and after the block the accumulated errors update all later
    rows at once (lazy batch update).
@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import patterns as pat_lib
+from jaxprune.core import patterns as pat_lib
 from jaxprune.oneshot.calibration import LayerStats, as_matrix
 from jaxprune.oneshot.common import (
     Target,
@@ -119,7 +119,7 @@ def sparsegpt(
     Args:
       weight: Flax kernel (``(in, out)``, conv ``(h, w, in, out)``, DenseGeneral ``(*in, *out)``).
       stats: the layer's :class:`~jaxprune.oneshot.calibration.LayerStats` (with ``gram``).
-      target: sparsity in ``[0, 1)`` or ``"N:M"`` / :class:`~jaxprune.patterns.NM`.
+      target: sparsity in ``[0, 1)`` or ``"N:M"`` / :class:`~jaxprune.core.patterns.NM`.
       blocksize: lazy-update block (rounded down to a multiple of ``m`` for N:M).
       percdamp: dampening as a fraction of ``mean(diag H)``.
       name: layer path used in error messages and warnings.

@@ -1,9 +1,9 @@
 """Wanda (Sun et al., 2023) and the magnitude baseline as layer transforms.
 
-Wanda scores ``|W_ij| · ‖X_i‖₂`` (``jaxprune.criteria.wanda``) and compares *within each output*:
+Wanda scores ``|W_ij| · ‖X_i‖₂`` (``jaxprune.core.criteria.wanda``) and compares *within each output*:
 in a Flax kernel ``(in, out)`` an output unit is a column, so the mask keeps the same fraction of every
 column (:class:`PerOutput`); N:M groups run along the input axis of each column
-(:class:`jaxprune.patterns.NM`). Both go through :func:`jaxprune.pipeline.compute_masks`. No weight
+(:class:`jaxprune.core.patterns.NM`). Both go through :func:`jaxprune.core.pipeline.compute_masks`. No weight
 update. The magnitude baseline ranks ``|W|`` over the whole layer.
 
 Example:
@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import criteria, pipeline
-from jaxprune import patterns as pat_lib
+from jaxprune.core import criteria, pipeline
+from jaxprune.core import patterns as pat_lib
 from jaxprune.oneshot.calibration import LayerStats, as_matrix
 from jaxprune.oneshot.common import Target, parse_target
 
@@ -53,7 +53,7 @@ def _masks_for(name: str, w2: jax.Array) -> tuple[dict, dict]:
 
 
 def wanda_scores(weight: Any, stats: LayerStats, name: str = "<layer>") -> jax.Array:
-    """``|W| · ‖X‖`` on the ``(fan_in, out)`` view (via ``jaxprune.criteria.wanda``).
+    """``|W| · ‖X‖`` on the ``(fan_in, out)`` view (via ``jaxprune.core.criteria.wanda``).
 
     >>> st = LayerStats(None, np.zeros(2), np.array([1., 4.]), 1, 2)
     >>> wanda_scores(np.ones((2, 1)), st).tolist()

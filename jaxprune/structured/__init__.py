@@ -6,7 +6,7 @@ compensation, and layer (block) dropping.
 >>> from jaxprune import structured as st
 >>> p = {"w1": jnp.ones((3, 5)), "w2": jnp.ones((5, 2))}
 >>> gs = st.discover_groups(lambda p, x: (x @ p["w1"]) @ p["w2"], p, jnp.ones((1, 3)))
->>> sel = st.select(st.group_scores(p, gs, "l2"), gs, 0.4)
+>>> sel = st.choose_units(st.group_scores(p, gs, "l2"), gs, 0.4)
 >>> st.slim(p, gs, sel.keep)["w1"].shape
 (3, 3)
 """
@@ -19,22 +19,21 @@ from jaxprune.structured.groups import (
     discover_groups,
     param_shapes,
 )
-from jaxprune.structured.importance import InputStats, Selection, group_scores, input_stats, select
+from jaxprune.structured.importance import InputStats, Selection, choose_units, group_scores, input_stats
 from jaxprune.structured.layers import BlockScore, block_scores, choose_blocks, drop_blocks
-from jaxprune.structured.slim import (
+from jaxprune.structured.slimming import (
     axis_keep_masks,
     compensate_bias,
     group_masks,
     param_count,
-    rebuild_small,
     slim,
     slim_nnx,
 )
 
 __all__ = [
     "Group", "Member", "TraceError", "declare_groups", "discover_groups", "param_shapes",
-    "InputStats", "Selection", "group_scores", "input_stats", "select",
+    "InputStats", "Selection", "group_scores", "input_stats", "choose_units",
     "BlockScore", "block_scores", "choose_blocks", "drop_blocks",
-    "axis_keep_masks", "compensate_bias", "group_masks", "param_count", "rebuild_small", "slim",
+    "axis_keep_masks", "compensate_bias", "group_masks", "param_count", "slim",
     "slim_nnx",
 ]

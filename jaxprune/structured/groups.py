@@ -40,7 +40,7 @@ import jax
 import numpy as np
 from jax.extend import core as jcore
 
-from jaxprune.masks import PyTree, leaves_with_paths
+from jaxprune.core.masks import PyTree, leaves_with_paths
 
 __all__ = [
     "Member",

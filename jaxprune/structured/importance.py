@@ -1,9 +1,9 @@
 """Group importance and unit selection.
 
-Per-element scores come from the shared :mod:`jaxprune.criteria` (magnitude, Taylor, Wanda); a
+Per-element scores come from the shared :mod:`jaxprune.core.criteria` (magnitude, Taylor, Wanda); a
 group's unit score is the sum over all its members' slices (L1 / L2 / Taylor / Wanda), or FLAP's
 fluctuation ``Var[x_j] * ||W[j, :]||^2`` summed over the group's consumer kernels.
-:func:`select` turns scores into ``keep`` indices: per-group (same ratio everywhere) or global
+:func:`choose_units` turns scores into ``keep`` indices: per-group (same ratio everywhere) or global
 (scores standardised per group, one threshold), with optional rounding of kept counts to multiples
 of 8 and a report of every rounding or refusal.
 
@@ -14,7 +14,7 @@ Example:
     >>> s = group_scores({"w": jnp.array([[1., -5., 2.]])}, [g], "l1")
     >>> s["h"].tolist()
     [1.0, 5.0, 2.0]
-    >>> select(s, [g], 1 / 3).keep["h"].tolist()
+    >>> choose_units(s, [g], 1 / 3).keep["h"].tolist()
     [1, 2]
 """
 
@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from jaxprune import criteria
-from jaxprune.masks import PyTree, leaves_with_paths
+from jaxprune.core import criteria
+from jaxprune.core.masks import PyTree, leaves_with_paths
 from jaxprune.structured.groups import Group
 
 __all__ = [
@@ -37,7 +37,7 @@ __all__ = [
     "input_stats",
     "group_scores",
     "Selection",
-    "select",
+    "choose_units",
     "METHODS",
 ]
 
@@ -65,7 +65,7 @@ def input_stats(
     (``kernel.shape[:k]`` for Dense/DenseGeneral, the input channel for Conv). Captured with
     ``nn.intercept_methods`` (works for any linen model that uses such modules).
 
-    >>> from jaxprune.models import MLP
+    >>> from jaxprune.zoo.models import MLP
     >>> import jax
     >>> m = MLP((4, 2)); v = m.init(jax.random.key(0), jnp.ones((1, 3)))
     >>> st = input_stats(m.apply, v, [jnp.ones((5, 3))])
@@ -204,7 +204,7 @@ def group_scores(
 
 
 class Selection(NamedTuple):
-    """Result of :func:`select`: ``keep`` indices per group and human-readable ``notes``."""
+    """Result of :func:`choose_units`: ``keep`` indices per group and human-readable ``notes``."""
 
     keep: dict[str, np.ndarray]
     notes: list[str]
@@ -216,7 +216,7 @@ def _round_keep(k: int, size: int, multiple: int) -> int:
     return int(min(size, max(multiple, multiple * round(k / multiple))))
 
 
-def select(
+def choose_units(
     scores: Mapping[str, np.ndarray],
     groups: Sequence[Group],
     ratio: float | Mapping[str, float],
@@ -244,22 +244,22 @@ def select(
 
     >>> from jaxprune.structured import Group, Member
     >>> g = Group("h", 4, (Member("w", 0, (4,)),))
-    >>> sel = select({"h": np.array([4., 3., 2., 1.])}, [g], 1.0)
+    >>> sel = choose_units({"h": np.array([4., 3., 2., 1.])}, [g], 1.0)
     >>> sel.keep["h"].tolist(), sel.notes[0].startswith("group 'h'")
     ([0], True)
     """
     if allocation not in ("per_group", "global"):
-        raise ValueError(f"jaxprune.structured.select: allocation must be 'per_group' or "
+        raise ValueError(f"jaxprune.structured.choose_units: allocation must be 'per_group' or "
                          f"'global', got '{allocation}'")
     notes: list[str] = []
     ratios = {}
     for g in groups:
         r = ratio.get(g.name, 0.0) if isinstance(ratio, Mapping) else ratio
         if not 0.0 <= float(r) <= 1.0:
-            raise ValueError(f"jaxprune.structured.select: ratio for group '{g.name}' must be in "
+            raise ValueError(f"jaxprune.structured.choose_units: ratio for group '{g.name}' must be in "
                              f"[0, 1], got {r}")
         if g.name not in scores:
-            raise ValueError(f"jaxprune.structured.select: no scores for group '{g.name}'")
+            raise ValueError(f"jaxprune.structured.choose_units: no scores for group '{g.name}'")
         ratios[g.name] = float(r)
     n_keep: dict[str, int] = {}
     if allocation == "per_group":
@@ -278,7 +278,7 @@ def select(
         allz = np.concatenate(z)
         rs = set(ratios.values())
         if len(rs) != 1:
-            raise ValueError("jaxprune.structured.select: global allocation needs one ratio")
+            raise ValueError("jaxprune.structured.choose_units: global allocation needs one ratio")
         n_remove = int(round(rs.pop() * len(allz)))
         order = np.argsort(allz, kind="stable")
         removed = np.zeros(len(allz), bool)
@@ -297,7 +297,7 @@ def select(
         if k2 < min_keep:
             notes.append(f"group '{g.name}': ratio would keep {k2} of {g.size} units; keeping the "
                          f"best {min(min_keep, g.size)} instead (a layer cannot lose every unit)")
-            warnings.warn(f"jaxprune.structured.select: {notes[-1]}", stacklevel=2)
+            warnings.warn(f"jaxprune.structured.choose_units: {notes[-1]}", stacklevel=2)
             k2 = min(min_keep, g.size)
         s = np.asarray(scores[g.name], np.float64)
         top = np.argsort(-s, kind="stable")[:k2]

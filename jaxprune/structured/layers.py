@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxprune.masks import PyTree
+from jaxprune.core.masks import PyTree
 
 __all__ = ["BlockScore", "block_scores", "drop_blocks", "choose_blocks"]
 
@@ -50,7 +50,7 @@ def block_scores(
     ``pattern`` must match the block module's name and capture its index.
 
     >>> import jax, jax.numpy as jnp
-    >>> from jaxprune.structured._toy_transformer import ToyConfig, ToyGPT
+    >>> from jaxprune.zoo.models.toy_transformer import ToyConfig, ToyGPT
     >>> m = ToyGPT(ToyConfig(vocab=8, d_model=8, n_layers=2, n_heads=2, n_kv_heads=2, head_dim=4,
     ...                      d_ff=8, max_len=4))
     >>> v = m.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))

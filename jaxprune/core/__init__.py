@@ -1,0 +1,23 @@
+"""The core pipeline every method reuses: criteria → allocation → pattern → mask.
+
+* :mod:`~jaxprune.core.masks` — mask trees that mirror the params (``None`` = not pruned),
+  statistics.
+* :mod:`~jaxprune.core.filters` — composable, hashable predicates choosing which leaves are pruned.
+* :mod:`~jaxprune.core.criteria` — per-weight scores (higher = kept).
+* :mod:`~jaxprune.core.allocation` — per-leaf (or per-unit-set) sparsity from a global target.
+* :mod:`~jaxprune.core.patterns` — scores + sparsity → boolean mask of one leaf.
+* :mod:`~jaxprune.core.schedules` — when and how much to prune during training.
+* :mod:`~jaxprune.core.pipeline` — the only path from scores to masks (:func:`compute_masks`,
+  :func:`leaf_mask`, :func:`prune`).
+
+The core imports no method family (training, one-shot, structured, kernels, io).
+
+>>> import jax.numpy as jnp
+>>> from jaxprune.core import pipeline
+>>> pipeline.leaf_mask(jnp.array([3., 1., 2., 0.]), 0.5)
+Array([ True, False,  True, False], dtype=bool)
+"""
+
+from jaxprune.core import allocation, criteria, filters, masks, patterns, pipeline, schedules
+
+__all__ = ["allocation", "criteria", "filters", "masks", "patterns", "pipeline", "schedules"]

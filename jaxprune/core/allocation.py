@@ -1,0 +1,214 @@
+"""Allocation: decide each pruned leaf's sparsity from a global target.
+
+An allocation is a frozen dataclass (hashable, static under ``jit``) whose ``allocate`` maps
+``(masks, target, scores)`` to a tree of per-leaf sparsities (``None`` where the mask is ``None``).
+``target`` may be traced (it usually comes from a schedule), so every rule is written in ``jnp``.
+
+* :class:`Uniform` — every leaf gets ``target``.
+* :class:`ERK` — Erdős–Rényi(-Kernel) from RigL: density ∝ ``sum(shape) / prod(shape)``; leaves
+  that would exceed density 1 stay dense and the budget is re-solved over the rest
+  (``kernel=False`` gives plain ER, using only the last two dims).
+* :class:`Global` — one score threshold across leaves, with a per-leaf density floor
+  ``min_density`` so no layer collapses.
+
+``overrides`` (``((regex, sparsity), ...)``) fix the sparsity of leaves whose path matches; the rule
+is solved over the remaining leaves.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> masks = {"a": jnp.ones((10, 10), bool), "b": None}
+    >>> Uniform().allocate(masks, 0.5)["a"]
+    Array(0.5, dtype=float32)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from jaxprune.core.masks import PyTree, _is_none, leaves_with_paths
+
+__all__ = ["Allocation", "Uniform", "ERK", "Global", "get", "check_sparsity"]
+
+
+def check_sparsity(path: str, value: Any, *, allow_full: bool = False) -> None:
+    """Raise ``ValueError`` naming ``path`` if a concrete ``value`` is outside ``[0, 1)``.
+
+    ``allow_full=True`` accepts ``1.0`` too: an allocation may prune a whole leaf (layer
+    collapse under a global threshold), while a user's target must leave something.
+
+    >>> check_sparsity("dense/kernel", 1.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: jaxprune: sparsity for 'dense/kernel' must be in [0, 1), got 1.0
+    """
+    if isinstance(value, jax.core.Tracer):
+        return
+    v = float(value)
+    ok = (0.0 <= v <= 1.0) if allow_full else (0.0 <= v < 1.0)
+    if not ok or math.isnan(v):
+        rng = "[0, 1]" if allow_full else "[0, 1)"
+        raise ValueError(f"jaxprune: sparsity for '{path}' must be in {rng}, got {v}")
+
+
+def _override_for(overrides: tuple[tuple[str, float], ...], path: str) -> float | None:
+    for pat, val in overrides:
+        if re.search(pat, path):
+            return val
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Allocation:
+    """Base class: ``allocate(masks, target, scores=None) -> per-leaf sparsity tree``.
+
+    ``traceable``: whether ``allocate`` runs under ``jit`` (a traced ``target`` and scores). An
+    allocation that needs concrete values (host-side statistics) sets it to ``False``; then
+    :func:`jaxprune.core.pipeline.compute_masks` runs it eagerly and it cannot be used in training.
+    """
+
+    traceable: ClassVar[bool] = True
+    overrides: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "overrides", tuple((str(p), float(v)) for p, v in self.overrides))
+        for p, v in self.overrides:
+            check_sparsity(f"override {p!r}", v)
+
+    def allocate(self, masks: PyTree, target: Any, scores: PyTree | None = None) -> PyTree:
+        check_sparsity("<target>", target)
+        flat, treedef = jax.tree_util.tree_flatten(masks, is_leaf=_is_none)
+        paths = [p for p, _ in leaves_with_paths(masks)]
+        idx = [i for i, m in enumerate(flat) if m is not None]
+        fixed = {i: _override_for(self.overrides, paths[i]) for i in idx}
+        free = [i for i in idx if fixed[i] is None]
+        sflat = None
+        if scores is not None:
+            sflat = jax.tree_util.tree_flatten(scores, is_leaf=_is_none)[0]
+        solved = self._solve(
+            [tuple(flat[i].shape) for i in free],
+            jnp.asarray(target, jnp.float32),
+            None if sflat is None else [sflat[i] for i in free],
+        ) if free else []
+        out: list[Any] = [None] * len(flat)
+        for i, v in fixed.items():
+            if v is not None:
+                out[i] = jnp.asarray(v, jnp.float32)
+        for i, v in zip(free, solved, strict=True):
+            out[i] = jnp.asarray(v, jnp.float32)
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    def _solve(self, shapes: list[tuple[int, ...]], target: jax.Array,
+               scores: list[jax.Array] | None) -> list[jax.Array]:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class Uniform(Allocation):
+    """Same sparsity for every leaf.
+
+    >>> Uniform().allocate({"w": jnp.ones((4, 4), bool)}, 0.25)["w"]
+    Array(0.25, dtype=float32)
+    """
+
+    def _solve(self, shapes, target, scores):
+        return [target for _ in shapes]
+
+
+def erk_raw(shape: tuple[int, ...], kernel: bool = True) -> float:
+    """RigL's unnormalised ERK density: ``sum(shape) / prod(shape)`` (ER: last two dims only).
+
+    >>> erk_raw((4, 6))
+    0.4166666666666667
+    """
+    dims = shape if kernel else shape[-2:]
+    return float(sum(dims)) / float(math.prod(dims))
+
+
+@dataclasses.dataclass(frozen=True)
+class ERK(Allocation):
+    """Erdős–Rényi-Kernel allocation (RigL, Evci et al. 2020).
+
+    >>> s = ERK().allocate({"a": jnp.ones((4, 4), bool), "b": jnp.ones((64, 64), bool)}, 0.9)
+    >>> float(s["a"]) < float(s["b"])
+    True
+    """
+
+    kernel: bool = True
+
+    def _solve(self, shapes, target, scores):
+        sizes = jnp.asarray([math.prod(s) for s in shapes], jnp.float32)
+        raw = jnp.asarray([erk_raw(s, self.kernel) for s in shapes], jnp.float32)
+        dense = jnp.zeros(len(shapes), bool)
+        eps = jnp.asarray(0.0, jnp.float32)
+        # A leaf made dense frees budget, so eps only grows: adding every over-full leaf at once
+        # reaches RigL's fixpoint in at most len(shapes) rounds.
+        for _ in range(len(shapes) + 1):
+            rhs = jnp.sum(jnp.where(dense, -sizes * target, sizes * (1.0 - target)))
+            div = jnp.sum(jnp.where(dense, 0.0, raw * sizes))
+            eps = rhs / jnp.maximum(div, 1e-30)
+            dense = dense | (eps * raw > 1.0)
+        density = jnp.where(dense, 1.0, jnp.clip(eps * raw, 0.0, 1.0))
+        return [1.0 - density[i] for i in range(len(shapes))]
+
+
+@dataclasses.dataclass(frozen=True)
+class Global(Allocation):
+    """One threshold over all leaves' scores; each leaf keeps at least ``min_density``.
+
+    Total kept equals ``round((1 - target) * total)`` except when the floors alone exceed it, or
+    when several entries tie exactly at the threshold.
+
+    >>> sc = {"a": jnp.array([[1., 2.], [3., 4.]]), "b": jnp.array([[10., 20.], [30., 40.]])}
+    >>> s = Global(min_density=0.25).allocate(jax.tree.map(lambda x: x > 0, sc), 0.5, sc)
+    >>> float(s["a"]), float(s["b"])
+    (0.75, 0.25)
+    """
+
+    min_density: float = 0.01
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.min_density <= 1.0:
+            raise ValueError(f"jaxprune: Global.min_density must be in [0, 1], got {self.min_density}")
+
+    def _solve(self, shapes, target, scores):
+        if scores is None:
+            raise ValueError("jaxprune: Global allocation needs scores")
+        from jaxprune.core.patterns import count_threshold_key, sortable_key
+
+        keys = [sortable_key(s.reshape(-1)) for s in scores]
+        sizes = [k.size for k in keys]
+        total = sum(sizes)
+        floors = jnp.asarray([math.ceil(self.min_density * n) for n in sizes], jnp.int32)
+        budget = total - jnp.round(target * total).astype(jnp.int32)
+
+        def kept_at(t: jax.Array) -> jax.Array:
+            c = jnp.stack([jnp.sum(k >= t, dtype=jnp.int32) for k in keys])
+            return jnp.maximum(c, floors)
+
+        # one global threshold: the smallest t whose kept count (with floors) fits the budget
+        t = count_threshold_key(lambda t: jnp.sum(kept_at(t)), budget)
+        k = kept_at(t)
+        return [1.0 - k[i].astype(jnp.float32) / sizes[i] for i in range(len(shapes))]
+
+
+ALLOCATIONS = {"uniform": Uniform, "erk": ERK, "er": lambda: ERK(kernel=False), "global": Global}
+
+
+def get(name: str | Allocation) -> Allocation:
+    """Look up an allocation by name: ``uniform``, ``erk``, ``er``, ``global``.
+
+    >>> get("erk")
+    ERK(overrides=(), kernel=True)
+    """
+    if isinstance(name, Allocation):
+        return name
+    if name not in ALLOCATIONS:
+        raise ValueError(f"jaxprune: unknown allocation '{name}'; valid: {sorted(ALLOCATIONS)}")
+    return ALLOCATIONS[name]()

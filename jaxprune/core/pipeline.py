@@ -1,0 +1,305 @@
+"""The shared pipeline: criteria → allocation → pattern → mask, and a one-shot helper.
+
+Every method in jaxprune (training-time transforms, dynamic sparse training, one-shot layer
+methods, structured unit selection) builds masks here; none keeps a private copy of this logic:
+
+* :func:`compute_masks` — a whole tree: allocation decides each leaf's sparsity, the pattern
+  turns each leaf's scores into its mask.
+* :func:`leaf_mask` — one scores array, a sparsity (or an exact number of entries to keep) and a
+  pattern → one mask; what SET/RigL drop-and-grow, SparseGPT's per-block selection and OBS's
+  budget use.
+* ``keep_pruned=`` on both: entries already pruned stay pruned (lottery tickets, iterative
+  pruning at initialisation), ranked below every live entry.
+* :func:`resolve_sparsity` — one rule for "sparsity implied by the pattern" (``"2:4"`` → 0.5).
+
+Tie rule everywhere: among equal scores the entry with the lower flat index is kept.
+
+Example:
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> params = {"dense": {"kernel": jnp.arange(8.).reshape(4, 2), "bias": jnp.ones(2)}}
+    >>> pruned, masks = jp.prune(params, 0.5)
+    >>> pruned["dense"]["kernel"]
+    Array([[0., 0.],
+           [0., 0.],
+           [4., 5.],
+           [6., 7.]], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune.core import allocation as alloc_lib
+from jaxprune.core import criteria as crit_lib
+from jaxprune.core import patterns as pat_lib
+from jaxprune.core.masks import (
+    Filter,
+    PyTree,
+    _is_none,
+    apply_masks,
+    check_masks,
+    init_masks,
+    leaves_with_paths,
+)
+
+__all__ = ["compute_masks", "leaf_mask", "prune", "resolve_sparsity", "validate_patterns"]
+
+
+def _concrete(x: Any) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def validate_patterns(masks: PyTree, pattern: pat_lib.Pattern) -> None:
+    """Check every pruned leaf's shape against its pattern; raise ``ValueError`` naming the path."""
+    for path, m in leaves_with_paths(masks):
+        if m is not None:
+            pat_lib.for_path(pattern, path).validate(path, tuple(m.shape))
+
+
+def _check_scores(path: str, s: Any) -> None:
+    if not _concrete(s):
+        return
+    a = np.asarray(s)
+    bad = ~np.isfinite(a)
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"jaxprune: scores for '{path}' contain a non-finite value {a[idx]} at index {idx} "
+            f"({int(bad.sum())} of {a.size} entries); check the criterion's inputs"
+        )
+
+
+def resolve_sparsity(sparsity: Any, pattern: pat_lib.Pattern | str) -> Any:
+    """The sparsity to use: ``sparsity`` if given, else the one an N:M pattern implies.
+
+    A concrete sparsity is checked to lie in ``[0, 1)``; one an N:M pattern cannot reach (above
+    ``1 - n/m``) is refused rather than silently capped.
+
+    >>> resolve_sparsity(None, "2:4"), resolve_sparsity(0.3, "unstructured")
+    (0.5, 0.3)
+    >>> resolve_sparsity(0.9, "2:4")
+    Traceback (most recent call last):
+    ...
+    ValueError: jaxprune: sparsity 0.9 is above what pattern 2:4 can reach (0.5)
+    """
+    pat = pat_lib.parse(pattern)
+    if sparsity is None:
+        if isinstance(pat, pat_lib.NM):
+            return pat.max_sparsity()
+        raise ValueError(
+            f"jaxprune: pattern {pat} needs an explicit sparsity (only N:M patterns imply one)"
+        )
+    alloc_lib.check_sparsity("<target>", sparsity)
+    if _concrete(sparsity) and isinstance(pat, pat_lib.NM):
+        if float(sparsity) > pat.max_sparsity() + 1e-9:
+            raise ValueError(
+                f"jaxprune: sparsity {float(sparsity):g} is above what pattern {pat.n}:{pat.m} "
+                f"can reach ({pat.max_sparsity():g})"
+            )
+    return sparsity
+
+
+def _keep_pruned_scores(masks: PyTree, scores: PyTree) -> PyTree:
+    """Scores with already-pruned entries at ``-inf`` (ranked below every live entry)."""
+    return jax.tree.map(
+        lambda m, s: None if m is None else jnp.where(m, jnp.asarray(s, jnp.float32), -jnp.inf),
+        masks, scores, is_leaf=_is_none,
+    )
+
+
+def compute_masks(
+    masks: PyTree,
+    scores: PyTree,
+    sparsity: Any,
+    allocation: alloc_lib.Allocation | str = "uniform",
+    pattern: pat_lib.Pattern | str = "unstructured",
+    *,
+    keep_pruned: bool = False,
+) -> PyTree:
+    """New masks from scores: allocate per-leaf sparsity for ``sparsity``, then apply each pattern.
+
+    ``masks`` gives which leaves are pruned (non-``None``) and their shapes. With
+    ``keep_pruned=True`` its ``False`` entries stay pruned: they rank below every live entry (also
+    for a global allocation) and the new mask is and-ed with the old one. Works under ``jit``
+    (``sparsity`` may be traced). Called eagerly, it first checks the sparsity (``[0, 1)``), the
+    scores (shapes, NaN/Inf) and the patterns, naming the leaf path, then runs as one compiled
+    program per (tree, shapes, allocation, pattern) with ``sparsity`` traced, so repeated calls at
+    new sparsities do not recompile and no step runs op by op.
+
+    >>> m = compute_masks({"w": jnp.ones((2, 2), bool)}, {"w": jnp.array([[1., 4.], [3., 2.]])}, 0.5)
+    >>> m["w"]
+    Array([[False,  True],
+           [ True, False]], dtype=bool)
+    >>> compute_masks({"w": jnp.array([True, False, True, True])}, {"w": jnp.array([1., 9., 3., 2.])},
+    ...               0.5, keep_pruned=True)["w"]
+    Array([False, False,  True,  True], dtype=bool)
+    """
+    allocation = alloc_lib.get(allocation)
+    pattern = pat_lib.parse(pattern)
+    leaves = jax.tree_util.tree_leaves((masks, scores, sparsity))
+    if all(_concrete(x) for x in leaves) and allocation.traceable:
+        alloc_lib.check_sparsity("<target>", sparsity)
+        _check_leaves(masks, scores, pattern)
+        return _compute_masks_jit(masks, scores, jnp.asarray(sparsity, jnp.float32), allocation,
+                                  pattern, bool(keep_pruned))
+    return _compute_masks_impl(masks, scores, sparsity, allocation, pattern, bool(keep_pruned))
+
+
+def _check_leaves(masks: PyTree, scores: PyTree, pattern: pat_lib.Pattern) -> list[tuple]:
+    """``[(path, mask, score)]``; raises ``ValueError`` naming the first bad leaf."""
+    mflat, _ = jax.tree_util.tree_flatten(masks, is_leaf=_is_none)
+    paths = [p for p, _ in leaves_with_paths(masks)]
+    sflat = jax.tree_util.tree_flatten(scores, is_leaf=_is_none)[0]
+    if len(sflat) != len(mflat):
+        raise ValueError(
+            f"jaxprune: scores tree has {len(sflat)} leaves but masks have {len(mflat)}"
+        )
+    out = []
+    for path, m, s in zip(paths, mflat, sflat, strict=True):
+        out.append((path, m, s))
+        if m is None:
+            continue
+        if s is None:
+            raise ValueError(f"jaxprune: no score for pruned leaf '{path}'")
+        if tuple(np.shape(s)) != tuple(m.shape):
+            raise ValueError(
+                f"jaxprune: scores for '{path}' have shape {tuple(np.shape(s))}, mask "
+                f"{tuple(m.shape)}"
+            )
+        _check_scores(path, s)
+        pat_lib.for_path(pattern, path).validate(path, tuple(m.shape))
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("allocation", "pattern", "keep_pruned"))
+def _compute_masks_jit(masks, scores, sparsity, allocation, pattern, keep_pruned):
+    return _compute_masks_impl(masks, scores, sparsity, allocation, pattern, keep_pruned)
+
+
+def _compute_masks_impl(masks: PyTree, scores: PyTree, sparsity: Any,
+                        allocation: alloc_lib.Allocation, pattern: pat_lib.Pattern,
+                        keep_pruned: bool = False) -> PyTree:
+    if keep_pruned:
+        scores = _keep_pruned_scores(masks, scores)
+    spars = allocation.allocate(masks, sparsity, scores)
+    _, treedef = jax.tree_util.tree_flatten(masks, is_leaf=_is_none)
+    aflat = jax.tree_util.tree_flatten(spars, is_leaf=_is_none)[0]
+    out = []
+    for (path, m, s), a in zip(_check_leaves(masks, scores, pattern), aflat, strict=True):
+        if m is None:
+            out.append(None)
+            continue
+        alloc_lib.check_sparsity(path, a, allow_full=True)
+        new = pat_lib.for_path(pattern, path).mask(jnp.asarray(s), a)
+        out.append(new & m if keep_pruned else new)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def leaf_mask(
+    scores: Any,
+    sparsity: Any = None,
+    *,
+    pattern: pat_lib.Pattern | str = "unstructured",
+    n_keep: Any = None,
+    keep_pruned: Any = None,
+    path: str = "<leaf>",
+) -> jax.Array:
+    """The mask of one leaf: ``scores`` and a sparsity (or ``n_keep``) through ``pattern``.
+
+    Args:
+      scores: one array (higher = kept).
+      sparsity: fraction to prune (``None``: implied by an N:M pattern); may be traced.
+      pattern: a pattern or its spec.
+      n_keep: instead of ``sparsity``, keep exactly this many entries (unstructured only; may be
+        traced) — exact where ``round(sparsity * size)`` in float32 would not be.
+      keep_pruned: a boolean mask; its ``False`` entries rank below every other entry and stay
+        pruned.
+      path: leaf name used in error messages.
+
+    Checks (when values are concrete) the pattern against the shape, the sparsity range and that
+    scores are finite, naming ``path``. Ties go to the lower flat index.
+
+    >>> leaf_mask(jnp.array([1., 2., 2., 0.]), n_keep=2)
+    Array([False,  True,  True, False], dtype=bool)
+    >>> leaf_mask(jnp.array([[4.], [1.], [3.], [2.]]), pattern="2:4")[:, 0]
+    Array([ True, False,  True, False], dtype=bool)
+    """
+    pat = pat_lib.parse(pattern)
+    scores = jnp.asarray(scores)
+    shape = tuple(scores.shape)
+    if _concrete(scores):
+        _check_scores(path, scores)
+    if keep_pruned is not None:
+        if tuple(np.shape(keep_pruned)) != shape:
+            raise ValueError(
+                f"jaxprune: keep_pruned mask for '{path}' has shape {tuple(np.shape(keep_pruned))}, "
+                f"scores {shape}"
+            )
+        scores = jnp.where(keep_pruned, scores.astype(jnp.float32), -jnp.inf)
+    if n_keep is not None:
+        if sparsity is not None:
+            raise ValueError(f"jaxprune: leaf '{path}': pass sparsity or n_keep, not both")
+        if not isinstance(pat, pat_lib.Unstructured):
+            raise ValueError(
+                f"jaxprune: leaf '{path}': n_keep needs the unstructured pattern, got {pat}"
+            )
+        if _concrete(n_keep) and not 0 <= int(n_keep) <= scores.size:
+            raise ValueError(
+                f"jaxprune: leaf '{path}': n_keep={int(n_keep)} is outside [0, {scores.size}]"
+            )
+        new = pat_lib.topk_mask(scores.reshape(-1), n_keep).reshape(shape)
+    else:
+        pat.validate(path, shape)
+        s = resolve_sparsity(sparsity, pat)
+        new = pat.mask(scores, s)
+    return new if keep_pruned is None else new & jnp.asarray(keep_pruned, bool)
+
+
+def prune(
+    params: PyTree,
+    sparsity: float | None = None,
+    *,
+    criterion: crit_lib.Criterion | str = "magnitude",
+    allocation: alloc_lib.Allocation | str = "uniform",
+    pattern: pat_lib.Pattern | str = "unstructured",
+    filter: Filter | None = None,
+    masks: PyTree | None = None,
+    **signals: Any,
+) -> tuple[PyTree, PyTree]:
+    """One-shot pruning: ``params -> (pruned params, masks)`` for any criterion/allocation/pattern.
+
+    Args:
+      params: any pytree of arrays (linen dict, ``nnx.State``, nested dicts/lists).
+      sparsity: global target in ``[0, 1)`` (per-leaf values come from ``allocation``);
+        ``None`` with an N:M pattern means ``1 - n/m``.
+      criterion: a :class:`~jaxprune.core.criteria.Criterion` or its name.
+      allocation: an allocation or its name (``uniform``, ``erk``, ``er``, ``global``).
+      pattern: a pattern or its spec (``unstructured``, ``2:4``, ``block4x4``, ``channel``).
+      filter: which leaves to prune (default: ``kernel`` leaves with ndim >= 2).
+      masks: existing masks to start from; their ``False`` entries stay pruned
+        (``keep_pruned``), so pruning can be iterated.
+      **signals: what the criterion needs (``grads=``, ``key=``, ``act_norms=``, ``movement=``).
+
+    >>> _, m = prune({"kernel": jnp.array([[1., -5.], [2., 0.5]])}, 0.5, filter=lambda p, x: True)
+    >>> m["kernel"]
+    Array([[False,  True],
+           [ True, False]], dtype=bool)
+    """
+    crit = crit_lib.get(criterion)
+    keep_pruned = masks is not None
+    if masks is None:
+        masks = init_masks(params, filter)
+    else:
+        check_masks(params, masks)
+    pat = pat_lib.parse(pattern)
+    sparsity = resolve_sparsity(sparsity, pat)
+    validate_patterns(masks, pat)
+    scores = crit(params, masks, **signals)
+    new_masks = compute_masks(masks, scores, sparsity, allocation, pat,
+                              keep_pruned=keep_pruned)
+    return apply_masks(params, new_masks), new_masks

@@ -1,0 +1,256 @@
+"""Slimming: remove group units from a params pytree (a smaller dense model), masks of the same
+removal (the masked model), FLAP bias compensation, and nnx / small-model rebuild helpers.
+
+``keep`` maps a group name to the sorted unit indices that stay. :func:`slim` and :func:`group_masks`
+read the same ``keep``, so ``model_slim(slim(params)) == model(apply_masks(params, masks))`` up to
+float tolerance for every ``exact`` group.
+
+Example:
+    >>> import jax, jax.numpy as jnp, numpy as np
+    >>> from jaxprune.structured import discover_groups
+    >>> p = {"w1": jnp.ones((3, 4)), "w2": jnp.ones((4, 2))}
+    >>> gs = discover_groups(lambda p, x: (x @ p["w1"]) @ p["w2"], p, jnp.ones((1, 3)))
+    >>> small = slim(p, gs, {gs[0].name: np.array([0, 2])})
+    >>> small["w1"].shape, small["w2"].shape
+    ((3, 2), (2, 2))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune.core.masks import PyTree, leaves_with_paths
+from jaxprune.structured.groups import Group
+
+__all__ = [
+    "axis_keep_masks",
+    "group_masks",
+    "slim",
+    "compensate_bias",
+    "param_count",
+    "slim_nnx",
+]
+
+
+def _check_keep(groups: Sequence[Group], keep: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    names = {g.name for g in groups}
+    unknown = sorted(set(keep) - names)
+    if unknown:
+        raise ValueError(
+            f"jaxprune.structured.slimming: keep names {unknown} are not groups; groups: {sorted(names)}"
+        )
+    out = {}
+    for g in groups:
+        if g.name not in keep:
+            continue
+        idx = np.asarray(keep[g.name], dtype=np.int64).reshape(-1)
+        if idx.size == 0:
+            raise ValueError(
+                f"jaxprune.structured.slimming: group '{g.name}' would lose all {g.size} units; keep "
+                "at least one (a layer with no units cannot be represented)"
+            )
+        if idx.min() < 0 or idx.max() >= g.size or len(np.unique(idx)) != len(idx):
+            raise ValueError(
+                f"jaxprune.structured.slimming: keep indices for group '{g.name}' must be unique and in "
+                f"[0, {g.size}); got {idx.tolist()[:16]}"
+            )
+        out[g.name] = np.sort(idx)
+    return out
+
+
+def axis_keep_masks(
+    params: PyTree, groups: Sequence[Group], keep: Mapping[str, Any]
+) -> dict[tuple[str, int], np.ndarray]:
+    """``{(path, axis): bool[axis_len]}`` — which indices of each touched axis stay.
+
+    >>> from jaxprune.structured import Group, Member
+    >>> g = Group("h", 2, (Member("w", 1, (2, 3), 0),))
+    >>> axis_keep_masks({"w": np.ones((1, 6))}, [g], {"h": [1]})[("w", 1)].tolist()
+    [False, False, False, True, True, True]
+    """
+    keep = _check_keep(groups, keep)
+    shapes = {p: np.shape(x) for p, x in leaves_with_paths(params) if x is not None}
+    out: dict[tuple[str, int], np.ndarray] = {}
+    for g in groups:
+        if g.name not in keep:
+            continue
+        kb = np.zeros(g.size, bool)
+        kb[keep[g.name]] = True
+        for m in g.members:
+            if m.path not in shapes:
+                raise ValueError(
+                    f"jaxprune.structured: group '{g.name}' names parameter '{m.path}', which is not "
+                    "in the params tree (were the groups discovered on other variables?)"
+                )
+            n = shapes[m.path][m.axis]
+            if n != math.prod(m.sizes):
+                raise ValueError(
+                    f"jaxprune.structured: '{m.path}' axis {m.axis} has length {n}, group "
+                    f"'{g.name}' expects {math.prod(m.sizes)}"
+                )
+            cur = out.get((m.path, m.axis), np.ones(n, bool))
+            out[(m.path, m.axis)] = cur & kb[m.unit_of_index()]
+    return out
+
+
+def group_masks(params: PyTree, groups: Sequence[Group], keep: Mapping[str, Any]) -> PyTree:
+    """Mask pytree (``None`` on untouched leaves) zeroing every removed unit of every group.
+
+    Use with :func:`jaxprune.core.masks.apply_masks` to get the masked model.
+
+    >>> from jaxprune.structured import Group, Member
+    >>> g = Group("h", 2, (Member("w", 0, (2,)),))
+    >>> group_masks({"w": np.ones((2, 1)), "b": np.ones(1)}, [g], {"h": [0]})["w"].ravel().tolist()
+    [True, False]
+    """
+    ak = axis_keep_masks(params, groups, keep)
+
+    def f(path, x):
+        if x is None:
+            return None
+        touched = [(a, m) for (p, a), m in ak.items() if p == path]
+        if not touched:
+            return None
+        mask = np.ones(np.shape(x), bool)
+        for a, m in touched:
+            shp = [1] * mask.ndim
+            shp[a] = -1
+            mask &= m.reshape(shp)
+        return jnp.asarray(mask)
+
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: f(_path(p), x), params, is_leaf=lambda x: x is None
+    )
+
+
+def _path(p: Any) -> str:
+    from jaxprune.core.masks import path_str
+
+    return path_str(p)
+
+
+def slim(params: PyTree, groups: Sequence[Group], keep: Mapping[str, Any]) -> PyTree:
+    """A smaller params pytree: every removed unit's slices are deleted from every member axis.
+
+    Works on linen dicts, ``nnx.State`` and any pytree whose leaves the groups name.
+
+    >>> from jaxprune.structured import Group, Member
+    >>> g = Group("h", 3, (Member("a", 1, (3,)), Member("b", 0, (3,))))
+    >>> out = slim({"a": np.ones((2, 3)), "b": np.ones((3, 4))}, [g], {"h": [0, 2]})
+    >>> out["a"].shape, out["b"].shape
+    ((2, 2), (2, 4))
+    """
+    ak = axis_keep_masks(params, groups, keep)
+    by_path: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for (p, a), m in ak.items():
+        by_path.setdefault(p, []).append((a, np.nonzero(m)[0]))
+
+    def f(path, x):
+        if x is None or path not in by_path:
+            return x
+        for a, idx in sorted(by_path[path]):
+            x = jnp.take(x, jnp.asarray(idx), axis=a)
+        return x
+
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: f(_path(p), x), params, is_leaf=lambda x: x is None
+    )
+
+
+def param_count(params: PyTree) -> int:
+    """Total number of array elements.
+
+    >>> param_count({"a": np.ones((2, 3)), "b": None})
+    6
+    """
+    return int(sum(np.size(x) for _, x in leaves_with_paths(params) if x is not None))
+
+
+def compensate_bias(
+    params: PyTree,
+    groups: Sequence[Group],
+    keep: Mapping[str, Any],
+    input_means: Mapping[str, Any],
+) -> PyTree:
+    """FLAP bias compensation: fold the mean contribution of removed input units into the bias.
+
+    For each kernel ``W`` in ``input_means`` (``{kernel_path: mean of the layer input}``, shape
+    ``W.shape[:k]``, i.e. the contracted leading axes of a Dense/DenseGeneral kernel), adds
+    ``sum_{removed j} mean_j * W[j, ...]`` to the sibling ``bias`` (same path, last part
+    ``bias``). Apply *before* :func:`slim` or :func:`group_masks`; the slim and the masked model
+    then agree again. Kernels without a sibling bias raise (FLAP needs one to fold into).
+
+    >>> from jaxprune.structured import Group, Member
+    >>> p = {"d": {"kernel": np.ones((2, 1), np.float32), "bias": np.zeros(1, np.float32)}}
+    >>> g = Group("h", 2, (Member("d/kernel", 0, (2,)),))
+    >>> compensate_bias(p, [g], {"h": [0]}, {"d/kernel": np.array([1., 3.])})["d"]["bias"]
+    Array([3.], dtype=float32)
+    """
+    ak = axis_keep_masks(params, groups, keep)
+    leaves = dict((p, x) for p, x in leaves_with_paths(params) if x is not None)
+    deltas: dict[str, jax.Array] = {}
+    for kpath, mean in input_means.items():
+        if kpath not in leaves:
+            raise ValueError(f"jaxprune.structured.compensate_bias: no kernel at '{kpath}'")
+        w = leaves[kpath]
+        mean = jnp.asarray(mean)
+        k = mean.ndim
+        if tuple(w.shape[:k]) != tuple(mean.shape):
+            raise ValueError(
+                f"jaxprune.structured.compensate_bias: mean for '{kpath}' has shape {mean.shape}; "
+                f"expected the kernel's input axes {tuple(w.shape[:k])}"
+            )
+        kept = np.ones(mean.shape, bool)
+        for a in range(k):
+            if (kpath, a) in ak:
+                shp = [1] * k
+                shp[a] = -1
+                kept &= ak[(kpath, a)].reshape(shp)
+        if kept.all():
+            continue
+        bpath = kpath.rsplit("/", 1)[0] + "/bias" if "/" in kpath else "bias"
+        if bpath not in leaves:
+            raise ValueError(
+                f"jaxprune.structured.compensate_bias: kernel '{kpath}' has no sibling bias "
+                f"'{bpath}' to fold the removed inputs into (use a layer with use_bias=True)"
+            )
+        removed_mean = jnp.where(jnp.asarray(kept), 0.0, mean).astype(w.dtype)
+        deltas[bpath] = jnp.tensordot(removed_mean, w, axes=k)
+
+    def f(path, x):
+        if path in deltas:
+            return x + deltas[path].astype(x.dtype)
+        return x
+
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: f(_path(p), x), params, is_leaf=lambda x: x is None
+    )
+
+
+def slim_nnx(model: Any, groups: Sequence[Group], keep: Mapping[str, Any]) -> Any:
+    """Slim an ``nnx.Module``: returns a new module whose variables are the slim arrays.
+
+    Groups must be discovered on ``nnx.state(model)`` (e.g. with
+    ``fn = lambda s, x: nnx.merge(graphdef, s)(x)``). nnx layers read shapes from their variables,
+    so the merged module runs at the new sizes; bookkeeping attributes such as ``out_features``
+    keep their old values (they are not used in ``__call__`` by ``nnx.Linear``/``nnx.Conv``).
+
+    >>> from flax import nnx
+    >>> from jaxprune.zoo.models import NnxMLP
+    >>> m = NnxMLP(4, (8, 2), rngs=nnx.Rngs(0))
+    >>> g, s = nnx.split(m)
+    >>> from jaxprune.structured import discover_groups
+    >>> gs = discover_groups(lambda s, x: nnx.merge(g, s)(x), s, jnp.ones((1, 4)))
+    >>> slim_nnx(m, gs, {gs[0].name: [0, 1, 2]})(jnp.ones((1, 4))).shape
+    (1, 2)
+    """
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, slim(state, groups, keep))

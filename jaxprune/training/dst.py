@@ -1,0 +1,396 @@
+"""Dynamic sparse training (static sparse, SET, RigL) as Optax transforms wrapping any optimizer.
+
+The network is sparse from the first step and stays at *exactly* the same density: the mask is drawn
+at init (random positions, per-leaf density from an allocation, ERK by default) and, for SET and
+RigL, every ``update_period`` steps a fraction of the active weights with the smallest magnitude is
+dropped and the same number of inactive weights is regrown — at random (SET, Mocanu et al. 2018)
+or where the dense gradient is largest (RigL, Evci et al. 2020). The drop fraction is annealed by
+a cosine from ``drop_fraction`` to 0 at ``end_step`` (default 75% of ``total_steps``).
+
+Behaviour, per step (everything inside one jitted update; mask updates are a ``lax.cond`` so
+non-update steps do not recompile):
+
+1. The inner optimizer receives the gradients *masked* (``g * m``), like RigL's masked-weight
+   parametrisation, so inactive weights accumulate no optimizer state.
+2. On update steps the masks are recomputed from the post-step params (drop by ``|w|``) and the raw
+   dense gradients (RigL growth); regrown weights start at exactly ``0.0`` and their inner optimizer
+   state (momenta, second moments, ...) is zeroed with :func:`optax.tree_utils.tree_map_params`, so
+   any optax optimizer works (``sgd``, ``adam``, ``adamw``, ``lion``, ``chain``,
+   ``inject_hyperparams``, ...).
+3. The returned updates go through :func:`jaxprune.training.project`, so after
+   ``optax.apply_updates`` the params are exactly zero off-mask — on the very first step too.
+
+State is :class:`jaxprune.training.PruneState` (``count``, ``masks``, ``inner_state``,
+``movement=None``), so :func:`jaxprune.training.get_masks` finds the masks.
+
+Example:
+    >>> import jax, jax.numpy as jnp, optax, jaxprune as jp
+    >>> from jaxprune.training.dst import rigl
+    >>> params = {"a": {"kernel": jnp.ones((16, 8))}, "b": {"kernel": jnp.ones((8, 4))}}
+    >>> tx = rigl(optax.adam(1e-2), sparsity=0.75, total_steps=400, update_period=10)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> round(jp.total_sparsity(params, jp.get_masks(state)), 2)
+    0.75
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxprune.core import allocation as alloc_lib
+from jaxprune.core import criteria as crit_lib
+from jaxprune.core.allocation import check_sparsity
+from jaxprune.core.masks import (
+    Filter,
+    PyTree,
+    apply_masks,
+    check_masks,
+    init_masks,
+    leaves_with_paths,
+    tree_map_masked,
+)
+from jaxprune.core.patterns import topk_mask
+from jaxprune.core.pipeline import compute_masks
+from jaxprune.training.wrapper import PruneState, get_masks, project
+
+__all__ = [
+    "METHODS",
+    "sparse_training",
+    "static_sparse",
+    "set_training",
+    "rigl",
+    "cosine_drop_fraction",
+    "drop_grow",
+    "reset_inner_state",
+    "sparse_init",
+    "mask_params",
+]
+
+METHODS = ("static", "set", "rigl")
+
+
+def cosine_drop_fraction(step: Any, drop_fraction: float, end_step: int) -> jax.Array:
+    """RigL's annealed drop fraction ``f/2 · (1 + cos(π t / T_end))``, and 0 from ``end_step`` on.
+
+    >>> [round(float(cosine_drop_fraction(t, 0.3, 100)), 4) for t in (0, 50, 100)]
+    [0.3, 0.15, 0.0]
+    """
+    t = jnp.asarray(step, jnp.float32)
+    f = 0.5 * drop_fraction * (1.0 + jnp.cos(jnp.pi * jnp.clip(t / end_step, 0.0, 1.0)))
+    return jnp.where(t < end_step, f, 0.0).astype(jnp.float32)
+
+
+def _drop_grow_leaf(
+    mask: jax.Array, weights: jax.Array, grow_scores: jax.Array, frac: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    flat_m = mask.reshape(-1)
+    n_active = jnp.sum(flat_m, dtype=jnp.int32)
+    k = jnp.round(frac * n_active.astype(jnp.float32)).astype(jnp.int32)
+    drop_score = jnp.where(flat_m, jnp.abs(weights.reshape(-1)).astype(jnp.float32), -jnp.inf)
+    kept = topk_mask(drop_score, n_active - k)
+    grow_score = jnp.where(kept, -jnp.inf, grow_scores.reshape(-1).astype(jnp.float32))
+    grown = topk_mask(grow_score, k)
+    new = kept | grown
+    return new.reshape(mask.shape), (grown & ~flat_m).reshape(mask.shape)
+
+
+def drop_grow(
+    masks: PyTree, params: PyTree, grow_scores: PyTree, drop_fraction: Any
+) -> tuple[PyTree, PyTree]:
+    """One SET/RigL mask update: ``(new_masks, grown)``; density per leaf is unchanged exactly.
+
+    Per pruned leaf with ``n`` active entries, ``k = round(drop_fraction · n)`` active entries with
+    the smallest ``|w|`` are dropped, then the ``k`` entries with the highest ``grow_scores`` among
+    the rest (just-dropped ones included, as in RigL) are grown. Ties go to the lower flat index
+    (:func:`jaxprune.core.patterns.topk_mask`). ``grown`` marks entries active now but not before.
+
+    >>> m = {"w": jnp.array([True, True, False, False])}
+    >>> p = {"w": jnp.array([3., 1., 0., 0.])}
+    >>> new, grown = drop_grow(m, p, {"w": jnp.array([0., 0., 5., 1.])}, 0.5)
+    >>> new["w"], grown["w"]
+    (Array([ True, False,  True, False], dtype=bool), Array([False, False,  True, False], dtype=bool))
+    """
+    frac = jnp.asarray(drop_fraction, jnp.float32)
+    pairs = tree_map_masked(
+        lambda m, p, s: None if m is None else _drop_grow_leaf(m, p, s, frac),
+        masks, params, grow_scores,
+    )
+    is_pair = lambda x: x is None or isinstance(x, tuple)  # noqa: E731
+    new = jax.tree.map(lambda x: None if x is None else x[0], pairs, is_leaf=is_pair)
+    grown = jax.tree.map(lambda x: None if x is None else x[1], pairs, is_leaf=is_pair)
+    return new, grown
+
+
+def reset_inner_state(
+    inner: optax.GradientTransformation, inner_state: optax.OptState, reset: PyTree
+) -> optax.OptState:
+    """Zero every per-parameter entry of ``inner_state`` where ``reset`` (a mask tree) is ``True``.
+
+    Uses :func:`optax.tree_utils.tree_map_params`, so it works for any optax optimizer whose state
+    holds parameter-shaped trees (momenta, second moments, ...); scalar state (counts, injected
+    hyperparameters) is untouched and optimizers without per-parameter state (plain ``sgd``) pass
+    through unchanged.
+
+    >>> tx = optax.sgd(0.1, momentum=0.9)
+    >>> st = tx.init({"w": jnp.ones(2)})
+    >>> st = optax.tree_utils.tree_map_params(tx, lambda x: x + 1, st)
+    >>> reset_inner_state(tx, st, {"w": jnp.array([True, False])})[0].trace["w"]
+    Array([0., 1.], dtype=float32)
+    """
+    flags = tree_map_masked(lambda r: False if r is None else r, reset)
+
+    def f(leaf: Any, r: Any) -> Any:
+        if r is False or leaf is None or not hasattr(leaf, "shape"):
+            return leaf
+        if tuple(leaf.shape) != tuple(r.shape):
+            return leaf
+        return jnp.where(r, jnp.zeros((), leaf.dtype), leaf)
+
+    return optax.tree_utils.tree_map_params(inner, f, inner_state, flags)
+
+
+def sparse_init(
+    params: PyTree,
+    sparsity: float,
+    *,
+    allocation: alloc_lib.Allocation | str = "erk",
+    filter: Filter | None = None,
+    key: jax.Array | None = None,
+) -> PyTree:
+    """Random masks at ``sparsity`` with per-leaf densities from ``allocation`` (ERK by default).
+
+    Scores come from :data:`jaxprune.core.criteria.random` and go through
+    :func:`jaxprune.core.pipeline.compute_masks`, so each leaf has exactly its allocated count.
+
+    >>> m = sparse_init({"kernel": jnp.ones((10, 10))}, 0.9, key=jax.random.key(0))
+    >>> int(m["kernel"].sum())
+    10
+    """
+    check_sparsity("<sparse_init sparsity>", sparsity)
+    key = jax.random.key(0) if key is None else key
+    masks = init_masks(params, filter)
+    scores = crit_lib.random(params, masks, key=key)
+    return compute_masks(masks, scores, sparsity, allocation, "unstructured")
+
+
+def mask_params(params: PyTree, opt_state: optax.OptState) -> PyTree:
+    """``params`` zeroed off the masks held in ``opt_state`` (to start the forward pass sparse).
+
+    >>> tx = static_sparse(optax.sgd(0.1), sparsity=0.5, filter=lambda p, x: True)
+    >>> p = {"w": jnp.arange(1., 5.)}
+    >>> int((mask_params(p, tx.init(p))["w"] == 0).sum())
+    2
+    """
+    return apply_masks(params, get_masks(opt_state))
+
+
+def _check_positive_int(name: str, v: Any) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError(f"jaxprune: {name} must be a positive int, got {v!r}")
+
+
+def sparse_training(
+    inner: optax.GradientTransformation | None = None,
+    *,
+    method: str = "rigl",
+    sparsity: float | None = None,
+    masks: PyTree | None = None,
+    allocation: alloc_lib.Allocation | str = "erk",
+    drop_fraction: float = 0.3,
+    update_period: int = 100,
+    end_step: int | None = None,
+    total_steps: int | None = None,
+    filter: Filter | None = None,
+    key: jax.Array | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Wrap ``inner`` so training is sparse from step 0 with ``method`` in ``static|set|rigl``.
+
+    Args:
+      inner: any optax optimizer (``None``: identity).
+      method: ``"static"`` (mask fixed), ``"set"`` (random regrowth) or ``"rigl"`` (regrowth by
+        dense-gradient magnitude).
+      sparsity: global target in ``[0, 1)``; required unless ``masks`` is given.
+      masks: explicit initial masks (bool leaves / ``None``) instead of a random draw; they must
+        mirror the params (checked at init).
+      allocation: per-leaf density of the random initial mask (``"erk"`` default, ``"uniform"``).
+      drop_fraction: initial drop fraction in ``(0, 1)``, cosine-annealed to 0 at ``end_step``.
+      update_period: steps between mask updates (``ΔT``), ``> 0``.
+      end_step: last step with mask updates (default ``0.75 * total_steps``).
+      total_steps: training length, used for the default ``end_step``.
+      filter: which leaves are sparse (default: ``kernel`` leaves with ndim >= 2).
+      key: PRNG key for the initial mask and SET regrowth (default ``jax.random.key(0)``).
+
+    Mask updates happen at ``count`` values ``ΔT, 2ΔT, ...`` below ``end_step`` (``count`` = the
+    number of updates already applied).
+
+    >>> tx = sparse_training(optax.sgd(0.1, momentum=0.9), method="set", sparsity=0.9,
+    ...                      total_steps=1000)
+    """
+    if method not in METHODS:
+        raise ValueError(f"jaxprune: unknown sparse-training method '{method}'; valid: {METHODS}")
+    if masks is None and sparsity is None:
+        raise ValueError("jaxprune: sparse_training needs sparsity= (or explicit masks=)")
+    if sparsity is not None:
+        check_sparsity("<sparse_training sparsity>", sparsity)
+    alloc = alloc_lib.get(allocation)
+    dynamic = method != "static"
+    if dynamic:
+        if not (isinstance(drop_fraction, int | float) and 0.0 < drop_fraction < 1.0) or (
+            isinstance(drop_fraction, float) and math.isnan(drop_fraction)
+        ):
+            raise ValueError(
+                f"jaxprune: drop_fraction must be in (0, 1), got {drop_fraction!r}"
+            )
+        _check_positive_int("update_period", update_period)
+        if end_step is None:
+            if total_steps is None:
+                raise ValueError(
+                    f"jaxprune: {method} needs total_steps= (end_step defaults to 75% of it) "
+                    "or an explicit end_step="
+                )
+            _check_positive_int("total_steps", total_steps)
+            end_step = int(0.75 * total_steps)
+        _check_positive_int("end_step", end_step)
+    key = jax.random.key(0) if key is None else key
+    inner = optax.with_extra_args_support(optax.identity() if inner is None else inner)
+
+    def init_fn(params: PyTree) -> PruneState:
+        if masks is not None:
+            check_masks(params, masks)
+            m0 = tree_map_masked(lambda m: None if m is None else jnp.asarray(m, bool), masks)
+        else:
+            m0 = sparse_init(params, sparsity, allocation=alloc, filter=filter, key=key)
+        for path, m in leaves_with_paths(m0):
+            if m is None or not m.size or not dynamic or isinstance(m, jax.core.Tracer):
+                continue  # under jit (e.g. sharded init) the check cannot run; eager init checks
+            if not bool(jnp.any(m)):
+                raise ValueError(
+                    f"jaxprune: initial mask of '{path}' is empty; {method} cannot regrow a leaf "
+                    "with no active weights (lower the sparsity or use allocation='erk')"
+                )
+        return PruneState(jnp.zeros([], jnp.int32), m0, inner.init(params), None)
+
+    def grow_scores(grads: PyTree, count: jax.Array, masks_: PyTree) -> PyTree:
+        if method == "rigl":
+            return tree_map_masked(
+                lambda m, g: None if m is None else jnp.abs(g).astype(jnp.float32), masks_, grads
+            )
+        return crit_lib.random(grads, masks_, key=jax.random.fold_in(key, count))
+
+    def update_fn(updates, state: PruneState, params=None, **extra):
+        if params is None:
+            raise ValueError(
+                "jaxprune: sparse training needs params: call tx.update(grads, state, params)"
+            )
+        grads = updates
+        masked_grads = apply_masks(grads, state.masks)
+        inner_updates, inner_state = inner.update(masked_grads, state.inner_state, params, **extra)
+        if not dynamic:
+            new_updates = project(inner_updates, params, state.masks)
+            return new_updates, PruneState(state.count + 1, state.masks, inner_state, None)
+
+        count = state.count
+        is_update = (count > 0) & (count % update_period == 0) & (count < end_step)
+        new_params = tree_map_masked(
+            lambda m, p, u: None if m is None else p + u, state.masks, params, inner_updates
+        )
+        no_grow = tree_map_masked(lambda m: None if m is None else jnp.zeros_like(m), state.masks)
+
+        def do_update(operand):
+            masks_, istate = operand
+            frac = cosine_drop_fraction(count, drop_fraction, end_step)
+            new_masks, grown = drop_grow(
+                masks_, new_params, grow_scores(grads, count, masks_), frac
+            )
+            return new_masks, reset_inner_state(inner, istate, grown), grown
+
+        def skip(operand):
+            masks_, istate = operand
+            return masks_, istate, no_grow
+
+        new_masks, inner_state, grown = jax.lax.cond(
+            is_update, do_update, skip, (state.masks, inner_state)
+        )
+        # Regrown weights start at exactly zero: treat them as off for this step's values.
+        value_masks = tree_map_masked(
+            lambda m, g: None if m is None else m & ~g, new_masks, grown
+        )
+        new_updates = project(inner_updates, params, value_masks)
+        return new_updates, PruneState(count + 1, new_masks, inner_state, None)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def static_sparse(
+    inner: optax.GradientTransformation | None = None,
+    *,
+    sparsity: float | None = None,
+    masks: PyTree | None = None,
+    allocation: alloc_lib.Allocation | str = "uniform",
+    filter: Filter | None = None,
+    key: jax.Array | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Static sparse training: a random (uniform or ERK) or given mask, fixed for all of training.
+
+    >>> tx = static_sparse(optax.adam(1e-3), sparsity=0.9, allocation="erk")
+    """
+    return sparse_training(
+        inner, method="static", sparsity=sparsity, masks=masks, allocation=allocation,
+        filter=filter, key=key,
+    )
+
+
+def set_training(
+    inner: optax.GradientTransformation | None = None,
+    *,
+    sparsity: float,
+    allocation: alloc_lib.Allocation | str = "erk",
+    drop_fraction: float = 0.3,
+    update_period: int = 100,
+    end_step: int | None = None,
+    total_steps: int | None = None,
+    filter: Filter | None = None,
+    key: jax.Array | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """SET (Mocanu et al. 2018): drop the smallest-magnitude weights, regrow at random.
+
+    >>> tx = set_training(optax.sgd(0.1), sparsity=0.8, total_steps=2000)
+    """
+    return sparse_training(
+        inner, method="set", sparsity=sparsity, allocation=allocation,
+        drop_fraction=drop_fraction, update_period=update_period, end_step=end_step,
+        total_steps=total_steps, filter=filter, key=key,
+    )
+
+
+def rigl(
+    inner: optax.GradientTransformation | None = None,
+    *,
+    sparsity: float,
+    allocation: alloc_lib.Allocation | str = "erk",
+    drop_fraction: float = 0.3,
+    update_period: int = 100,
+    end_step: int | None = None,
+    total_steps: int | None = None,
+    filter: Filter | None = None,
+    key: jax.Array | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """RigL (Evci et al. 2020): drop smallest magnitude, regrow where the dense ``|grad|`` is largest.
+
+    Defaults follow the paper: ERK initial distribution, drop fraction 0.3 cosine-annealed until
+    75% of ``total_steps``, ``ΔT = 100``; regrown weights and their optimizer state start at zero.
+
+    >>> tx = rigl(optax.adamw(1e-3), sparsity=0.9, total_steps=10_000)
+    """
+    return sparse_training(
+        inner, method="rigl", sparsity=sparsity, allocation=allocation,
+        drop_fraction=drop_fraction, update_period=update_period, end_step=end_step,
+        total_steps=total_steps, filter=filter, key=key,
+    )

@@ -1,0 +1,256 @@
+"""Pruning at initialisation: SNIP, GraSP and SynFlow scores, fed to the shared pipeline.
+
+Every ``*_scores`` function returns a score pytree with the convention of
+:mod:`jaxprune.core.criteria` (higher = kept), ``None`` where the mask is ``None``; the pruning helpers
+turn scores into masks with :func:`jaxprune.core.pipeline.compute_masks` (global allocation by default,
+as in the papers, with no per-layer floor — so whole layers can be pruned away: *layer collapse*,
+reported by :func:`collapsed_layers`).
+
+* **SNIP** (Lee et al. 2019): ``|g ⊙ w|`` on one batch (:data:`jaxprune.core.criteria.saliency`).
+* **GraSP** (Wang et al. 2020): the paper scores ``S = −w ⊙ (H g)`` and removes the *highest* ``S``;
+  :func:`grasp_scores` returns ``−S = w ⊙ (H g)`` so that higher = kept. ``H g`` is a
+  Hessian-vector product (forward-over-reverse ``jax.jvp`` of ``jax.grad``), never a Hessian.
+* **SynFlow** (Tanaka et al. 2020): data-free. The model is evaluated on an all-ones input with
+  ``|w|`` (masked) params, ``R = Σ f(1; |w|)``, and the score is ``|∂R/∂w ⊙ w|``; pruning is
+  iterative over ``rounds`` with the exponential density schedule ``d_k = d^(k/K)``.
+
+SynFlow and non-positively-homogeneous layers: the conservation law behind SynFlow (the scores of
+every layer sum to ``R``) holds only when each layer is positively homogeneous (ReLU, linear,
+pooling, no normalisation). :func:`synflow_scores` does **not** linearise your model — it cannot
+reach inside an arbitrary ``apply_fn``; it evaluates the model *as given* on the all-ones input with
+``|w|``. With ``tanh``/``sigmoid``/``gelu`` or normalisation layers the scores are still the exact
+``|∂R/∂w ⊙ w|`` of that function, but they no longer conserve flow (layers feeding a saturating or
+scale-invariant layer get systematically smaller scores and are the first to collapse). For the
+behaviour of the paper, pass an ``apply_fn`` that swaps such activations for ReLU/identity and runs
+normalisation in a linear (eval, unit-statistics) mode. Biases count in ``R`` (made positive too).
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> params = {"l1": {"kernel": jnp.array([[1., -2.], [3., 0.5]])},
+    ...           "l2": {"kernel": jnp.array([[1.], [2.]])}}
+    >>> apply = lambda p, x: jax.nn.relu(x @ p["l1"]["kernel"]) @ p["l2"]["kernel"]
+    >>> synflow_scores(apply, params, (1, 2))["l1"]["kernel"]
+    Array([[1., 4.],
+           [3., 1.]], dtype=float32)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune.core import allocation as alloc_lib
+from jaxprune.core import criteria as crit_lib
+from jaxprune.core import patterns as pat_lib
+from jaxprune.core.allocation import check_sparsity
+from jaxprune.core.masks import (
+    Filter,
+    PyTree,
+    check_masks,
+    init_masks,
+    leaves_with_paths,
+    mask_leaves,
+    tree_map_masked,
+)
+from jaxprune.core.pipeline import compute_masks
+
+__all__ = [
+    "snip_scores",
+    "grasp_scores",
+    "synflow_scores",
+    "masks_from_scores",
+    "snip",
+    "grasp",
+    "synflow",
+    "collapsed_layers",
+    "DEFAULT_ALLOCATION",
+]
+
+DEFAULT_ALLOCATION = alloc_lib.Global(min_density=0.0)
+
+LossFn = Callable[[PyTree, Any], jax.Array]
+
+
+def _masks_for(params: PyTree, masks: PyTree | None, filter: Filter | None) -> PyTree:
+    if masks is None:
+        return init_masks(params, filter)
+    check_masks(params, masks)
+    return masks
+
+
+def snip_scores(loss_fn: LossFn, params: PyTree, batch: Any, masks: PyTree | None = None,
+                *, filter: Filter | None = None) -> PyTree:
+    """SNIP connection sensitivity ``|∂L/∂w ⊙ w|`` on one batch.
+
+    >>> p = {"kernel": jnp.array([[1., -2.]])}
+    >>> snip_scores(lambda p, b: jnp.sum(b @ p["kernel"]) , p, jnp.array([[3.]]))["kernel"]
+    Array([[3., 6.]], dtype=float32)
+    """
+    masks = _masks_for(params, masks, filter)
+    grads = jax.grad(loss_fn)(params, batch)
+    return crit_lib.saliency(params, masks, grads=grads)
+
+
+def grasp_scores(loss_fn: LossFn, params: PyTree, batch: Any, masks: PyTree | None = None,
+                 *, filter: Filter | None = None) -> PyTree:
+    """GraSP keep-scores ``w ⊙ (H g)`` (the negated paper score ``S = −w ⊙ Hg``).
+
+    ``g = ∇L`` (held constant), ``H g`` a Hessian-vector product. Higher = kept, so removing the
+    highest ``S`` (the paper's rule) is removing the lowest of these scores.
+
+    >>> loss = lambda p, b: jnp.sum(p["kernel"] ** 3)  # g = 3w², H = diag(6w), Hg = 18 w³
+    >>> grasp_scores(loss, {"kernel": jnp.array([[1., -1.]])}, None)["kernel"]
+    Array([[18., 18.]], dtype=float32)
+    """
+    masks = _masks_for(params, masks, filter)
+    grad_fn = jax.grad(loss_fn)
+    g = jax.lax.stop_gradient(grad_fn(params, batch))
+    _, hg = jax.jvp(lambda p: grad_fn(p, batch), (params,), (g,))
+    return tree_map_masked(
+        lambda m, w, v: None if m is None else (w * v).astype(jnp.float32), masks, params, hg
+    )
+
+
+def synflow_scores(apply_fn: Callable[[PyTree, jax.Array], jax.Array], params: PyTree,
+                   input_shape: Sequence[int], masks: PyTree | None = None,
+                   *, filter: Filter | None = None, dtype: Any = jnp.float32) -> PyTree:
+    """SynFlow scores ``|∂R/∂w ⊙ w|`` of ``R = Σ apply_fn(|w| ⊙ m, ones(input_shape))``.
+
+    Every leaf (biases too) is made positive; pruned entries (mask off) are zero. Data-free.
+    ``input_shape`` includes the batch dimension (use 1). See the module doc for models with
+    non-positively-homogeneous layers.
+
+    >>> ap = lambda p, x: x @ p["kernel"]
+    >>> synflow_scores(ap, {"kernel": jnp.array([[2.], [-3.]])}, (1, 2))["kernel"]
+    Array([[2.],
+           [3.]], dtype=float32)
+    """
+    masks = _masks_for(params, masks, filter)
+    absp = tree_map_masked(
+        lambda m, w: jnp.abs(w) if m is None else jnp.where(m, jnp.abs(w), 0.0), masks, params
+    )
+    ones = jnp.ones(tuple(input_shape), dtype)
+
+    def r_fn(p: PyTree) -> jax.Array:
+        return jnp.sum(apply_fn(p, ones))
+
+    grads = jax.grad(r_fn)(absp)
+    return tree_map_masked(
+        lambda m, w, g: None if m is None else jnp.abs(g * w).astype(jnp.float32),
+        masks, absp, grads,
+    )
+
+
+def _check_finite_scores(scores: PyTree) -> None:
+    for path, s in leaves_with_paths(scores):
+        if s is None or isinstance(s, jax.core.Tracer):
+            continue
+        a = np.asarray(s)
+        if not np.all(np.isfinite(a)):
+            raise ValueError(
+                f"jaxprune: scores for '{path}' contain {int((~np.isfinite(a)).sum())} non-finite "
+                "values (SynFlow can overflow float32 on deep nets: try dtype=jnp.float64 with "
+                "jax_enable_x64, or fewer layers)"
+            )
+
+
+def masks_from_scores(
+    masks: PyTree,
+    scores: PyTree,
+    sparsity: float,
+    *,
+    allocation: alloc_lib.Allocation | str = DEFAULT_ALLOCATION,
+    pattern: pat_lib.Pattern | str = "unstructured",
+) -> PyTree:
+    """Masks at ``sparsity`` from ``scores`` via :func:`jaxprune.core.pipeline.compute_masks`.
+
+    Whole leaves may be pruned (sparsity 1.0) when the allocation allows it (the default global
+    allocation has no floor). Raises ``ValueError`` naming the leaf for non-finite scores.
+
+    >>> m = masks_from_scores({"a": jnp.ones(2, bool), "b": jnp.ones(2, bool)},
+    ...                       {"a": jnp.array([1., 2.]), "b": jnp.array([3., 4.])}, 0.5)
+    >>> m["a"], m["b"]
+    (Array([False, False], dtype=bool), Array([ True,  True], dtype=bool))
+    """
+    check_sparsity("<target>", sparsity)
+    _check_finite_scores(scores)
+    alloc = alloc_lib.get(allocation)
+    pat = pat_lib.parse(pattern)
+    return compute_masks(masks, scores, sparsity, alloc, pat)
+
+
+def snip(loss_fn: LossFn, params: PyTree, batch: Any, sparsity: float, *,
+         filter: Filter | None = None,
+         allocation: alloc_lib.Allocation | str = DEFAULT_ALLOCATION,
+         pattern: pat_lib.Pattern | str = "unstructured") -> PyTree:
+    """SNIP masks at ``sparsity`` (global by default).
+
+    >>> p = {"kernel": jnp.array([[1., -2.], [0.5, 3.]])}
+    >>> snip(lambda p, b: jnp.sum(b @ p["kernel"]), p, jnp.ones((1, 2)), 0.5)["kernel"]
+    Array([[False,  True],
+           [False,  True]], dtype=bool)
+    """
+    masks = init_masks(params, filter)
+    scores = snip_scores(loss_fn, params, batch, masks)
+    return masks_from_scores(masks, scores, sparsity, allocation=allocation, pattern=pattern)
+
+
+def grasp(loss_fn: LossFn, params: PyTree, batch: Any, sparsity: float, *,
+          filter: Filter | None = None,
+          allocation: alloc_lib.Allocation | str = DEFAULT_ALLOCATION,
+          pattern: pat_lib.Pattern | str = "unstructured") -> PyTree:
+    """GraSP masks at ``sparsity``: keep the weights whose removal least reduces gradient flow.
+
+    >>> p = {"kernel": jnp.array([[1., -2.], [0.5, 3.]])}
+    >>> grasp(lambda p, b: jnp.sum(p["kernel"] ** 3), p, None, 0.5)["kernel"]
+    Array([[False,  True],
+           [False,  True]], dtype=bool)
+    """
+    masks = init_masks(params, filter)
+    scores = grasp_scores(loss_fn, params, batch, masks)
+    return masks_from_scores(masks, scores, sparsity, allocation=allocation, pattern=pattern)
+
+
+def synflow(apply_fn: Callable[[PyTree, jax.Array], jax.Array], params: PyTree,
+            input_shape: Sequence[int], sparsity: float, *, rounds: int = 100,
+            filter: Filter | None = None,
+            allocation: alloc_lib.Allocation | str = DEFAULT_ALLOCATION,
+            pattern: pat_lib.Pattern | str = "unstructured",
+            dtype: Any = jnp.float32) -> PyTree:
+    """Iterative SynFlow: ``rounds`` score/prune rounds to density ``d^(k/K)``, ``k = 1..K``.
+
+    Already-pruned entries score ``-1`` so they stay pruned.
+
+    >>> ap = lambda p, x: x @ p["kernel"]
+    >>> synflow(ap, {"kernel": jnp.array([[2.], [-3.], [1.], [4.]])}, (1, 4), 0.5, rounds=2)["kernel"]
+    Array([[False],
+           [ True],
+           [False],
+           [ True]], dtype=bool)
+    """
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"jaxprune: synflow rounds must be an int >= 1, got {rounds!r}")
+    check_sparsity("<target>", sparsity)
+    masks = init_masks(params, filter)
+    score_fn = jax.jit(
+        lambda p, m: synflow_scores(apply_fn, p, input_shape, m, dtype=dtype)
+    )
+    for k in range(1, rounds + 1):
+        s_k = 1.0 - (1.0 - sparsity) ** (k / rounds)
+        sc = score_fn(params, masks)
+        sc = tree_map_masked(lambda m, s: None if m is None else jnp.where(m, s, -1.0), masks, sc)
+        masks = masks_from_scores(masks, sc, s_k, allocation=allocation, pattern=pattern)
+    return masks
+
+
+def collapsed_layers(masks: PyTree) -> list[str]:
+    """Paths of pruned leaves with no weight left (layer collapse).
+
+    >>> collapsed_layers({"a": jnp.zeros(3, bool), "b": jnp.ones(3, bool), "c": None})
+    ['a']
+    """
+    return [p for p, m in mask_leaves(masks) if m.size and not bool(jnp.any(m))]

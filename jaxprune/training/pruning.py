@@ -1,0 +1,148 @@
+"""Training-time pruning as an Optax transform that keeps params exactly sparse.
+
+:func:`pruner` wraps any optax optimizer. Its update returns ``u' = m * (p + u) - p`` on pruned
+leaves, so after ``optax.apply_updates`` the params are exactly ``0.0`` wherever the mask is off, on
+every step, with no extra call to remember (JaxPruner's ``post_gradient_update`` footgun). Masks,
+the step counter and accumulated signals live in :class:`PruneState`.
+
+Example:
+    >>> import jax, jax.numpy as jnp, optax, jaxprune as jp
+    >>> params = {"dense": {"kernel": jnp.arange(1., 9.).reshape(4, 2), "bias": jnp.zeros(2)}}
+    >>> tx = jp.pruner(optax.sgd(0.1), schedule=jp.schedules.OneShot(0.5, step=0))
+    >>> state = tx.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> int((params["dense"]["kernel"] == 0).sum())
+    4
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxprune.core import allocation as alloc_lib
+from jaxprune.core import criteria as crit_lib
+from jaxprune.core import patterns as pat_lib
+from jaxprune.core import schedules as sched_lib
+from jaxprune.core.masks import Filter, PyTree, init_masks, tree_map_masked
+from jaxprune.core.pipeline import compute_masks, validate_patterns
+from jaxprune.training.wrapper import PruneState, project
+
+__all__ = ["pruner", "gradual_magnitude"]
+
+
+def pruner(
+    inner: optax.GradientTransformation | None = None,
+    *,
+    schedule: sched_lib.Schedule,
+    criterion: crit_lib.Criterion | str = "magnitude",
+    allocation: alloc_lib.Allocation | str = "uniform",
+    pattern: pat_lib.Pattern | str = "unstructured",
+    filter: Filter | None = None,
+    key: jax.Array | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Wrap ``inner`` (any optax optimizer) so training prunes by ``schedule`` and stays sparse.
+
+    At steps where ``schedule.should_update(count)`` the masks are recomputed from the post-step
+    params through the shared pipeline (criterion → allocation → pattern); on other steps the
+    masks are reused (a ``lax.cond``, so nothing recompiles). Criteria that need gradients see the
+    raw gradients given to this transform, so wrap the optimizer rather than chaining after it.
+
+    Args:
+      inner: the optimizer to wrap (``None``: identity, for use as the last element of a chain).
+      schedule: when and how much to prune (:mod:`jaxprune.core.schedules`).
+      criterion, allocation, pattern: the pipeline pieces (objects or names).
+      filter: which leaves to prune (default: ``kernel`` leaves with ndim >= 2).
+      key: PRNG key for the ``random`` criterion.
+
+    >>> tx = pruner(optax.adam(1e-3), schedule=sched_lib.Polynomial(0.9, 0, 1000, freq=100))
+    """
+    inner = optax.identity() if inner is None else inner
+    inner = optax.with_extra_args_support(inner)
+    crit = crit_lib.get(criterion)
+    alloc = alloc_lib.get(allocation)
+    if not alloc.traceable:
+        raise ValueError(
+            f"jaxprune: allocation {type(alloc).__name__} needs concrete values and cannot run "
+            "inside a jitted training step; use it with jaxprune.prune / compute_masks"
+        )
+    pat = pat_lib.parse(pattern)
+    if "key" in crit.needs and key is None:
+        raise ValueError(f"jaxprune: criterion '{crit.name}' needs key=; pass a PRNG key")
+    needs_movement = "movement" in crit.needs
+
+    def init_fn(params: PyTree) -> PruneState:
+        masks = init_masks(params, filter)
+        validate_patterns(masks, pat)
+        movement = None
+        if needs_movement:
+            movement = tree_map_masked(
+                lambda m, p: None if m is None else jnp.zeros(p.shape, jnp.float32), masks, params
+            )
+        return PruneState(jnp.zeros([], jnp.int32), masks, inner.init(params), movement)
+
+    def update_fn(updates, state: PruneState, params=None, **extra):
+        if params is None:
+            raise ValueError("jaxprune: pruner needs params: call tx.update(grads, state, params)")
+        grads = updates
+        inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra)
+        movement = state.movement
+        if needs_movement:
+            movement = tree_map_masked(
+                lambda a, g, p: None if a is None else a - (g * p).astype(jnp.float32),
+                movement, grads, params,
+            )
+
+        def recompute(masks):
+            signals: dict[str, Any] = {}
+            if "grads" in crit.needs:
+                signals["grads"] = grads
+            if "key" in crit.needs:
+                signals["key"] = jax.random.fold_in(key, state.count)
+            if "movement" in crit.needs:
+                signals["movement"] = movement
+            for s in crit.needs:
+                if s not in signals:
+                    raise ValueError(
+                        f"jaxprune: criterion '{crit.name}' needs '{s}', which training cannot "
+                        "supply; use jaxprune.prune with the signal instead"
+                    )
+            # the post-step params, built only on steps that recompute the masks
+            new_params = tree_map_masked(
+                lambda m, p, u: None if m is None else p + u, masks, params, inner_updates
+            )
+            scores = crit(new_params, masks, **signals)
+            return compute_masks(masks, scores, schedule.sparsity(state.count), alloc, pat)
+
+        masks = jax.lax.cond(
+            schedule.should_update(state.count), recompute, lambda m: m, state.masks
+        )
+        new_updates = project(inner_updates, params, masks)
+        return new_updates, PruneState(state.count + 1, masks, inner_state, movement)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def gradual_magnitude(
+    inner: optax.GradientTransformation | None,
+    target: float,
+    begin: int,
+    end: int,
+    freq: int = 100,
+    **kwargs: Any,
+) -> optax.GradientTransformationExtraArgs:
+    """Zhu & Gupta gradual magnitude pruning: ``pruner`` with a :class:`Polynomial` schedule.
+
+    >>> tx = gradual_magnitude(optax.adam(1e-3), 0.9, begin=100, end=1000, freq=50)
+    """
+    return pruner(
+        inner,
+        schedule=sched_lib.Polynomial(target, begin, end, freq),
+        criterion=kwargs.pop("criterion", "magnitude"),
+        **kwargs,
+    )
