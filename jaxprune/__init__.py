@@ -19,7 +19,9 @@ from typing import Any
 from jaxprune import training
 from jaxprune.core import allocation, criteria, filters, masks, patterns, pipeline, schedules
 from jaxprune.core.allocation import ERK, Global, Uniform
+from jaxprune.core.allocation import register as register_allocation
 from jaxprune.core.criteria import Criterion
+from jaxprune.core.criteria import register as register_criterion
 from jaxprune.core.masks import (
     apply_masks,
     check_masks,
@@ -28,7 +30,9 @@ from jaxprune.core.masks import (
     summary_table,
     total_sparsity,
 )
+from jaxprune.core.opmap import LeafOp, OperatorMap, operator_map
 from jaxprune.core.patterns import NM, Block, Channel, PerLeaf, Unstructured
+from jaxprune.core.patterns import register as register_pattern
 from jaxprune.core.pipeline import compute_masks, leaf_mask, prune
 from jaxprune.core.schedules import Iterative, OneShot, Polynomial
 from jaxprune.training import (
@@ -60,10 +64,11 @@ def __dir__() -> list[str]:
 __all__ = [
     "allocation", "criteria", "filters", "masks", "patterns", "pipeline", "schedules", "training",
     "ERK", "Global", "Uniform", "Criterion",
+    "register_allocation", "register_criterion", "register_pattern",
     "apply_masks", "check_masks", "init_masks", "sparsity_stats", "summary_table",
     "total_sparsity",
     "NM", "Block", "Channel", "PerLeaf", "Unstructured",
-    "compute_masks", "leaf_mask", "prune",
+    "compute_masks", "leaf_mask", "prune", "operator_map", "OperatorMap", "LeafOp",
     "Iterative", "OneShot", "Polynomial",
     "PruneState", "get_masks", "get_prune_state", "gradual_magnitude", "project", "pruner",
 ]

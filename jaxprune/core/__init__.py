@@ -7,6 +7,9 @@
 * :mod:`~jaxprune.core.allocation` — per-leaf (or per-unit-set) sparsity from a global target.
 * :mod:`~jaxprune.core.patterns` — scores + sparsity → boolean mask of one leaf.
 * :mod:`~jaxprune.core.schedules` — when and how much to prune during training.
+* :mod:`~jaxprune.core.walker` — the one jaxpr walker (rules table per primitive).
+* :mod:`~jaxprune.core.opmap` — the operator map: each leaf's role and matrix view, traced from the
+  model's computation (not from names or layouts).
 * :mod:`~jaxprune.core.pipeline` — the only path from scores to masks (:func:`compute_masks`,
   :func:`leaf_mask`, :func:`prune`).
 
@@ -18,6 +21,18 @@ The core imports no method family (training, one-shot, structured, kernels, io).
 Array([ True, False,  True, False], dtype=bool)
 """
 
-from jaxprune.core import allocation, criteria, filters, masks, patterns, pipeline, schedules
+from jaxprune.core import (
+    allocation,
+    criteria,
+    filters,
+    masks,
+    opmap,
+    patterns,
+    pipeline,
+    schedules,
+    walker,
+)
 
-__all__ = ["allocation", "criteria", "filters", "masks", "patterns", "pipeline", "schedules"]
+__all__ = [
+    "allocation", "criteria", "filters", "masks", "opmap", "patterns", "pipeline", "schedules", "walker",
+]

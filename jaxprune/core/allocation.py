@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from jaxprune.core.masks import PyTree, _is_none, leaves_with_paths
 
-__all__ = ["Allocation", "Uniform", "ERK", "Global", "get", "check_sparsity"]
+__all__ = ["Allocation", "Uniform", "ERK", "Global", "get", "register", "check_sparsity"]
 
 
 def check_sparsity(path: str, value: Any, *, allow_full: bool = False) -> None:
@@ -63,6 +63,25 @@ def _override_for(overrides: tuple[tuple[str, float], ...], path: str) -> float 
     return None
 
 
+class Dims(tuple):
+    """The dims an allocation sees for one leaf (its shape, or its true matmul/conv dims from an
+    operator map), with ``size`` = the leaf's number of entries (batch axes such as stacked experts
+    are in ``size`` but not in the dims)."""
+
+    size: int
+
+    def __new__(cls, dims: tuple[int, ...], size: int | None = None) -> Dims:
+        out = super().__new__(cls, tuple(int(d) for d in dims))
+        out.size = int(math.prod(out)) if size is None else int(size)
+        return out
+
+
+def _dims(path: str, shape: tuple[int, ...], opmap: Any) -> Dims:
+    if opmap is None or path not in opmap or not opmap[path].has_view:
+        return Dims(shape)
+    return Dims(opmap[path].erk_dims, math.prod(shape))
+
+
 @dataclasses.dataclass(frozen=True)
 class Allocation:
     """Base class: ``allocate(masks, target, scores=None) -> per-leaf sparsity tree``.
@@ -80,7 +99,10 @@ class Allocation:
         for p, v in self.overrides:
             check_sparsity(f"override {p!r}", v)
 
-    def allocate(self, masks: PyTree, target: Any, scores: PyTree | None = None) -> PyTree:
+    def allocate(self, masks: PyTree, target: Any, scores: PyTree | None = None,
+                 opmap: Any = None) -> PyTree:
+        """Per-leaf sparsities for ``target``. With an operator map, shape-based rules (ERK) see
+        each weight's true dims (:attr:`jaxprune.core.opmap.LeafOp.erk_dims`), not its layout."""
         check_sparsity("<target>", target)
         flat, treedef = jax.tree_util.tree_flatten(masks, is_leaf=_is_none)
         paths = [p for p, _ in leaves_with_paths(masks)]
@@ -91,7 +113,7 @@ class Allocation:
         if scores is not None:
             sflat = jax.tree_util.tree_flatten(scores, is_leaf=_is_none)[0]
         solved = self._solve(
-            [tuple(flat[i].shape) for i in free],
+            [_dims(paths[i], tuple(flat[i].shape), opmap) for i in free],
             jnp.asarray(target, jnp.float32),
             None if sflat is None else [sflat[i] for i in free],
         ) if free else []
@@ -142,7 +164,7 @@ class ERK(Allocation):
     kernel: bool = True
 
     def _solve(self, shapes, target, scores):
-        sizes = jnp.asarray([math.prod(s) for s in shapes], jnp.float32)
+        sizes = jnp.asarray([getattr(s, "size", math.prod(s)) for s in shapes], jnp.float32)
         raw = jnp.asarray([erk_raw(s, self.kernel) for s in shapes], jnp.float32)
         dense = jnp.zeros(len(shapes), bool)
         eps = jnp.asarray(0.0, jnp.float32)
@@ -201,6 +223,26 @@ class Global(Allocation):
 ALLOCATIONS = {"uniform": Uniform, "erk": ERK, "er": lambda: ERK(kernel=False), "global": Global}
 
 
+def register(name: str, factory: Any, *, overwrite: bool = False) -> None:
+    """Make an allocation available by ``name``: ``factory()`` must return an :class:`Allocation`.
+
+    >>> @dataclasses.dataclass(frozen=True)
+    ... class Half(Allocation):
+    ...     def _solve(self, shapes, target, scores):
+    ...         return [target / 2 for _ in shapes]
+    >>> register("half_demo", Half)
+    >>> float(get("half_demo").allocate({"w": jnp.ones((2, 2), bool)}, 0.5)["w"])
+    0.25
+    """
+    if not callable(factory):
+        raise TypeError(f"jaxprune: register('{name}', ...) needs a callable returning an Allocation")
+    if name in ALLOCATIONS and not overwrite and ALLOCATIONS[name] is not factory:
+        raise ValueError(
+            f"jaxprune: an allocation named '{name}' is already registered; pass overwrite=True"
+        )
+    ALLOCATIONS[name] = factory
+
+
 def get(name: str | Allocation) -> Allocation:
     """Look up an allocation by name: ``uniform``, ``erk``, ``er``, ``global``.
 
@@ -211,4 +253,10 @@ def get(name: str | Allocation) -> Allocation:
         return name
     if name not in ALLOCATIONS:
         raise ValueError(f"jaxprune: unknown allocation '{name}'; valid: {sorted(ALLOCATIONS)}")
-    return ALLOCATIONS[name]()
+    out = ALLOCATIONS[name]()
+    if not isinstance(out, Allocation):
+        raise TypeError(
+            f"jaxprune: the factory registered for allocation '{name}' returned "
+            f"{type(out).__name__}, not an Allocation"
+        )
+    return out

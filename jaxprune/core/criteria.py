@@ -23,6 +23,11 @@ import jax.numpy as jnp
 
 from jaxprune.core.masks import PyTree, _is_none, leaves_with_paths
 
+__all__ = [
+    "SIGNALS", "Criterion", "CRITERIA", "register", "get", "magnitude", "random", "saliency", "taylor",
+    "movement", "wanda", "broadcast_input_stat",
+]
+
 SIGNALS = ("grads", "key", "act_norms", "movement")
 
 
@@ -139,6 +144,31 @@ wanda = Criterion("wanda", _wanda, ("act_norms",))
 CRITERIA: dict[str, Criterion] = {
     c.name: c for c in (magnitude, random, saliency, taylor, movement, wanda)
 }
+
+
+def register(criterion: Criterion, *, overwrite: bool = False) -> Criterion:
+    """Make ``criterion`` available by its name everywhere a criterion name is accepted.
+
+    Refuses to replace an existing name unless ``overwrite=True``. Returns the criterion.
+
+    >>> fisher = register(Criterion("fisher_demo", lambda w, grads: grads**2, needs=("grads",)))
+    >>> get("fisher_demo") is fisher
+    True
+    """
+    if not isinstance(criterion, Criterion):
+        raise TypeError(f"jaxprune: register needs a Criterion, got {type(criterion).__name__}")
+    bad = [s for s in criterion.needs if s not in SIGNALS]
+    if bad:
+        raise ValueError(
+            f"jaxprune: criterion '{criterion.name}' needs unknown signal(s) {bad}; valid: {SIGNALS}"
+        )
+    if criterion.name in CRITERIA and not overwrite and CRITERIA[criterion.name] is not criterion:
+        raise ValueError(
+            f"jaxprune: a criterion named '{criterion.name}' is already registered; pass "
+            "overwrite=True to replace it"
+        )
+    CRITERIA[criterion.name] = criterion
+    return criterion
 
 
 def get(name: str | Criterion) -> Criterion:

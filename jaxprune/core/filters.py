@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 __all__ = [
-    "Filter", "Name", "PathRegex", "MinNdim", "DType", "All", "Any", "Not", "Everything",
+    "Filter", "Name", "PathRegex", "PathIn", "MinNdim", "DType", "All", "Any", "Not", "Everything",
     "Nothing", "Predicate", "select", "default", "as_filter",
 ]
 
@@ -103,6 +103,23 @@ class PathRegex(Filter):
 
 
 @dataclasses.dataclass(frozen=True)
+class PathIn(Filter):
+    """The path is one of ``paths`` (e.g. the weights an operator map found).
+
+    >>> PathIn(frozenset({"a/w"}))("a/w", np.ones((2, 2)))
+    True
+    """
+
+    paths: frozenset[str]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "paths", frozenset(self.paths))
+
+    def match(self, path, leaf):
+        return path in self.paths
+
+
+@dataclasses.dataclass(frozen=True)
 class MinNdim(Filter):
     """The leaf has at least ``n`` dimensions.
 
@@ -131,34 +148,30 @@ class DType(Filter):
 
 
 @dataclasses.dataclass(frozen=True, init=False)
-class All(Filter):
+class _Combine(Filter):
+    filters: tuple[Filter, ...]
+
+    def __init__(self, *filters: FilterLike):
+        object.__setattr__(self, "filters", tuple(as_filter(f) for f in filters))
+
+
+class All(_Combine):
     """Every filter matches.
 
     >>> All(Name("kernel"), MinNdim(2))("kernel", np.ones(3))
     False
     """
 
-    filters: tuple[Filter, ...]
-
-    def __init__(self, *filters: FilterLike):
-        object.__setattr__(self, "filters", tuple(as_filter(f) for f in filters))
-
     def match(self, path, leaf):
         return all(f(path, leaf) for f in self.filters)
 
 
-@dataclasses.dataclass(frozen=True, init=False)
-class Any(Filter):
+class Any(_Combine):
     """At least one filter matches.
 
     >>> Any(Name("kernel"), Name("weight"))("weight", np.ones((2, 2)))
     True
     """
-
-    filters: tuple[Filter, ...]
-
-    def __init__(self, *filters: FilterLike):
-        object.__setattr__(self, "filters", tuple(as_filter(f) for f in filters))
 
     def match(self, path, leaf):
         return any(f(path, leaf) for f in self.filters)

@@ -47,18 +47,6 @@ def _is_none(x: Any) -> bool:
     return x is None
 
 
-def _key_str(k: Any) -> str:
-    if isinstance(k, jax.tree_util.DictKey):
-        return str(k.key)
-    if isinstance(k, jax.tree_util.SequenceKey):
-        return str(k.idx)
-    if isinstance(k, jax.tree_util.GetAttrKey):
-        return str(k.name)
-    if isinstance(k, jax.tree_util.FlattenedIndexKey):
-        return str(k.key)
-    return str(k)
-
-
 _WRAPPER_ATTRS = ("value", "raw_value", "_value")
 
 
@@ -72,10 +60,11 @@ def path_str(path: KeyPath) -> str:
     >>> [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path({"a": [1, 2]})[0]]
     ['a/0', 'a/1']
     """
-    return "/".join(
-        _key_str(k) for k in path
+    keys = tuple(
+        k for k in path
         if not (isinstance(k, jax.tree_util.GetAttrKey) and k.name in _WRAPPER_ATTRS)
     )
+    return jax.tree_util.keystr(keys, simple=True, separator="/")
 
 
 def leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:

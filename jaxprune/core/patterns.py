@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 __all__ = [
     "Pattern", "Unstructured", "NM", "Block", "Channel", "PerLeaf", "parse", "for_path", "topk_mask",
-    "sortable_key", "count_threshold_key", "matrix_view",
+    "sortable_key", "count_threshold_key", "matrix_view", "register", "PATTERNS",
     "nm_valid",
 ]
 
@@ -245,6 +245,26 @@ class Channel(Pattern):
         return jnp.broadcast_to(keep.reshape(shape), scores.shape)
 
 
+PATTERNS: dict[str, Any] = {}
+
+
+def register(name: str, factory: Any, *, overwrite: bool = False) -> None:
+    """Make a pattern available by ``name`` (``factory()`` returns a :class:`Pattern`).
+
+    Registered names are looked up before the built-in specs (``"2:4"``, ``"block4x4"``...).
+
+    >>> register("rows_demo", lambda: Channel(axis=0))
+    >>> parse("rows_demo")
+    Channel(axis=0)
+    """
+    if not callable(factory):
+        raise TypeError(f"jaxprune: register('{name}', ...) needs a callable returning a Pattern")
+    key = name.strip().lower()
+    if key in PATTERNS and not overwrite and PATTERNS[key] is not factory:
+        raise ValueError(f"jaxprune: a pattern named '{name}' is already registered; pass overwrite=True")
+    PATTERNS[key] = factory
+
+
 def parse(spec: str | Pattern) -> Pattern:
     """Parse ``"unstructured"``, ``"2:4"``, ``"block4x4"`` / ``"block:4x4"`` or ``"channel"``.
 
@@ -253,7 +273,18 @@ def parse(spec: str | Pattern) -> Pattern:
     """
     if isinstance(spec, Pattern):
         return spec
+    if not isinstance(spec, str):
+        raise TypeError(
+            f"jaxprune: a pattern must be a Pattern or a spec string, got {type(spec).__name__}: "
+            f"{spec!r}"
+        )
     s = spec.strip().lower()
+    if s in PATTERNS:
+        out = PATTERNS[s]()
+        if not isinstance(out, Pattern):
+            raise TypeError(f"jaxprune: the factory registered for pattern '{spec}' returned "
+                            f"{type(out).__name__}, not a Pattern")
+        return out
     if s == "unstructured":
         return Unstructured()
     if s in ("channel", "neuron"):

@@ -28,14 +28,17 @@ Example:
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.core import allocation as alloc_lib
 from jaxprune.core import criteria as crit_lib
+from jaxprune.core import filters as filt_lib
 from jaxprune.core import patterns as pat_lib
 from jaxprune.core.masks import (
     Filter,
@@ -47,18 +50,53 @@ from jaxprune.core.masks import (
     leaves_with_paths,
 )
 
-__all__ = ["compute_masks", "leaf_mask", "prune", "resolve_sparsity", "validate_patterns"]
+__all__ = [
+    "compute_masks", "leaf_mask", "prune", "resolve_sparsity", "validate_patterns", "default_filter",
+]
 
 
 def _concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def validate_patterns(masks: PyTree, pattern: pat_lib.Pattern) -> None:
-    """Check every pruned leaf's shape against its pattern; raise ``ValueError`` naming the path."""
+def _view(opmap: Any, path: str) -> Any:
+    """The :class:`~jaxprune.core.opmap.LeafOp` giving ``path``'s matrix view, or ``None``."""
+    if opmap is None or path not in opmap:
+        return None
+    lo = opmap[path]
+    return lo if lo.has_view else None
+
+
+def _pattern_shape(opmap: Any, path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    lo = _view(opmap, path)
+    if lo is None:
+        return shape
+    if tuple(lo.shape) != tuple(shape):
+        raise ValueError(
+            f"jaxprune: the operator map says '{path}' has shape {lo.shape}, the tree has {shape}; "
+            "trace the operator map from the same params"
+        )
+    return lo.view_shape
+
+
+def validate_patterns(masks: PyTree, pattern: pat_lib.Pattern, opmap: Any = None) -> None:
+    """Check every pruned leaf against its pattern (on its matrix view when ``opmap`` has one);
+    raise ``ValueError`` naming the path."""
     for path, m in leaves_with_paths(masks):
         if m is not None:
-            pat_lib.for_path(pattern, path).validate(path, tuple(m.shape))
+            shape = _pattern_shape(opmap, path, tuple(m.shape))
+            pat_lib.for_path(pattern, path).validate(path, shape)
+
+
+def _pattern_mask(pat: pat_lib.Pattern, scores: jax.Array, sparsity: Any, path: str,
+                  opmap: Any) -> jax.Array:
+    """``pat`` on one leaf — on its matrix view (fan-in × outputs) when ``opmap`` knows it."""
+    lo = _view(opmap, path)
+    if lo is None:
+        return _checked_mask(pat, pat.mask(scores, sparsity), tuple(scores.shape), path)
+    v = lo.to_view(scores)
+    m = _checked_mask(pat, pat.mask(v, sparsity), tuple(v.shape), path)
+    return lo.from_view(m)
 
 
 def _check_scores(path: str, s: Any) -> None:
@@ -72,6 +110,20 @@ def _check_scores(path: str, s: Any) -> None:
             f"jaxprune: scores for '{path}' contain a non-finite value {a[idx]} at index {idx} "
             f"({int(bad.sum())} of {a.size} entries); check the criterion's inputs"
         )
+
+
+def _checked_mask(pat: pat_lib.Pattern, mask: Any, shape: tuple[int, ...], path: str) -> jax.Array:
+    """A pattern's output must be a bool mask of the leaf's shape (catches a faulty custom pattern)."""
+    try:
+        chex.assert_shape(mask, shape)
+        chex.assert_type(mask, jnp.bool_)
+    except AssertionError as e:
+        raise ValueError(
+            f"jaxprune: pattern {pat} returned a mask of shape {tuple(np.shape(mask))} and dtype "
+            f"{getattr(mask, 'dtype', type(mask))} for '{path}'; a pattern must return a bool "
+            f"array of the leaf's shape {shape}"
+        ) from e
+    return mask
 
 
 def resolve_sparsity(sparsity: Any, pattern: pat_lib.Pattern | str) -> Any:
@@ -104,6 +156,20 @@ def resolve_sparsity(sparsity: Any, pattern: pat_lib.Pattern | str) -> Any:
     return sparsity
 
 
+def default_filter(opmap: Any = None) -> Filter:
+    """The default filter: with an operator map, its matmul and conv weights (embeddings, norm
+    scales and biases stay dense); without one, leaves named ``kernel`` with ndim >= 2.
+
+    >>> from jaxprune.core.opmap import operator_map
+    >>> om = operator_map(lambda p, x: x @ p["weight"].T, {"weight": jnp.ones((3, 2))}, jnp.ones((1, 2)))
+    >>> default_filter(om)("weight", jnp.ones((3, 2)))
+    True
+    """
+    if opmap is None:
+        return filt_lib.default()
+    return filt_lib.PathIn(frozenset(opmap.weights()))
+
+
 def _keep_pruned_scores(masks: PyTree, scores: PyTree) -> PyTree:
     """Scores with already-pruned entries at ``-inf`` (ranked below every live entry)."""
     return jax.tree.map(
@@ -120,8 +186,13 @@ def compute_masks(
     pattern: pat_lib.Pattern | str = "unstructured",
     *,
     keep_pruned: bool = False,
+    opmap: Any = None,
 ) -> PyTree:
     """New masks from scores: allocate per-leaf sparsity for ``sparsity``, then apply each pattern.
+
+    With an operator map (:func:`jaxprune.core.opmap.operator_map`), each pattern acts on the
+    leaf's matrix view — N:M along the true fan-in, blocks of the matrix actually multiplied,
+    ``channel`` = output units — and ERK sees true fan-in and fan-out, whatever the layout.
 
     ``masks`` gives which leaves are pruned (non-``None``) and their shapes. With
     ``keep_pruned=True`` its ``False`` entries stay pruned: they rank below every live entry (also
@@ -144,13 +215,15 @@ def compute_masks(
     leaves = jax.tree_util.tree_leaves((masks, scores, sparsity))
     if all(_concrete(x) for x in leaves) and allocation.traceable:
         alloc_lib.check_sparsity("<target>", sparsity)
-        _check_leaves(masks, scores, pattern)
+        _check_leaves(masks, scores, pattern, opmap)
         return _compute_masks_jit(masks, scores, jnp.asarray(sparsity, jnp.float32), allocation,
-                                  pattern, bool(keep_pruned))
-    return _compute_masks_impl(masks, scores, sparsity, allocation, pattern, bool(keep_pruned))
+                                  pattern, bool(keep_pruned), opmap)
+    return _compute_masks_impl(masks, scores, sparsity, allocation, pattern, bool(keep_pruned),
+                               opmap)
 
 
-def _check_leaves(masks: PyTree, scores: PyTree, pattern: pat_lib.Pattern) -> list[tuple]:
+def _check_leaves(masks: PyTree, scores: PyTree, pattern: pat_lib.Pattern,
+                  opmap: Any = None) -> list[tuple]:
     """``[(path, mask, score)]``; raises ``ValueError`` naming the first bad leaf."""
     mflat, _ = jax.tree_util.tree_flatten(masks, is_leaf=_is_none)
     paths = [p for p, _ in leaves_with_paths(masks)]
@@ -172,30 +245,30 @@ def _check_leaves(masks: PyTree, scores: PyTree, pattern: pat_lib.Pattern) -> li
                 f"{tuple(m.shape)}"
             )
         _check_scores(path, s)
-        pat_lib.for_path(pattern, path).validate(path, tuple(m.shape))
+        pat_lib.for_path(pattern, path).validate(path, _pattern_shape(opmap, path, tuple(m.shape)))
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("allocation", "pattern", "keep_pruned"))
-def _compute_masks_jit(masks, scores, sparsity, allocation, pattern, keep_pruned):
-    return _compute_masks_impl(masks, scores, sparsity, allocation, pattern, keep_pruned)
+@functools.partial(jax.jit, static_argnames=("allocation", "pattern", "keep_pruned", "opmap"))
+def _compute_masks_jit(masks, scores, sparsity, allocation, pattern, keep_pruned, opmap):
+    return _compute_masks_impl(masks, scores, sparsity, allocation, pattern, keep_pruned, opmap)
 
 
 def _compute_masks_impl(masks: PyTree, scores: PyTree, sparsity: Any,
                         allocation: alloc_lib.Allocation, pattern: pat_lib.Pattern,
-                        keep_pruned: bool = False) -> PyTree:
+                        keep_pruned: bool = False, opmap: Any = None) -> PyTree:
     if keep_pruned:
         scores = _keep_pruned_scores(masks, scores)
-    spars = allocation.allocate(masks, sparsity, scores)
+    spars = allocation.allocate(masks, sparsity, scores, opmap=opmap)
     _, treedef = jax.tree_util.tree_flatten(masks, is_leaf=_is_none)
     aflat = jax.tree_util.tree_flatten(spars, is_leaf=_is_none)[0]
     out = []
-    for (path, m, s), a in zip(_check_leaves(masks, scores, pattern), aflat, strict=True):
+    for (path, m, s), a in zip(_check_leaves(masks, scores, pattern, opmap), aflat, strict=True):
         if m is None:
             out.append(None)
             continue
         alloc_lib.check_sparsity(path, a, allow_full=True)
-        new = pat_lib.for_path(pattern, path).mask(jnp.asarray(s), a)
+        new = _pattern_mask(pat_lib.for_path(pattern, path), jnp.asarray(s), a, path, opmap)
         out.append(new & m if keep_pruned else new)
     return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -208,6 +281,7 @@ def leaf_mask(
     n_keep: Any = None,
     keep_pruned: Any = None,
     path: str = "<leaf>",
+    opmap: Any = None,
 ) -> jax.Array:
     """The mask of one leaf: ``scores`` and a sparsity (or ``n_keep``) through ``pattern``.
 
@@ -219,7 +293,8 @@ def leaf_mask(
         traced) — exact where ``round(sparsity * size)`` in float32 would not be.
       keep_pruned: a boolean mask; its ``False`` entries rank below every other entry and stay
         pruned.
-      path: leaf name used in error messages.
+      path: leaf name used in error messages (and its entry in ``opmap``).
+      opmap: an operator map; the pattern then acts on the leaf's matrix view.
 
     Checks (when values are concrete) the pattern against the shape, the sparsity range and that
     scores are finite, naming ``path``. Ties go to the lower flat index.
@@ -254,9 +329,9 @@ def leaf_mask(
             )
         new = pat_lib.topk_mask(scores.reshape(-1), n_keep).reshape(shape)
     else:
-        pat.validate(path, shape)
+        pat.validate(path, _pattern_shape(opmap, path, shape))
         s = resolve_sparsity(sparsity, pat)
-        new = pat.mask(scores, s)
+        new = _pattern_mask(pat, scores, s, path, opmap)
     return new if keep_pruned is None else new & jnp.asarray(keep_pruned, bool)
 
 
@@ -269,6 +344,7 @@ def prune(
     pattern: pat_lib.Pattern | str = "unstructured",
     filter: Filter | None = None,
     masks: PyTree | None = None,
+    opmap: Any = None,
     **signals: Any,
 ) -> tuple[PyTree, PyTree]:
     """One-shot pruning: ``params -> (pruned params, masks)`` for any criterion/allocation/pattern.
@@ -280,9 +356,12 @@ def prune(
       criterion: a :class:`~jaxprune.core.criteria.Criterion` or its name.
       allocation: an allocation or its name (``uniform``, ``erk``, ``er``, ``global``).
       pattern: a pattern or its spec (``unstructured``, ``2:4``, ``block4x4``, ``channel``).
-      filter: which leaves to prune (default: ``kernel`` leaves with ndim >= 2).
+      filter: which leaves to prune (default: the matmul and conv weights of ``opmap``; without
+        one, leaves named ``kernel`` with ndim >= 2).
       masks: existing masks to start from; their ``False`` entries stay pruned
         (``keep_pruned``), so pruning can be iterated.
+      opmap: the model's operator map (:func:`jaxprune.operator_map`): patterns act on each
+        weight's true matrix view, ERK on its true fan-in/fan-out.
       **signals: what the criterion needs (``grads=``, ``key=``, ``act_norms=``, ``movement=``).
 
     >>> _, m = prune({"kernel": jnp.array([[1., -5.], [2., 0.5]])}, 0.5, filter=lambda p, x: True)
@@ -293,13 +372,20 @@ def prune(
     crit = crit_lib.get(criterion)
     keep_pruned = masks is not None
     if masks is None:
-        masks = init_masks(params, filter)
+        masks = init_masks(params, default_filter(opmap) if filter is None else filter)
+        if filter is None and opmap is None and all(m is None for _, m in leaves_with_paths(masks)):
+            warnings.warn(
+                "jaxprune: the name-based default filter (leaves named 'kernel' with ndim >= 2) "
+                "selected no leaf, so nothing is pruned; pass opmap=jp.operator_map(apply_fn, "
+                "params, example_input) to find the matmul weights from the computation, or a "
+                "filter=", UserWarning, stacklevel=2,
+            )
     else:
         check_masks(params, masks)
     pat = pat_lib.parse(pattern)
     sparsity = resolve_sparsity(sparsity, pat)
-    validate_patterns(masks, pat)
+    validate_patterns(masks, pat, opmap)
     scores = crit(params, masks, **signals)
     new_masks = compute_masks(masks, scores, sparsity, allocation, pat,
-                              keep_pruned=keep_pruned)
+                              keep_pruned=keep_pruned, opmap=opmap)
     return apply_masks(params, new_masks), new_masks
