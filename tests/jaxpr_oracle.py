@@ -85,8 +85,8 @@ def matmul_views(fn: Any, params: Any, path_leaf_setter: Any, mask: np.ndarray, 
     p = path_leaf_setter(params, jnp.asarray(value))
     want = np.sort(value[value != 0])
     views = []
-    for lhs, rhs, ((lc, rc), (lb, rb)) in dot_operands(fn, p, *args):
-        for op, c, b in ((lhs, lc, lb), (rhs, rc, rb)):
+    for lhs, rhs, ((lc, rc), _) in dot_operands(fn, p, *args):
+        for op, c in ((lhs, lc), (rhs, rc)):
             if op.size != mask.size or not np.array_equal(np.sort(op[op != 0]), want):
                 continue
             rest = [i for i in range(op.ndim) if i not in c]

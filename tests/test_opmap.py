@@ -126,7 +126,7 @@ def test_stacked_layers_under_scan_and_torch_layout():
 
 
 def test_tied_embedding_is_not_a_weight():
-    name, fn, params, x = "gqa", *MAKERS["gqa"]()
+    fn, params, x = MAKERS["gqa"]()
     om = jp.operator_map(fn, params, x)
     assert om["embed/embedding"].role == "embedding"
     assert om["embed/embedding"].fan_in == (1,)  # logits = x @ E.T contract the model dim
