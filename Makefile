@@ -30,5 +30,6 @@ docs: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e ".[docs]"
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
+# committed results stay; smoke runs (--quick) write *_quick.* files, temporaries are .*.tmp
 clean:
-	rm -rf $(VENV) results/*.csv results/*.png site
+	rm -rf $(VENV) results/*_quick.* results/.*.tmp site build *.egg-info

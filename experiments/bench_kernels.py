@@ -16,9 +16,7 @@ works end to end; those timings are *not* performance numbers and the JSON marks
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import statistics
 import time
 import warnings
@@ -32,6 +30,8 @@ from jaxprune.core import patterns
 from jaxprune.kernels import _backend, formats
 from jaxprune.kernels.block_sparse_matmul import block_sparse_matmul
 from jaxprune.kernels.nm_matmul import nm_matmul
+
+from . import _common
 
 FULL_M = (1, 8, 16, 2048)
 FULL_KN = (2048, 4096, 8192)
@@ -114,8 +114,7 @@ def run(quick: bool, runs: int, warmup: int, out: Path) -> dict[str, Any]:
                  if interpret else "compiled kernels"),
         "runs": runs, "warmup": warmup, "stat": "median", "rows": rows,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    _common.write_json(out, result)
     return result
 
 
@@ -140,18 +139,20 @@ def main(argv: list[str] | None = None) -> int:
 
     >>> main(["--help"])  # doctest: +SKIP
     """
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke run)")
-    ap.add_argument("--runs", type=int, default=None, help="timed runs (>= 20; default 20/30)")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=Path("results/bench_kernels.json"))
+    ap = _common.parser("jaxprune run bench_kernels", __doc__)
+    ap.add_argument("--runs", type=_common.positive_int, default=None,
+                    help="timed runs (>= 20; default 20/30)")
+    ap.add_argument("--warmup", type=_common.nonnegative_int, default=3)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON file (default <results dir>/bench_kernels.json)")
     args = ap.parse_args(argv)
     runs = args.runs if args.runs is not None else (20 if args.quick else 30)
     if runs < 20:
         ap.error("--runs must be >= 20")
-    result = run(args.quick, runs, args.warmup, args.out)
+    out = args.out or _common.output_path(args, "bench_kernels.json")
+    result = run(args.quick, runs, args.warmup, out)
     print(table(result))
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
     return 0
 
 

@@ -8,28 +8,23 @@ Median of ``--repeats`` runs after one warm-up (compile) run, on whatever JAX ba
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+from . import _common
 
 
 def main(argv: list[str] | None = None) -> int:
     """Time the layer and the whole-model runs; print a table."""
     from tqdm.auto import tqdm
 
-    from jaxprune.oneshot import LayerStats, sparsegpt
+    from jaxprune.oneshot import LayerStats, SparseGPT
 
-    ap = argparse.ArgumentParser(prog="jaxprune run bench_sparsegpt",
-                                 description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--tokens", type=int, default=2048)
+    ap = _common.parser("jaxprune run bench_sparsegpt", __doc__)
+    ap.add_argument("--repeats", type=_common.positive_int, default=5)
+    ap.add_argument("--tokens", type=_common.positive_int, default=2048)
     ap.add_argument("--skip-minilm", action="store_true")
     args = ap.parse_args(argv)
     shapes = [(256, 512)] if args.quick else [(768, 3072), (2048, 2048)]
@@ -41,11 +36,12 @@ def main(argv: list[str] | None = None) -> int:
         st = LayerStats(x.T @ x, x.sum(0), (x**2).sum(0), args.tokens, fin)
         w = rng.normal(size=(fin, fout)).astype(np.float32)
         for tgt in (0.5, "2:4"):
-            jax.block_until_ready(sparsegpt(w, st, tgt))  # compile
+            sp, pat = (None, tgt) if isinstance(tgt, str) else (tgt, "unstructured")
+            jax.block_until_ready(SparseGPT()(w, st, sp, pattern=pat))  # compile
             times = []
             for _ in tqdm(range(reps), desc=f"{fin}x{fout} {tgt}", leave=False):
                 t0 = time.perf_counter()
-                jax.block_until_ready(sparsegpt(w, st, tgt))
+                jax.block_until_ready(SparseGPT()(w, st, sp, pattern=pat))
                 times.append(time.perf_counter() - t0)
             out["layers"].append({"shape": [fin, fout], "target": str(tgt),
                                   "median_s": float(np.median(times)), "times_s": times})
@@ -62,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         jax.block_until_ready(pruned)
         out["minilm_total_s"] = time.perf_counter() - t0
         out["minilm_calib_tokens"] = int(sum(c[0].size for c in calib))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "bench_sparsegpt.json").write_text(json.dumps(out, indent=2))
+    _common.write_json(_common.output_path(args, "bench_sparsegpt.json"), out)
     print(f"backend: {out['backend']}, {args.tokens} calibration tokens, median of {reps}")
     print(f"{'layer (in x out)':18s} {'target':>6s} {'median s':>9s}")
     for r in out["layers"]:

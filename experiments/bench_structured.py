@@ -10,8 +10,6 @@ slimmed, and the jitted forward pass timed (median of ``--repeats`` runs of ``--
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -20,7 +18,7 @@ from typing import Any
 
 import jax
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+from . import _common
 
 
 def median_time(fn: Callable[[], Any], iters: int = 20, repeats: int = 7) -> float:
@@ -38,9 +36,9 @@ def median_time(fn: Callable[[], Any], iters: int = 20, repeats: int = 7) -> flo
 
 def bench_cnn(ratios: list[float], batch: int, iters: int, repeats: int) -> list[dict]:
     """CNN rows: params and time of original vs slim for each ratio of conv channels removed."""
-    from jaxprune.structured import choose_units, discover_groups, group_scores, param_count, rebuild_small
+    from jaxprune.structured import choose_units, discover_groups, group_scores, param_count
     from jaxprune.structured import slim as do_slim
-    from jaxprune.zoo.models import CNN
+    from jaxprune.zoo.models import CNN, rebuild_small
 
     model = CNN(channels=(64, 128), hidden=256)
     x = jax.random.normal(jax.random.key(0), (batch, 8, 8, 1))
@@ -108,11 +106,12 @@ def head_ffn_groups(groups: list) -> list:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print a table, write ``results/bench_structured.json``."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
-    ap.add_argument("--out", default=str(RESULTS / "bench_structured.json"))
+    ap = _common.parser("jaxprune run bench_structured", __doc__)
+    ap.add_argument("--ratios", type=_common.unit_fraction, nargs="+", default=[0.25, 0.5])
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON file (default <results dir>/bench_structured.json)")
     a = ap.parse_args(argv)
+    out = a.out or _common.output_path(a, "bench_structured.json")
     iters, repeats = (5, 3) if a.quick else (20, 7)
     from tqdm.auto import tqdm
 
@@ -124,11 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"{r['model']:<12} {r['ratio']:>5.2f} {r['params']:>9d} {r['params_slim']:>9d} "
               f"{r['ms']:>8.2f} {r['ms_slim']:>8.2f} {r['speedup']:>7.2f}")
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": str(jax.devices()[0]), "jax": jax.__version__, "iters": iters,
             "repeats": repeats, "quick": a.quick, "note": "median of repeats; CPU shared machine"}
-    Path(a.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"wrote {a.out}")
+    _common.write_json(out, {"meta": meta, "rows": rows})
+    print(f"wrote {out}")
     return 0
 
 

@@ -1,7 +1,8 @@
 """Lottery tickets on digits MLP: IMP rewinding to init / early step vs random re-init vs one-shot.
 
-Iterative magnitude pruning (``jaxprune.training.lottery.imp``) removes ``fraction`` of the remaining
-weights per round down to ~98% sparsity. Compared at every round's sparsity:
+Iterative magnitude pruning (``jaxprune.training.lottery.imp``) removes ``--fraction`` of the remaining
+weights per round down to ~98% sparsity (``imp(sparsity=1 - (1 - fraction)^rounds, rounds=...)``).
+Compared at every round's sparsity:
 
 * IMP, rewind to init (Frankle & Carbin 2019);
 * IMP, late rewinding to step ``k`` (Frankle et al. 2020), the rewind point kept in the optimizer
@@ -16,8 +17,6 @@ weights per round down to ~98% sparsity. Compared at every round's sparsity:
 
 from __future__ import annotations
 
-import argparse
-import csv
 import time
 from pathlib import Path
 
@@ -31,7 +30,8 @@ from jaxprune.zoo.data import load_digits
 from jaxprune.zoo.loops import accuracy, batches, cross_entropy
 from jaxprune.zoo.models import MLP
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+from . import _common
+
 VARIANTS = ["IMP rewind to init", "IMP rewind to step k", "IMP LR rewinding", "random re-init",
             "one-shot + rewind to init"]
 
@@ -69,15 +69,11 @@ def make_trainer(model: MLP, x: np.ndarray, y: np.ndarray, steps: int, lr: float
 
 def main(argv: list[str] | None = None) -> int:
     """Run the study; write ``results/lottery.csv`` and ``.png``; print a table."""
-    ap = argparse.ArgumentParser(prog="jaxprune run lottery", description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="tiny run for tests")
-    ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--fraction", type=float, default=0.4)
-    ap.add_argument("--rewind-step", type=int, default=20)
-    ap.add_argument("--seeds", type=int, default=2)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap = _common.parser("jaxprune run lottery", __doc__, steps=400, seeds=2, lr=3e-3)
+    ap.add_argument("--rounds", type=_common.positive_int, default=8)
+    ap.add_argument("--fraction", type=_common.unit_fraction, default=0.4,
+                    help="fraction of the remaining weights pruned per round (default 0.4)")
+    ap.add_argument("--rewind-step", type=_common.nonnegative_int, default=20)
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.rounds, args.seeds, args.rewind_step = 12, 2, 1, 3
@@ -102,10 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         init = model.init(jax.random.key(seed), x[:1])["params"]
         train = make_trainer(model, x, y, args.steps, args.lr, args.rewind_step, seed)
         res = {}
+        final = 1.0 - (1.0 - args.fraction) ** args.rounds
         for variant, rewind_to in zip(VARIANTS[:3], ["init", args.rewind_step, "lr"],
                                       strict=True):
             res[variant] = lt.imp(
-                init, train, rounds=args.rounds, fraction=args.fraction, rewind_to=rewind_to,
+                init, train, sparsity=final, rounds=args.rounds, rewind_to=rewind_to,
                 callback=lambda r, v=variant, s=seed: record(v, s, r.round, r.masks, r.trained),
             )
         base = res[VARIANTS[0]]
@@ -115,17 +112,13 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in base.rounds[1:]:
             p = train(reinit, rnd.masks).params
             record(VARIANTS[3], seed, rnd.round, rnd.masks, p)
-            m1 = lt.imp_masks(dense_trained, full, lt.imp_sparsity(args.fraction, rnd.round))
+            m1 = lt.imp_masks(dense_trained, full, lt.imp_sparsity(final, rnd.round,
+                                                                    args.rounds))
             p = train(lt.rewind(init, m1), m1).params
             record(VARIANTS[4], seed, rnd.round, m1, p)
     bar.close()
     elapsed = time.perf_counter() - t0
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = "lottery_quick" if args.quick else "lottery"
-    with open(args.out / f"{name}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    _common.write_csv(_common.output_path(args, "lottery.csv"), rows)
     table = {}
     for v in VARIANTS:
         for r in range(args.rounds + 1):
@@ -141,32 +134,20 @@ def main(argv: list[str] | None = None) -> int:
         print(v.ljust(28) + "".join(
             f"{100 * table[(v, r)][1]:>9.2f}" if (v, r) in table else f"{'-':>9s}"
             for r in rounds))
-    plot(table, VARIANTS, rounds, args.out / f"{name}.png")
+    plot(table, VARIANTS, rounds, _common.output_path(args, "lottery.png"))
     return 0
 
 
 def plot(table: dict, variants: list[str], rounds: list[int], path: Path) -> None:
     """Test accuracy vs remaining weights (log x), error bars = std over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    series = {}
     for v in variants:
         pts = [table[(v, r)] for r in rounds if (v, r) in table]
-        ax.errorbar([100 * (1 - s) for s, _, _ in pts], [100 * m for _, m, _ in pts],
-                    yerr=[100 * sd for _, _, sd in pts], marker="o", capsize=3, label=v)
-    ax.set_xscale("log")
-    ax.invert_xaxis()
-    ax.set_xlabel("weights remaining (%)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("digits MLP: lottery tickets")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
+        series[v] = ([100 * (1 - s) for s, _, _ in pts], [100 * m for _, m, _ in pts],
+                     [100 * sd for _, _, sd in pts])
+    _common.errorbar_plot(path, series, xlabel="weights remaining (%)", ylabel="test accuracy (%)",
+                          title="digits MLP: lottery tickets", xscale="log", invert_x=True,
+                          figsize=(6.5, 4))
 
 
 if __name__ == "__main__":

@@ -10,15 +10,12 @@ block 0 (dense inputs) including exact OBS.
 
 from __future__ import annotations
 
-import argparse
-import csv
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+from . import _common
+
 METHODS = ["magnitude", "wanda", "sparsegpt", "wanda+dsnot", "sparsegpt+dsnot"]
 TARGETS: list = [0.5, 0.6, 0.7, "2:4", "4:8"]
 
@@ -27,18 +24,18 @@ def main(argv: list[str] | None = None) -> int:
     """Run the study and print the perplexity tables."""
     from tqdm.auto import tqdm
 
-    from experiments.train_gpt import VAL_RECORDS, load_or_train
-    from jaxprune.oneshot import calibrate, get_method, owl_targets, prune_sequential, recon_error
+    from jaxprune.oneshot import calibrate, get_method, owl_sparsities, prune_sequential, recon_error
     from jaxprune.oneshot.sequential import get_path
     from jaxprune.zoo.data import text_tfds
     from jaxprune.zoo.models.gpt import GPT, blocks, perplexity
 
-    ap = argparse.ArgumentParser(prog="jaxprune run oneshot_gpt", description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--calib", type=int, default=64, help="calibration records")
-    ap.add_argument("--eval", type=int, default=256, help="held-out records")
+    from .train_gpt import VAL_RECORDS, load_or_train
+
+    ap = _common.parser("jaxprune run oneshot_gpt", __doc__)
+    ap.add_argument("--calib", type=_common.positive_int, default=64, help="calibration records")
+    ap.add_argument("--eval", type=_common.positive_int, default=256, help="held-out records")
     args = ap.parse_args(argv)
-    cfg, params, info = load_or_train(quick=args.quick)
+    cfg, params, info = load_or_train(quick=args.quick, results=args.results_dir)
     model = GPT(cfg)
     tr = text_tfds.load_split("train")[:, : cfg.seq + 1]
     va = text_tfds.load_split("validation")[:VAL_RECORDS, : cfg.seq + 1]
@@ -54,15 +51,17 @@ def main(argv: list[str] | None = None) -> int:
     runs += [(m, 0.7, "owl") for m in ("wanda", "sparsegpt")] if not args.quick else []
     dense_stats = None
     for meth, tgt, alloc in tqdm(runs, desc="oneshot_gpt"):
-        targets_map = None
+        sparsities = None
         if alloc == "owl":
             if dense_stats is None:
                 dense_stats = calibrate(model, params, calib, gram=False)
             ks = {k: get_path(params, k) for k in dense_stats if k.startswith("block_")}
-            targets_map = owl_targets(ks, {k: dense_stats[k] for k in ks}, 0.7, group=r"block_\d+")
+            sparsities = owl_sparsities(ks, {k: dense_stats[k] for k in ks}, 0.7,
+                                        group=r"block_\d+")
         t0 = time.time()
-        pruned, _ = prune_sequential(params, blocks(cfg), calib, get_method(meth), tgt,
-                                     targets=targets_map, progress=False)
+        sp, pat = (None, tgt) if isinstance(tgt, str) else (tgt, "unstructured")
+        pruned, _ = prune_sequential(params, blocks(cfg), calib, get_method(meth), sp, pattern=pat,
+                                     sparsities=sparsities, progress=False)
         secs = time.time() - t0
         rows.append({"method": meth, "target": str(tgt), "allocation": alloc,
                      "ppl": perplexity(model, pruned, ev), "seconds": round(secs, 2)})
@@ -75,14 +74,10 @@ def main(argv: list[str] | None = None) -> int:
             q, _ = get_method(meth)(w, st[path], 0.5, name=path)
             layer_rows.append({"layer": path, "method": meth,
                                "rel_error": recon_error(w, np.asarray(q), st[path].hessian)})
-    RESULTS.mkdir(exist_ok=True)
-    with open(RESULTS / "oneshot_gpt.csv", "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=list(rows[0]))
-        wr.writeheader()
-        wr.writerows(rows)
-    (RESULTS / "oneshot_gpt.json").write_text(json.dumps(
-        {"gpt": info, "calib_records": n_cal, "eval_records": n_ev, "rows": rows,
-         "layer_errors": layer_rows, "quick": args.quick}, indent=2))
+    _common.write_csv(_common.output_path(args, "oneshot_gpt.csv"), rows)
+    _common.write_json(_common.output_path(args, "oneshot_gpt.json"),
+                       {"gpt": info, "calib_records": n_cal, "eval_records": n_ev, "rows": rows,
+                        "layer_errors": layer_rows, "quick": args.quick})
     print(f"{'method':16s} {'target':>6s} {'alloc':>8s} {'ppl':>8s} {'sec':>6s}")
     for r in rows:
         print(f"{r['method']:16s} {r['target']:>6s} {r['allocation']:>8s} {r['ppl']:8.3f} "
@@ -94,12 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         errs = [r["rel_error"] for r in layer_rows if r["layer"] == path]
         print(f"{path:22s} " + " ".join(f"{e:15.4f}" for e in errs))
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = _common.figure((6, 4))
         for meth in methods:
             xs = [float(r["target"]) for r in rows if r["method"] == meth
                   and r["allocation"] == "uniform" and ":" not in r["target"]]
@@ -111,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_ylabel("held-out byte perplexity")
         ax.set_yscale("log")
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(RESULTS / "oneshot_gpt.png", dpi=120)
+        _common.save_figure(fig, _common.output_path(args, "oneshot_gpt.png"))
     except Exception as e:  # pragma: no cover - plotting is optional
         print(f"plot skipped: {e}")
     return 0

@@ -10,15 +10,12 @@ neighbour (cosine, excluding itself) is the same as under the dense model.
 
 from __future__ import annotations
 
-import argparse
-import csv
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+from . import _common
+
 METHODS = ["magnitude", "wanda", "sparsegpt", "wanda+dsnot", "sparsegpt+dsnot"]
 
 
@@ -40,12 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     from jaxprune.zoo.data.text_tfds import stdlib_sentences
     from jaxprune.zoo.models import bert
 
-    ap = argparse.ArgumentParser(prog="jaxprune run oneshot_minilm",
-                                 description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--calib-sentences", type=int, default=600)
-    ap.add_argument("--eval-sentences", type=int, default=200)
-    ap.add_argument("--seq", type=int, default=32, help="calibration window (tokens)")
+    ap = _common.parser("jaxprune run oneshot_minilm", __doc__)
+    ap.add_argument("--calib-sentences", type=_common.positive_int, default=600)
+    ap.add_argument("--eval-sentences", type=_common.positive_int, default=200)
+    ap.add_argument("--seq", type=_common.positive_int, default=32, help="calibration window (tokens)")
     args = ap.parse_args(argv)
     model, params, tok = bert.load_minilm()
     n_cal, n_ev = (160, 48) if args.quick else (args.calib_sentences, args.eval_sentences)
@@ -57,22 +52,19 @@ def main(argv: list[str] | None = None) -> int:
     for tgt in tqdm([0.5, "2:4"], desc="targets"):
         for meth in methods:
             t0 = time.time()
+            sp, pat = (None, tgt) if isinstance(tgt, str) else (tgt, "unstructured")
             pruned, _ = prune_sequential(params, bert.blocks(model.cfg), calib, get_method(meth),
-                                         tgt, progress=False)
+                                         sp, pattern=pat, progress=False)
             secs = time.time() - t0
             emb = bert.embed_texts(model, pruned, tok, texts)
             rows.append({"method": meth, "target": str(tgt),
                          "cosine": float((emb * dense).sum(1).mean()),
                          "nn_agreement": nn_agreement(dense, emb), "seconds": round(secs, 1)})
-    RESULTS.mkdir(exist_ok=True)
-    with open(RESULTS / "oneshot_minilm.csv", "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=list(rows[0]))
-        wr.writeheader()
-        wr.writerows(rows)
+    _common.write_csv(_common.output_path(args, "oneshot_minilm.csv"), rows)
     ntok = int(sum(c[0].size for c in calib))
-    (RESULTS / "oneshot_minilm.json").write_text(json.dumps(
-        {"calib_tokens": ntok, "eval_sentences": n_ev, "rows": rows, "quick": args.quick},
-        indent=2))
+    _common.write_json(_common.output_path(args, "oneshot_minilm.json"),
+                       {"calib_tokens": ntok, "eval_sentences": n_ev, "rows": rows,
+                        "quick": args.quick})
     print(f"calibration tokens: {ntok}; held-out sentences: {n_ev}")
     print(f"{'method':16s} {'target':>6s} {'cosine':>8s} {'NN agree':>9s} {'sec':>6s}")
     for r in rows:

@@ -10,8 +10,6 @@ layers were pruned away entirely (layer collapse, Tanaka et al. 2020).
 
 from __future__ import annotations
 
-import argparse
-import csv
 import time
 from pathlib import Path
 
@@ -25,7 +23,8 @@ from jaxprune.zoo.data import load_digits
 from jaxprune.zoo.loops import accuracy, batches, cross_entropy
 from jaxprune.zoo.models import CNN
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+from . import _common
+
 METHODS = ["random", "SNIP", "GraSP", "SynFlow"]
 
 
@@ -37,12 +36,12 @@ def compute(method: str, model: CNN, params, batch, sparsity: float, seed: int,
         return cross_entropy(model.apply({"params": p}, b[0]), b[1])
 
     if method == "SNIP":
-        return pai.snip(loss, params, batch, sparsity)
+        return pai.snip(loss, params, batch, sparsity)[1]
     if method == "GraSP":
-        return pai.grasp(loss, params, batch, sparsity)
+        return pai.grasp(loss, params, batch, sparsity)[1]
     if method == "SynFlow":
         return pai.synflow(lambda p, x: model.apply({"params": p}, x), params, (1, 8, 8, 1),
-                           sparsity, rounds=synflow_rounds)
+                           sparsity, rounds=synflow_rounds)[1]
     masks = jp.init_masks(params)
     scores = jp.criteria.random(params, masks, key=jax.random.key(500 + seed))
     return pai.masks_from_scores(masks, scores, sparsity)
@@ -50,14 +49,9 @@ def compute(method: str, model: CNN, params, batch, sparsity: float, seed: int,
 
 def main(argv: list[str] | None = None) -> int:
     """Run the study; write ``results/pai.csv`` and ``.png``; print a table."""
-    ap = argparse.ArgumentParser(prog="jaxprune run pai", description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="tiny run for tests")
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--seeds", type=int, default=2)
-    ap.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.99, 0.999])
-    ap.add_argument("--synflow-rounds", type=int, default=100)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap = _common.parser("jaxprune run pai", __doc__, steps=300, seeds=2, lr=3e-3)
+    ap.add_argument("--sparsities", type=_common.unit_fraction, nargs="+", default=[0.9, 0.99, 0.999])
+    ap.add_argument("--synflow-rounds", type=_common.positive_int, default=100)
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.seeds, args.sparsities, args.synflow_rounds = 10, 1, [0.99], 3
@@ -103,12 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                 bar.update(1)
     bar.close()
     elapsed = time.perf_counter() - t0
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = "pai_quick" if args.quick else "pai"
-    with open(args.out / f"{name}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    _common.write_csv(_common.output_path(args, "pai.csv"), rows)
     print(f"\ndigits CNN, masks at init, {args.steps} training steps, {args.seeds} seeds, "
           f"SynFlow {args.synflow_rounds} rounds, {elapsed:.0f}s")
     print(f"{'method':8s} {'sparsity':>8s} {'test acc (mean ± std)':>22s}  collapse (seeds)")
@@ -122,18 +111,13 @@ def main(argv: list[str] | None = None) -> int:
             summary[(m, s)] = (float(a.mean()), float(a.std()))
             print(f"{m:8s} {s:8.3f} {100 * a.mean():14.2f} ± {100 * a.std():4.2f}  "
                   f"{n_col}/{len(sel)} {','.join(layers)}")
-    plot(summary, args.sparsities, args.out / f"{name}.png")
+    plot(summary, args.sparsities, _common.output_path(args, "pai.png"))
     return 0
 
 
 def plot(summary: dict, sparsities: list[float], path: Path) -> None:
     """Grouped bars: accuracy per method at each sparsity."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = _common.figure((6.5, 4))
     width = 0.8 / len(METHODS)
     for i, m in enumerate(METHODS):
         xs = np.arange(len(sparsities)) + i * width
@@ -145,9 +129,7 @@ def plot(summary: dict, sparsities: list[float], path: Path) -> None:
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("digits CNN: pruning at initialisation")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -29,41 +29,44 @@ from typing import Any
 
 import numpy as np
 
+from . import _common
+
+pos_int = _common.positive_int
+
 
 def build_parser() -> argparse.ArgumentParser:
-    """The experiment's command-line flags."""
-    p = argparse.ArgumentParser(prog="sparse_pretrain", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny model, 60 steps (CPU smoke run)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 2000)")
-    p.add_argument("--batch", type=int, default=None, help="global batch size (default 32)")
-    p.add_argument("--seq", type=int, default=None, help="sequence length (default 128)")
-    p.add_argument("--d-model", type=int, default=None, help="width (default 256)")
-    p.add_argument("--layers", type=int, default=None, help="decoder blocks (default 4)")
-    p.add_argument("--heads", type=int, default=None, help="attention heads (default 4)")
-    p.add_argument("--lr", type=float, default=3e-3)
+    """The experiment's command-line flags (counts are validated: ``--steps -5`` exits 2)."""
+    p = _common.parser("jaxprune run sparse_pretrain", __doc__, lr=3e-3)
+    p.add_argument("--steps", type=pos_int, default=None, help="training steps (default 2000)")
+    p.add_argument("--batch", type=pos_int, default=None, help="global batch size (default 32)")
+    p.add_argument("--seq", type=pos_int, default=None, help="sequence length (default 128)")
+    p.add_argument("--d-model", type=pos_int, default=None, help="width (default 256)")
+    p.add_argument("--layers", type=pos_int, default=None, help="decoder blocks (default 4)")
+    p.add_argument("--heads", type=pos_int, default=None, help="attention heads (default 4)")
     p.add_argument("--sparsity", type=float, default=0.85, help="final sparsity (0.8-0.9)")
     p.add_argument("--prune-begin", type=float, default=0.1, help="ramp start, fraction of steps")
     p.add_argument("--prune-end", type=float, default=0.7, help="ramp end, fraction of steps")
-    p.add_argument("--prune-every", type=int, default=None, help="mask update period (steps)")
+    p.add_argument("--prune-every", type=pos_int, default=None, help="mask update period (steps)")
     p.add_argument("--allocation", default="uniform", help="uniform | erk | global")
     p.add_argument("--mesh", default="1,1", help="data,model mesh shape, e.g. 2,4")
-    p.add_argument("--cpu-devices", type=int, default=None,
+    p.add_argument("--cpu-devices", type=pos_int, default=None,
                    help="number of virtual CPU devices (set before JAX starts)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ckpt-dir", default="results/sparse_pretrain_ckpt")
-    p.add_argument("--ckpt-every", type=int, default=None, help="checkpoint period (steps)")
-    p.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
+    p.add_argument("--seed", type=_common.nonnegative_int, default=0)
+    p.add_argument("--ckpt-dir", default=None,
+                   help="checkpoint directory (default <results dir>/sparse_pretrain_ckpt)")
+    p.add_argument("--ckpt-every", type=pos_int, default=None, help="checkpoint period (steps)")
+    p.add_argument("--keep", type=pos_int, default=2, help="checkpoints to keep")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    p.add_argument("--stop-after", type=int, default=None,
+    p.add_argument("--stop-after", type=pos_int, default=None,
                    help="exit after this step (simulates an interrupted run)")
-    p.add_argument("--log-every", type=int, default=None)
-    p.add_argument("--corpus-bytes", type=int, default=4_000_000)
+    p.add_argument("--log-every", type=pos_int, default=None)
+    p.add_argument("--corpus-bytes", type=pos_int, default=4_000_000)
     p.add_argument("--out", default=None, help="write the final metrics as JSON here")
     p.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize (multi-host slice)")
     p.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-host)")
-    p.add_argument("--num-processes", type=int, default=None)
-    p.add_argument("--process-id", type=int, default=None)
+    p.add_argument("--num-processes", type=pos_int, default=None)
+    p.add_argument("--process-id", type=_common.nonnegative_int, default=None)
     return p
 
 
@@ -79,6 +82,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     for k, v in preset.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.ckpt_dir is None:
+        args.ckpt_dir = str(_common.results_dir(args, create=False) / "sparse_pretrain_ckpt")
     return args
 
 
@@ -129,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import jaxprune as jp
     from jaxprune.io import checkpoint as ck
-    from jaxprune.io import compact as sparse_ckpt
+    from jaxprune.io import compact
     from jaxprune.zoo.models.tiny_lm import TinyLM, lm_loss
 
     data_ax, model_ax = (int(v) for v in args.mesh.split(","))
@@ -156,11 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     def loss_fn(p, tokens, rng):
         return lm_loss(model.apply({"params": p}, tokens), tokens)
 
-    train_step = shd.make_train_step(loss_fn, tx, shardings, bsh)
+    train_step = shd.make_sharded_train_step(loss_fn, tx, shardings, bsh)
     eval_loss = jax.jit(lambda p, t: loss_fn(p, t, None), in_shardings=(shardings.params, bsh))
 
     ckpt_dir = os.path.abspath(args.ckpt_dir)
-    config = {k: v for k, v in vars(args).items() if k not in ("resume", "stop_after", "out")}
+    config = {k: v for k, v in vars(args).items()
+              if k not in ("resume", "stop_after", "out", "results_dir")}
     mgr = ck.CheckpointManager(ckpt_dir, max_to_keep=args.keep)
     if args.resume and mgr.latest_step() is not None:
         state, saved_cfg = mgr.restore(state)
@@ -227,15 +233,14 @@ def main(argv: list[str] | None = None) -> int:
             import shutil
 
             shutil.rmtree(sparse_dir)
-        info = sparse_ckpt.save_sparse(sparse_dir, jax.device_get(state.params),
-                                       jax.device_get(masks))
+        info = compact.save_sparse(sparse_dir, jax.device_get(state.params),
+                                   jax.device_get(masks))
         metrics["compact_ckpt_bytes"] = info["bytes"]
         metrics["dense_params_masks_bytes"] = info["dense_bytes"]
         metrics["train_state_ckpt_bytes"] = ck.dir_size(os.path.join(ckpt_dir, str(args.steps)))
     print(json.dumps(metrics, indent=1))
     if args.out and pid == 0:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(metrics, indent=1))
+        _common.write_json(args.out, metrics, indent=1)
     return 0
 
 

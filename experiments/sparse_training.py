@@ -10,8 +10,6 @@ to the short run: drop fraction 0.3, cosine annealed until 75% of training, ``Δ
 
 from __future__ import annotations
 
-import argparse
-import csv
 import time
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from jaxprune.zoo.data import load_digits
 from jaxprune.zoo.loops import accuracy, train_classifier
 from jaxprune.zoo.models import CNN
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+from . import _common
 
 # (label, method, allocation)
 METHODS = [
@@ -48,21 +46,16 @@ def make_tx(method: str, allocation: str, sparsity: float, steps: int, period: i
         return jp.gradual_magnitude(inner, sparsity, begin=steps // 10, end=int(0.75 * steps),
                                     freq=period)
     if method == "static":
-        return static_sparse(inner, sparsity=sparsity, allocation=allocation, key=key)
+        return static_sparse(inner, sparsity, allocation=allocation, key=key)
     fn = rigl if method == "rigl" else set_training
-    return fn(inner, sparsity=sparsity, allocation=allocation, total_steps=steps,
+    return fn(inner, sparsity, allocation=allocation, total_steps=steps,
               update_period=period, key=key)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the study; write ``results/sparse_training.csv`` and ``.png``; print a table."""
-    ap = argparse.ArgumentParser(prog="jaxprune run sparse_training", description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="tiny run for tests")
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--sparsities", type=float, nargs="+", default=[0.8, 0.9, 0.95])
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap = _common.parser("jaxprune run sparse_training", __doc__, steps=300, seeds=3, lr=3e-3)
+    ap.add_argument("--sparsities", type=_common.unit_fraction, nargs="+", default=[0.8, 0.9, 0.95])
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.seeds, args.sparsities = 24, 1, [0.9]
@@ -95,18 +88,13 @@ def main(argv: list[str] | None = None) -> int:
                              "measured_sparsity": round(measured, 4), "test_acc": acc})
                 bar.update(1)
     elapsed = time.perf_counter() - t0
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = "sparse_training_quick" if args.quick else "sparse_training"
-    with open(args.out / f"{name}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    _common.write_csv(_common.output_path(args, "sparse_training.csv"), rows)
     summary = summarize(rows)
     print(f"\ndigits CNN, {args.steps} steps, {args.seeds} seeds, {elapsed:.0f}s")
     print(f"{'method':20s} {'sparsity':>8s} {'measured':>9s} {'test acc (mean ± std)':>22s}")
     for (label, s), (m, sd, ms) in summary.items():
         print(f"{label:20s} {s:8.2f} {ms:9.4f} {100 * m:14.2f} ± {100 * sd:4.2f}")
-    plot(summary, args.out / f"{name}.png")
+    plot(summary, _common.output_path(args, "sparse_training.png"))
     return 0
 
 
@@ -124,27 +112,14 @@ def summarize(rows: list[dict]) -> dict:
 
 def plot(summary: dict, path: Path) -> None:
     """Accuracy vs sparsity per method, error bars = std over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
     dense = [v for (m, _), v in summary.items() if m == "dense"]
+    series = {}
     for label, _, _ in METHODS:
         pts = sorted((s, v) for (m, s), v in summary.items() if m == label)
-        if pts:
-            ax.errorbar([s for s, _ in pts], [100 * v[0] for _, v in pts],
-                        yerr=[100 * v[1] for _, v in pts], marker="o", capsize=3, label=label)
-    if dense:
-        ax.axhline(100 * dense[0][0], color="k", ls="--", label="dense")
-    ax.set_xlabel("sparsity")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("digits CNN: sparse training")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        series[label] = ([s for s, _ in pts], [100 * v[0] for _, v in pts], [100 * v[1] for _, v in pts])
+    _common.errorbar_plot(path, series, xlabel="sparsity", ylabel="test accuracy (%)",
+                          title="digits CNN: sparse training",
+                          hline=(100 * dense[0][0], "dense") if dense else None)
 
 
 if __name__ == "__main__":

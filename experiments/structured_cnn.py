@@ -10,31 +10,24 @@ the flattened dense rows); channels are ranked by the L2 norm of the whole group
 
 from __future__ import annotations
 
-import argparse
-import csv
-import json
-from pathlib import Path
-
 import jax
 import optax
 
-from experiments.bench_structured import median_time
-from jaxprune.structured import choose_units, discover_groups, group_scores, param_count, rebuild_small
+from jaxprune.structured import choose_units, discover_groups, group_scores, param_count
 from jaxprune.structured import slim as do_slim
 from jaxprune.zoo.data import load_digits
 from jaxprune.zoo.loops import accuracy, train_classifier
-from jaxprune.zoo.models import CNN
+from jaxprune.zoo.models import CNN, rebuild_small
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+from . import _common
+from .bench_structured import median_time
 
 
 def main(argv: list[str] | None = None) -> int:
     """Train, prune, fine-tune, time; print a table and write results."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--finetune", type=int, default=200)
+    ap = _common.parser("jaxprune run structured_cnn", __doc__, steps=1500)
+    ap.add_argument("--ratios", type=_common.unit_fraction, nargs="+", default=[0.25, 0.5])
+    ap.add_argument("--finetune", type=_common.positive_int, default=200)
     ap.add_argument("--criterion", default="l2")
     a = ap.parse_args(argv)
     steps, ft = (300, 50) if a.quick else (a.steps, a.finetune)
@@ -73,22 +66,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['ratio']:>7.2f} {row['channels']:>9} {row['params']:>8d} "
               f"{row['acc_pruned']:>10.4f} {row['acc_finetuned']:>7.4f} {row['ms']:>8.3f} "
               f"{row['speedup']:>7.2f}")
-    RESULTS.mkdir(exist_ok=True)
-    with open(RESULTS / "structured_cnn.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    _common.write_csv(_common.output_path(a, "structured_cnn.csv"), rows)
     meta = {"train_steps": steps, "finetune_steps": ft, "criterion": a.criterion,
             "test_images": int(len(xte)), "timing": f"median of {repeats} x {iters} calls",
             "device": str(jax.devices()[0]), "quick": a.quick}
-    (RESULTS / "structured_cnn.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    _common.write_json(_common.output_path(a, "structured_cnn.json"), {"meta": meta, "rows": rows})
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(1, 2, figsize=(8, 3))
+        fig, ax = _common.figure((8, 3), ncols=2)
         rs = [row["ratio"] for row in rows]
         ax[0].plot(rs, [row["acc_pruned"] for row in rows], "o-", label="pruned")
         ax[0].plot(rs, [row["acc_finetuned"] for row in rows], "s-", label="fine-tuned")
@@ -97,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         ax[0].legend()
         ax[1].bar([str(x) for x in rs], [row["ms"] for row in rows])
         ax[1].set_ylabel("ms / test-set forward (CPU)")
-        fig.tight_layout()
-        fig.savefig(RESULTS / "structured_cnn.png", dpi=100)
+        _common.save_figure(fig, _common.output_path(a, "structured_cnn.png"), dpi=100)
     except Exception as e:  # noqa: BLE001 - plotting is optional
         print(f"(plot skipped: {e})")
     return 0

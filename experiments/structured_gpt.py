@@ -11,21 +11,18 @@ tracing the model (:func:`jaxprune.structured.discover_groups`); a slimmed model
 full-size model's.
 
     python -m experiments.structured_gpt            # results/structured_gpt.{csv,json,png}
-    python -m experiments.structured_gpt --quick    # smoke run, nothing written
+    python -m experiments.structured_gpt --quick    # smoke run -> results/structured_gpt_quick.*
     jaxprune run structured_gpt [--quick]           # the same through the CLI
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+from . import _common
+
 METHODS = [("magnitude", "l2", False), ("taylor", "taylor", False), ("flap", "flap", False),
            ("flap+bias", "flap", True)]
 
@@ -57,7 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
     from tqdm.auto import tqdm
 
-    from experiments.train_gpt import VAL_RECORDS, load_or_train
     from jaxprune.core.masks import apply_masks
     from jaxprune.structured import (
         block_scores,
@@ -75,19 +71,22 @@ def main(argv: list[str] | None = None) -> int:
     from jaxprune.zoo.data import text_tfds
     from jaxprune.zoo.models.gpt import GPT, config_from_params, loss_fn, perplexity
 
-    ap = argparse.ArgumentParser(prog="python -m experiments.structured_gpt",
-                                 description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="few records, one ratio, nothing written")
-    ap.add_argument("--ratios", type=float, nargs="+", default=None, help="default 0.2 0.4")
-    ap.add_argument("--calib", type=int, default=64, help="calibration records (train split)")
-    ap.add_argument("--eval", type=int, default=256, help="held-out records (as oneshot_gpt)")
-    ap.add_argument("--allocation", choices=["per_group", "global"], default="per_group",
-                    help="per_group: every layer loses the same fraction of heads / FFN units; "
+    from .train_gpt import VAL_RECORDS, load_or_train
+
+    ap = _common.parser("jaxprune run structured_gpt", __doc__)
+    ap.add_argument("--ratios", type=_common.unit_fraction, nargs="+", default=None,
+                    help="default 0.2 0.4")
+    ap.add_argument("--calib", type=_common.positive_int, default=64,
+                    help="calibration records (train split)")
+    ap.add_argument("--eval", type=_common.positive_int, default=256,
+                    help="held-out records (as oneshot_gpt)")
+    ap.add_argument("--allocation", choices=["uniform", "global"], default="uniform",
+                    help="uniform: every layer loses the same share of heads / FFN units; "
                          "global: one threshold over all layers' (standardised) head scores, "
                          "another over FFN scores")
     a = ap.parse_args(argv)
     t_start = time.time()
-    cfg, params, info = load_or_train(quick=a.quick)
+    cfg, params, info = load_or_train(quick=a.quick, results=a.results_dir)
     model = GPT(cfg)
     v = {"params": params}
     tr = text_tfds.load_split("train")[:, : cfg.seq + 1]
@@ -106,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         raise RuntimeError(f"expected {cfg.layers} head and FFN groups, traced {len(heads)} / "
                            f"{len(ffn)}; declare them with jaxprune.structured.declare_groups")
     prunable = heads + ffn
-    stats = input_stats(model.apply, v, calib)
+    stats = input_stats(model, v, calib)
     grads = None
     for i in range(0, n_cal, 8):
         g = jax.grad(lambda p, r: loss_fn(model, p, r))(params, cal_rec[i:i + 8].astype(np.int32))
@@ -190,13 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     for r, ns in rounding_notes.items():
         print(f"ratio {r}: " + "; ".join(ns))
     print(f"slim vs masked perplexity: max relative difference {gap:.2e}; total {total:.0f} s")
-    if a.quick:
-        return 0
-    RESULTS.mkdir(exist_ok=True)
-    with open(RESULTS / "structured_gpt.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    _common.write_csv(_common.output_path(a, "structured_gpt.csv"), rows)
     meta = {"gpt": info, "config": cfg._asdict(), "calib_records": n_cal, "eval_records": n_ev,
             "seq": cfg.seq, "allocation": a.allocation, "ratios": ratios,
             "slim_vs_masked_max_rel_diff": gap, "total_seconds": round(total, 1),
@@ -204,15 +197,10 @@ def main(argv: list[str] | None = None) -> int:
             "block_scores": [s._asdict() for s in bs],
             "ppl_without_block": dict(enumerate(drop_each)),
             "rounding_notes": {str(r): ns for r, ns in rounding_notes.items()}}
-    (RESULTS / "structured_gpt.json").write_text(json.dumps({"meta": meta, "rows": rows},
-                                                            indent=2, default=str))
+    _common.write_json(_common.output_path(a, "structured_gpt.json"), {"meta": meta, "rows": rows},
+                       default=str)
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = _common.figure((6, 4))
         for label, _, _ in METHODS:
             rs = [row for row in hf if row["method"] == label]
             ax.plot([n0] + [row["params"] for row in rs], [ppl0] + [row["ppl"] for row in rs],
@@ -226,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_ylabel("held-out byte perplexity")
         ax.invert_xaxis()
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(RESULTS / "structured_gpt.png", dpi=110)
+        _common.save_figure(fig, _common.output_path(a, "structured_gpt.png"), dpi=110)
     except Exception as e:  # noqa: BLE001 - plotting is optional
         print(f"(plot skipped: {e})")
     return 0

@@ -10,8 +10,8 @@ see ``jaxprune.zoo.data.text_tfds``). The trained params go to ``results/gpt_par
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -24,9 +24,8 @@ from flax import serialization
 from jaxprune.zoo.data import text_tfds
 from jaxprune.zoo.models.gpt import GPT, GPTConfig, loss_fn, perplexity
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
-PARAMS = RESULTS / "gpt_params.msgpack"
-CONFIG = RESULTS / "gpt_config.json"
+from . import _common
+
 VAL_RECORDS = 512  # fixed held-out subset (first records of the validation split)
 
 
@@ -72,44 +71,50 @@ def train(cfg: GPTConfig, steps: int, batch: int, lr: float, seed: int = 0,
     return params, info
 
 
-def save(params: dict, cfg: GPTConfig, info: dict, path: Path = PARAMS) -> None:
-    """Write params (flax msgpack) and config/info JSON."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(serialization.to_bytes(params))
-    CONFIG.write_text(json.dumps({"config": cfg._asdict(), "info": info}, indent=2))
+def gpt_files(results: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """``(params, config)`` paths of the trained GPT in the results directory."""
+    d = _common.results_dir(results, create=False)
+    return d / "gpt_params.msgpack", d / "gpt_config.json"
 
 
-def load_or_train(quick: bool = False, retrain: bool = False) -> tuple[GPTConfig, dict, dict]:
-    """The trained GPT from ``results/`` (training and saving it first if absent)."""
-    if PARAMS.exists() and CONFIG.exists() and not retrain:
-        meta = json.loads(CONFIG.read_text())
+def save(params: dict, cfg: GPTConfig, info: dict, results: str | os.PathLike | None = None) -> None:
+    """Write params (flax msgpack) and config/info JSON (atomically) to the results directory."""
+    params_file, config_file = gpt_files(results)
+    with _common.atomic_open(params_file, "wb") as f:
+        f.write(serialization.to_bytes(params))
+    _common.write_json(config_file, {"config": cfg._asdict(), "info": info})
+
+
+def load_or_train(quick: bool = False, retrain: bool = False,
+                  results: str | os.PathLike | None = None) -> tuple[GPTConfig, dict, dict]:
+    """The trained GPT from the results directory (training and saving it first if absent)."""
+    params_file, config_file = gpt_files(results)
+    if params_file.exists() and config_file.exists() and not retrain:
+        meta = json.loads(config_file.read_text())
         cfg = GPTConfig(**meta["config"])
         template = GPT(cfg).init(jax.random.key(0), jnp.zeros((1, cfg.seq), jnp.int32))["params"]
-        return cfg, serialization.from_bytes(template, PARAMS.read_bytes()), meta["info"]
+        return cfg, serialization.from_bytes(template, params_file.read_bytes()), meta["info"]
     cfg = GPTConfig(seq=128)
     steps, batch = (40, 8) if quick else (300, 16)
     params, info = train(cfg, steps, batch, 3e-3)
     if not quick:
-        save(params, cfg, info)
+        save(params, cfg, info, results)
     return cfg, params, info
 
 
 def main(argv: list[str] | None = None) -> int:
     """Train the GPT and print its held-out perplexity."""
-    ap = argparse.ArgumentParser(prog="jaxprune run train_gpt", description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="a few steps, nothing saved")
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap = _common.parser("jaxprune run train_gpt", __doc__, steps=300, lr=3e-3)
+    ap.add_argument("--batch", type=_common.positive_int, default=16)
+    ap.add_argument("--seq", type=_common.positive_int, default=128)
     ap.add_argument("--pos", choices=["learned", "rope"], default="learned")
     args = ap.parse_args(argv)
     cfg = GPTConfig(pos=args.pos, seq=args.seq)
     steps, batch = (40, 8) if args.quick else (args.steps, args.batch)
     params, info = train(cfg, steps, batch, args.lr)
-    if not args.quick:
-        save(params, cfg, info)
-        (RESULTS / "train_gpt.json").write_text(json.dumps(info, indent=2))
+    if not args.quick:  # --quick saves nothing
+        save(params, cfg, info, args.results_dir)
+        _common.write_json(_common.output_path(args, "train_gpt.json"), info)
     print(f"{'steps':>6} {'batch':>5} {'seconds':>8} {'train loss':>10} {'val ppl':>8} {'bpb':>6}")
     print(f"{steps:>6} {batch:>5} {info['train_seconds']:>8} {info['final_train_loss']:>10.3f} "
           f"{info['val_ppl']:>8.3f} {info['val_bits_per_byte']:>6.3f}")

@@ -1,45 +1,67 @@
 """The ``jaxprune`` command: ``jaxprune demo`` and ``jaxprune run <experiment>``.
 
-Experiments are the modules ``experiments/<name>.py`` of the repository that define
-``main(argv: list[str] | None) -> int``; ``jaxprune run --list`` shows them.
+Experiments are the modules of the package ``jaxprune_experiments`` (the repository's
+``experiments/`` folder, shipped in the wheel under that name) that define
+``main(argv: list[str] | None) -> int``; ``jaxprune run --list`` shows them. They are found with
+:mod:`pkgutil` and read with :mod:`ast` (listing imports nothing); results go to ``./results`` of
+the current directory unless ``--results-dir`` or ``$JAXPRUNE_RESULTS_DIR`` says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import importlib.util
+import pkgutil
 import sys
-from pathlib import Path
+from types import ModuleType
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-EXPERIMENTS_DIR = REPO_ROOT / "experiments"
+#: the installed package holding the experiments; a source checkout without an install falls back
+#: to its ``experiments`` folder (importable from the repository root)
+EXPERIMENT_PACKAGES = ("jaxprune_experiments", "experiments")
+
+
+def _experiments_package() -> ModuleType | None:
+    for name in EXPERIMENT_PACKAGES:
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    return None
 
 
 def list_experiments() -> dict[str, str]:
-    """``{name: first docstring line}`` for every runnable module in ``experiments/``."""
+    """``{name: first docstring line}`` for every experiment module that defines ``main``."""
+    pkg = _experiments_package()
+    if pkg is None:
+        return {}
     out: dict[str, str] = {}
-    if not EXPERIMENTS_DIR.is_dir():
-        return out
-    for f in sorted(EXPERIMENTS_DIR.glob("*.py")):
-        if f.name.startswith("_"):
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+        if info.name.startswith("_") or info.ispkg:
             continue
-        text = f.read_text()
-        if "def main(" not in text:
+        spec = importlib.util.find_spec(f"{pkg.__name__}.{info.name}")
+        source = spec.loader.get_source(spec.name) if spec and spec.loader else None
+        if not source:
             continue
-        doc = ""
-        if text.lstrip().startswith(('"""', "'''")):
-            doc = text.lstrip()[3:].split("\n", 1)[0].strip().rstrip('"').strip()
-        out[f.stem] = doc
+        tree = ast.parse(source)
+        if not any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body):
+            continue
+        doc = ast.get_docstring(tree) or ""
+        out[info.name] = doc.strip().split("\n", 1)[0].strip()
     return out
 
 
-def _import_experiment(name: str):
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
-    return importlib.import_module(f"experiments.{name}")
+def import_experiment(name: str) -> ModuleType:
+    """The experiment module ``name`` (from ``jaxprune_experiments``)."""
+    pkg = _experiments_package()
+    if pkg is None:
+        raise SystemExit("jaxprune run: the experiments package (jaxprune_experiments) is not installed")
+    return importlib.import_module(f"{pkg.__name__}.{name}")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``jaxprune`` argument parser (sub-commands ``demo`` and ``run``)."""
     exps = list_experiments()
     p = argparse.ArgumentParser(
         prog="jaxprune",
@@ -53,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo_lib.add_arguments(demo)
     run = sub.add_parser(
-        "run", help="run an experiment: " + ", ".join(exps) if exps else "run an experiment"
+        "run", help="run an experiment: " + ", ".join(exps) if exps else "run an experiment",
+        description="Run an experiment; arguments after its name go to the experiment "
+                    "(`jaxprune run NAME --help` shows them).",
     )
     run.add_argument("name", nargs="?", choices=sorted(exps) or None, help="experiment name")
     run.add_argument("--list", action="store_true", help="list experiments and exit")
@@ -74,11 +98,17 @@ def main(argv: list[str] | None = None) -> int:
         return int(demo_lib.run(args) or 0)
     if args.command == "run":
         if args.list or args.name is None:
-            for name, doc in list_experiments().items():
+            exps = list_experiments()
+            if not exps:
+                print("no experiments found: install the jaxprune wheel (it ships "
+                      "jaxprune_experiments)", file=sys.stderr)
+                return 1
+            for name, doc in exps.items():
                 print(f"{name:28s} {doc}")
             return 0
-        mod = _import_experiment(args.name)
-        return int(mod.main(args.args) or 0)
+        rest = args.args[1:] if args.args[:1] == ["--"] else args.args
+        mod = import_experiment(args.name)
+        return int(mod.main(rest) or 0)
     parser.error(f"unknown command {args.command}")
     return 2
 

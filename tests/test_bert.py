@@ -90,7 +90,7 @@ def test_embeddings_are_semantic(minilm):
 
 
 def test_sparsegpt_50_keeps_cosine(minilm):
-    from jaxprune.oneshot.sequential import get_method, prune_sequential
+    from jaxprune.oneshot import get_method, prune_sequential
 
     model, params, tok = minilm
     from jaxprune.zoo.data.text_tfds import stdlib_sentences

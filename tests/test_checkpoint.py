@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -22,6 +21,8 @@ import jaxprune as jp
 from jaxprune.core.masks import leaves_with_paths
 from jaxprune.io import checkpoint as ck
 from jaxprune.io import compact as sc
+from jaxprune.kernels import formats as F
+from jaxprune.kernels.export import pack_params
 from jaxprune.zoo.loops import cross_entropy
 from jaxprune.zoo.models import MLP
 
@@ -255,12 +256,12 @@ def _params(rng, shapes):
             for i, s in enumerate(shapes)}
 
 
-@pytest.mark.parametrize("pattern,sparsity,max_ratio", [
-    ("unstructured", 0.9, 0.2),
-    ("2:4", 0.5, 0.55),
-    ("block4x4", 0.9, 0.2),
+@pytest.mark.parametrize("pattern,sparsity,max_ratio,fmt", [
+    ("unstructured", 0.9, 0.2, F.Bitmask),
+    ("2:4", 0.5, 0.55, F.NMPacked),
+    ("block4x4", 0.9, 0.2, F.BlockSparse),
 ])
-def test_compact_roundtrip_and_size(tmp_path, pattern, sparsity, max_ratio):
+def test_compact_roundtrip_and_size(tmp_path, pattern, sparsity, max_ratio, fmt):
     params = _params(np.random.default_rng(0), [(128, 128), (128, 64)])
     pruned, masks = jp.prune(params, sparsity, pattern=pattern)
     info = sc.save_sparse(tmp_path / "sparse", pruned, masks, pattern=pattern)
@@ -275,11 +276,25 @@ def test_compact_roundtrip_and_size(tmp_path, pattern, sparsity, max_ratio):
     p2, m2 = sc.load_sparse(tmp_path / "sparse", template=params)
     assert_trees_equal(pruned, p2)
     assert_trees_equal(masks, m2)
-    meta = json.loads((tmp_path / "sparse" / sc.META_FILE).read_text())
-    assert meta["format_version"] == 1
+    # the stored leaves are the one packer's formats, exactly what export.pack_params makes
+    packed = sc.load_packed(tmp_path / "sparse", template=params)
+    assert isinstance(packed["l0"]["kernel"], fmt)
+    assert isinstance(packed["l0"]["bias"], jax.Array)
+    ref = pack_params(pruned, masks, pattern)
+    assert jax.tree.structure(packed) == jax.tree.structure(ref)
+    for a, b in zip(jax.tree.leaves(packed), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_compact_keeps_masked_zero_values_and_nm_underfull_groups():
+def _roundtrip(tmp_path, params, masks, pattern, name="s"):
+    sc.save_sparse(tmp_path / name, params, masks, pattern=pattern)
+    p2, m2 = sc.load_sparse(tmp_path / name, template=params)
+    assert_trees_equal(params, p2)
+    assert_trees_equal(masks, m2)
+    return sc.load_packed(tmp_path / name)
+
+
+def test_compact_keeps_masked_zero_values_and_nm_underfull_groups(tmp_path):
     # a kept weight that is exactly 0.0 must stay "kept"; an N:M group with < n kept round-trips
     w = np.arange(1.0, 17.0, dtype=np.float32).reshape(8, 2)
     m = np.ones((8, 2), bool)
@@ -290,20 +305,97 @@ def test_compact_keeps_masked_zero_values_and_nm_underfull_groups():
     params = {"d": {"kernel": jnp.asarray(w * m), "bias": jnp.ones(2)}}
     masks = {"d": {"kernel": jnp.asarray(m), "bias": None}}
     for pat in ("unstructured", "2:4"):
-        packed = sc.pack(params, masks, pattern=pat)
-        p2, m2 = sc.unpack(packed, template=params)
-        assert_trees_equal(params, p2)
-        assert_trees_equal(masks, m2)
+        _roundtrip(tmp_path, params, masks, pat, name=pat.replace(":", "_"))
 
 
-def test_compact_rejects_wrong_pattern_naming_path():
+def _nm_params(rng, k, cols, n, m, *, empty_groups=False):
+    """(k, cols) kernel with an N:M mask along axis 0: random counts in [0, n] per group."""
+    mask = np.zeros((k // m, m, cols), bool)
+    for g in range(k // m):
+        for c in range(cols):
+            cnt = 0 if empty_groups and (g + c) % 2 == 1 else rng.integers(1, n + 1)
+            pos = rng.choice(m, size=cnt, replace=False)
+            mask[g, np.arange(m - cnt, m) if g == c == 0 else pos, c] = True
+    mask = mask.reshape(k, cols)
+    w = np.where(mask, rng.normal(size=(k, cols)) + 3.0, 0.0).astype(np.float32)
+    return {"kernel": jnp.asarray(w)}, {"kernel": jnp.asarray(mask)}
+
+
+@pytest.mark.parametrize("n,m,word", [(2, 256, np.uint8), (3, 256, np.uint8), (1, 512, np.uint16),
+                                      (5, 512, np.uint16)])
+def test_compact_nm_large_m_lossless(tmp_path, n, m, word):
+    """Positions >= 255 and under-full groups of m >= 256 land where they were (uint8 wrapped)."""
+    params, masks = _nm_params(np.random.default_rng(m + n), 2 * m, 3, n, m, empty_groups=m > 256)
+    assert bool(masks["kernel"][m - 1, 0])  # the last position of a group is used
+    packed = _roundtrip(tmp_path, params, masks, f"{n}:{m}")
+    assert isinstance(packed["kernel"], F.NMPacked)
+    assert packed["kernel"].indices.dtype == word
+
+
+def test_compact_nm_last_position_of_256():
+    """Regression oracle: a value kept at position 255 of a 1:256 group keeps its position."""
+    w = np.zeros((256, 1), np.float32)
+    w[255, 0] = 7.0
+    p = F.pack_nm(w, w != 0, 1, 256)
+    np.testing.assert_array_equal(np.asarray(F.unpack(p)), w)
+
+
+def test_compact_bitmask_fallbacks(tmp_path):
+    rng = np.random.default_rng(0)
+    # 1:256 with empty groups: NMPacked would decode an empty group as one kept zero
+    params, masks = _nm_params(rng, 512, 2, 1, 256, empty_groups=True)
+    assert isinstance(_roundtrip(tmp_path, params, masks, "1:256", "a")["kernel"], F.Bitmask)
+    # N:M along a non-contraction axis, and a 1-d leaf
+    w = jnp.asarray(rng.normal(size=(8, 4, 3)).astype(np.float32))
+    pat = jp.NM(2, 4, axis=0)
+    m3 = pat.mask(jnp.abs(w), 0.5)
+    v = jnp.arange(1.0, 9.0)
+    m1 = jp.NM(2, 4).mask(v, 0.5)
+    params = {"w": jnp.where(m3, w, 0), "v": jnp.where(m1, v, 0)}
+    masks = {"w": m3, "v": m1}
+    rules = jp.PerLeaf(rules=(("^w$", pat),), default=jp.NM(2, 4))
+    packed = _roundtrip(tmp_path, params, masks, rules, "b")
+    assert isinstance(packed["w"], F.Bitmask) and isinstance(packed["v"], F.Bitmask)
+    with pytest.raises(ValueError, match="'w'.*not 2:4 along axis 0"):
+        sc.save_sparse(tmp_path / "c", params, {"w": jnp.ones_like(m3), "v": m1}, pattern=rules)
+
+
+def test_compact_all_pruned_leaf(tmp_path):
+    params = {"a": jnp.zeros((8, 4)), "b": jnp.zeros((8, 4))}
+    masks = {"a": jnp.zeros((8, 4), bool), "b": jnp.zeros((8, 4), bool)}
+    _roundtrip(tmp_path, params, masks, jp.PerLeaf(rules=(("a", "block4x4"),)))
+
+
+def test_compact_rejects_wrong_pattern_naming_path(tmp_path):
     params = {"d": {"kernel": jnp.ones((8, 4))}}
     masks = {"d": {"kernel": jnp.ones((8, 4), bool)}}
     with pytest.raises(ValueError, match="'d/kernel'.*2:4"):
-        sc.pack(params, masks, pattern="2:4")
+        sc.save_sparse(tmp_path / "a", params, masks, pattern="2:4")
+    eye = jnp.eye(8, 4, dtype=bool)
     with pytest.raises(ValueError, match="'d/kernel'.*block"):
-        sc.pack(params, masks.copy() | {"d": {"kernel": jnp.eye(8, 4, dtype=bool)}},
-                pattern="block4x4")
+        sc.save_sparse(tmp_path / "b", {"d": {"kernel": eye * 1.0}}, {"d": {"kernel": eye}},
+                       pattern="block4x4")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_compact_refuses_values_where_mask_is_off(tmp_path):
+    """STE keeps dense weights: a compact checkpoint must not drop them silently."""
+    w = jnp.arange(1.0, 33.0).reshape(8, 4)
+    m = jnp.zeros((8, 4), bool).at[:2].set(True)
+    params = {"d": {"kernel": w.at[7, 3].set(0.0)}, "e": {"kernel": w * m}}
+    masks = {"d": {"kernel": m}, "e": {"kernel": m}}
+    with pytest.raises(ValueError, match=r"'d/kernel'.*23 of its 24 masked-off entries"):
+        sc.save_sparse(tmp_path / "s", params, masks)
+    assert not (tmp_path / "s").exists()
+    sc.save_sparse(tmp_path / "s", jp.apply_masks(params, masks), masks)
+
+
+def test_compact_missing_or_foreign_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a complete sparse checkpoint"):
+        sc.load_sparse(tmp_path / "nothing")
+    (tmp_path / "other").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a complete sparse checkpoint"):
+        sc.load_sparse(tmp_path / "other")
 
 
 def test_compact_template_mismatch(tmp_path):

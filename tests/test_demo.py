@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from jaxprune.zoo import demo
 
 
 def test_quick_demo_writes_csv_and_plot(tmp_path, capsys):
-    rc = cli.main(["demo", "--quick", "--no-progress", "--out", str(tmp_path)])
+    rc = cli.main(["demo", "--quick", "--no-progress", "--results-dir", str(tmp_path)])
     assert rc == 0
     out = capsys.readouterr().out
     assert "| run" in out and "exact zeros" in out
@@ -46,6 +47,11 @@ def test_quick_demo_writes_csv_and_plot(tmp_path, capsys):
         (["demo", "--criterion", "wanda"], "invalid choice: 'wanda'"),
         (["demo", "--criterion", "bogus"], "magnitude"),
         (["demo", "--sparsities", "1.5"], "must be in (0, 1)"),
+        (["demo", "--steps", "-5"], "argument --steps: must be an integer >= 2, got -5"),
+        (["demo", "--steps", "1"], "must be an integer >= 2, got 1"),
+        (["demo", "--batch-size", "0"], "argument --batch-size: must be an integer >= 1"),
+        (["demo", "--lr", "nan"], "argument --lr: must be a finite number > 0"),
+        (["demo", "--seed", "x"], "'x' is not an integer"),
     ],
 )
 def test_bad_arguments_exit_2_listing_choices(argv, needle, capsys):
@@ -71,6 +77,50 @@ def test_cli_help_and_bad_pattern_via_console_script():
     r = subprocess.run([*cmd, "demo", "--patterns", "2:5:1"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and "unknown pattern" in r.stderr
+
+
+def test_results_dir_from_env_and_atomic_writes(tmp_path, monkeypatch):
+    """``$JAXPRUNE_RESULTS_DIR`` is the default; a failing plot leaves the old files intact."""
+    p = argparse.ArgumentParser()
+    demo.add_arguments(p)
+    assert p.parse_args([]).results_dir is None
+    row = demo.DemoRow("dense", "-", "-", 0.0, 0.0, 0.0, True, 0.98, 100.0, 10, 1.0, "")
+    csv_path = tmp_path / "demo.csv"
+    demo.write_csv([row], csv_path)
+    before = csv_path.read_bytes()
+    monkeypatch.setattr(demo, "asdict", lambda r: 1 / 0)  # fails half-way through the rows
+    with pytest.raises(ZeroDivisionError):
+        demo.write_csv([row], csv_path)
+    assert csv_path.read_bytes() == before
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["demo.csv"]  # no temporary left over
+    monkeypatch.undo()
+    # the env var routes a run's output (the training itself is stubbed)
+    monkeypatch.setenv("JAXPRUNE_RESULTS_DIR", str(tmp_path / "env"))
+    monkeypatch.setattr(demo, "run_one", lambda *a, **k: row)
+    monkeypatch.setattr(demo, "plot", lambda rows, path: path.write_bytes(b"png"))
+    args = p.parse_args(["--quick", "--no-progress", "--patterns", "unstructured"])
+    assert demo.run(args) == 0
+    lines = (tmp_path / "env" / "demo.csv").read_text().splitlines()
+    assert lines[0] == ",".join(demo.CSV_FIELDS) and len(lines) == 3  # dense + unstructured@0.9
+    assert (tmp_path / "env" / "demo.png").read_bytes() == b"png"
+
+
+def test_training_loop_refuses_bad_counts():
+    """A non-positive step count or an impossible batch fails loudly (no NaN loss, no hang)."""
+    import numpy as np
+    import optax
+
+    from jaxprune.zoo import loops
+    from jaxprune.zoo.models import MLP
+
+    x, y = np.zeros((8, 4), np.float32), np.zeros(8, np.int32)
+    for steps in (0, -5):
+        with pytest.raises(ValueError, match="steps must be a positive integer"):
+            loops.train_classifier(MLP(), optax.adam(1e-3), x, y, steps=steps, progress=False)
+    with pytest.raises(ValueError, match=r"batch_size must be in \[1, 8\]"):
+        next(loops.batches(x, y, 9, seed=0))
+    with pytest.raises(ValueError, match="y has 7"):
+        next(loops.batches(x, y[:7], 4, seed=0))
 
 
 def test_plan_and_schedule():

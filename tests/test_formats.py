@@ -84,6 +84,33 @@ def test_nm_from_pattern_mask_and_pytree():
     assert p2.shape == p.shape and (p2.n, p2.m) == (2, 4)
 
 
+@pytest.mark.parametrize("n,m,word", [(2, 256, np.uint8), (1, 256, np.uint8), (2, 300, np.uint16),
+                                      (1, 512, np.uint16)])
+def test_nm_large_m_roundtrip(n, m, word):
+    """m >= 256: 8-bit codes up to 256 (no spare empty code), one uint16 code each above."""
+    rng = np.random.default_rng(m + n)
+    mask = _nm_mask(rng, 2 * m, 3, n, m, full=False)
+    mask[m - n:m, 0] = True  # the last positions of a group are used (uint8 wrapped at 256)
+    mask[:m - n, 0] = False
+    mask[m:, 1] = False  # an empty group
+    w = jnp.asarray(rng.standard_normal(mask.shape), jnp.float32)
+    p = F.pack_nm(w, mask, n, m)
+    assert p.indices.dtype == word and p.per_word == F.codes_per_word(m) == 1
+    assert p.nbytes() == p.values.size * 4 + p.indices.size * np.dtype(word).itemsize
+    dense, got = _decode(p)
+    np.testing.assert_array_equal(np.asarray(dense), np.asarray(jnp.where(mask, w, 0)))
+    if n == 1 and m == 256:  # documented lossy case: the empty group decodes as one kept zero
+        assert (np.asarray(got) | ~mask).all() and not np.array_equal(np.asarray(got), mask)
+    else:
+        np.testing.assert_array_equal(np.asarray(got), mask)
+
+
+def test_code_bits_limits():
+    assert [F.code_bits(m) for m in (2, 4, 16, 256, 257, 65536)] == [1, 2, 4, 8, 16, 16]
+    with pytest.raises(ValueError, match="m <= 65536"):
+        F.code_bits(65537)
+
+
 @SETTINGS
 @given(kb=st.sampled_from([1, 3]), nb=st.sampled_from([2, 4]), br=st.sampled_from([1, 4]),
        bc=st.sampled_from([3]), density=st.floats(0.0, 1.0), partial=st.booleans(),

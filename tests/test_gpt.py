@@ -35,8 +35,8 @@ def test_sequential_on_tiny_gpt_matches_perplexity_order():
     rec = text_tfds.split_bytes("train", 40 * 257)[:, :17]
     p = GPT(cfg).init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))["params"]
     calib = [rec[i:i + 8, :-1].astype(np.int32) for i in range(0, 32, 8)]
-    pruned, masks = prune_sequential(p, blocks(cfg), calib, get_method("sparsegpt"), "2:4",
-                                     progress=False)
+    pruned, masks = prune_sequential(p, blocks(cfg), calib, get_method("sparsegpt"),
+                                     pattern="2:4", progress=False)
     assert masks["head"]["lm_head"]["kernel"] is None  # head not pruned
     k = masks["block_1"]["fc2"]["kernel"]
     assert float(k.mean()) == 0.5

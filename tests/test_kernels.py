@@ -66,6 +66,25 @@ def test_nm_matmul_matches_reference(n, m, k, ncols, mrows, variant, tiles, dtyp
                                **_tol(dtype))
 
 
+def test_nm_reference_and_grads_for_16bit_codes():
+    """m > 256 (uint16 codes): the reference op and its custom_vjp against dense jnp.
+
+    The Pallas kernels unroll m planes per group, so m > 256 is a storage format (compact
+    checkpoints) rather than a kernel target; its kernel path is not compiled here.
+    """
+    w, mask = _nm_case(3, 300, 600, 4, seed=7)
+    p = F.pack_nm(w, mask, 3, 300)
+    assert p.indices.dtype == jnp.uint16
+    x = jnp.asarray(RNG.standard_normal((2, 600)), jnp.float32)
+    dense = jnp.where(mask, w, 0)
+    np.testing.assert_allclose(np.asarray(nm_matmul(x, p, impl="reference")),
+                               np.asarray(x @ dense), rtol=1e-5, atol=1e-5)
+    gv = jax.grad(lambda v: nm_matmul(x, p.replace(values=v), impl="reference").sum())(p.values)
+    gd = jax.grad(lambda d: (x @ d).sum())(dense)
+    np.testing.assert_allclose(np.asarray(F.unpack(p.replace(values=gv))),
+                               np.where(mask, np.asarray(gd), 0), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("variant", ["tpu", "gpu"])
 def test_nm_matmul_grads_match_reference(variant):
     w, mask = _nm_case(2, 4, 64, 16, seed=7)

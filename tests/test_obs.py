@@ -7,7 +7,7 @@ import pytest
 
 from jaxprune.core.patterns import nm_valid
 from jaxprune.oneshot.calibration import LayerStats
-from jaxprune.oneshot.obs import obs, obs_greedy
+from jaxprune.oneshot.obs import OBS, budget_counts, obs_greedy
 
 
 def _setup(seed=0):
@@ -75,14 +75,14 @@ def test_greedy_matches_brute_force_greedy(count):
 
 def test_layer_obs_unstructured_and_nm():
     w, st, h = _setup(2)
-    q, m = obs(w, st, 0.5, percdamp=0.0)
+    q, m = OBS(percdamp=0.0)(w, st, 0.5)
     m, q = np.asarray(m), np.asarray(q)
     assert int((~m).sum()) == 24
     for c in range(6):  # every column equals brute-force greedy with its own count
         bq, bk = brute_greedy(w[:, c].astype(np.float64), h, int((~m[:, c]).sum()))
         np.testing.assert_array_equal(m[:, c], bk)
         np.testing.assert_allclose(q[:, c], bq, rtol=1e-3, atol=1e-3)
-    q, m = obs(w, st, "2:4", percdamp=0.0)
+    q, m = OBS(percdamp=0.0)(w, st, pattern="2:4")
     m = np.asarray(m)
     assert nm_valid(m, 2, 4) and int(m.sum()) == 24
     for c in range(6):
@@ -102,6 +102,29 @@ def test_obs_close_to_best_subset_on_tiny_column():
 def test_obs_bad_input():
     w, st, _ = _setup()
     with pytest.raises(ValueError, match="attn/q/kernel.*1.0"):
-        obs(w, st, 1.0, name="attn/q/kernel")
+        OBS()(w, st, 1.0, name="attn/q/kernel")
     with pytest.raises(ValueError, match="needs calibration with gram=True"):
-        obs(w, st._replace(gram=None), 0.5)
+        OBS()(w, st._replace(gram=None), 0.5)
+
+
+def test_budget_counts_match_stable_argsort():
+    """The pipeline-based budget equals the OBC rule: the ``n`` smallest losses by a stable sort
+    (ties: lower flat index first), counted per column."""
+    rng = np.random.default_rng(4)
+    for shape, n in [((8, 6), 20), ((5, 3), 0), ((5, 3), 15), ((6, 4), 9)]:
+        losses = rng.integers(0, 4, size=shape).astype(np.float32)  # many ties
+        order = np.argsort(losses.reshape(-1), kind="stable")[:n]
+        want = np.bincount(order % shape[1], minlength=shape[1])
+        np.testing.assert_array_equal(budget_counts(losses, n), want)
+    inf = np.array([[np.inf, 1.0], [np.nan, 2.0]], np.float32)
+    assert budget_counts(inf, 2).tolist() == [0, 2]
+
+
+def test_obs_nm_below_max_sparsity():
+    w, st, h = _setup(5)
+    _, m = OBS(percdamp=0.0)(w, st, 0.25, pattern="2:4")  # keep 3 of every 4
+    m = np.asarray(m)
+    assert nm_valid(m, 3, 4) and int(m.sum()) == 36
+    for c in range(6):
+        _, bk = brute_greedy(w[:, c].astype(np.float64), h, 2, nm=(3, 4))
+        np.testing.assert_array_equal(m[:, c], bk)

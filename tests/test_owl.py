@@ -7,7 +7,7 @@ import pytest
 
 import jaxprune as jp
 from jaxprune.oneshot.calibration import LayerStats
-from jaxprune.oneshot.owl import OWL, outlier_ratio, owl_from_ratios, owl_targets
+from jaxprune.oneshot.owl import OWL, outlier_ratio, owl_from_ratios, owl_sparsities
 
 
 def _stats(norms):
@@ -35,13 +35,13 @@ def test_owl_from_ratios_keeps_weighted_target_and_orders_layers(target):
     assert sp.max() - sp.min() == pytest.approx(2 * lam)
 
 
-def test_owl_targets_pools_groups():
+def test_owl_sparsities_pools_groups():
     rng = np.random.default_rng(1)
     k = {f"block_{b}/{n}": rng.normal(size=(8, 4)) for b in range(2) for n in ("q", "fc")}
     # outliers in block 1: many large entries (one huge value would only raise the mean)
     k["block_1/fc"][:3, :] = 6.0
     st = {p: _stats(np.abs(rng.normal(size=8)) + 0.5) for p in k}
-    got = owl_targets(k, st, 0.6, M=3.0, lam=0.1, group=r"block_\d+")
+    got = owl_sparsities(k, st, 0.6, M=3.0, lam=0.1, group=r"block_\d+")
     assert got["block_0/q"] == got["block_0/fc"] and got["block_1/q"] == got["block_1/fc"]
     assert got["block_1/q"] < got["block_0/q"]
     # reference: pooled |W|·‖x‖ scores per block
@@ -51,7 +51,9 @@ def test_owl_targets_pools_groups():
                           [v.size for v in pooled.values()], 0.6, 0.1)
     assert [got["block_0/q"], got["block_1/q"]] == pytest.approx(ref)
     with pytest.raises(ValueError, match="no kernel for calibrated layer"):
-        owl_targets({}, st, 0.5)
+        owl_sparsities({}, st, 0.5)
+    with pytest.raises(ValueError, match="owl_sparsities.*1.0"):
+        owl_sparsities(k, st, 1.0)
 
 
 def test_owl_allocation_through_prune_and_rejected_in_training():

@@ -49,7 +49,7 @@ def train(mesh, allocation, steps=8):
     tx = make_tx(allocation)
     state, sh = shd.init_train_state(params, tx, mesh, seed=0)
     bsh = shd.batch_sharding(mesh)
-    step = shd.make_train_step(loss_fn, tx, sh, bsh)
+    step = shd.make_sharded_train_step(loss_fn, tx, sh, bsh)
     for i in range(steps):
         state, _ = step(state, shd.shard_batch(batch_at(i), bsh))
     return state
@@ -114,6 +114,6 @@ def test_restore_onto_different_mesh(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=p)
     # and training continues on the new mesh
     bsh = shd.batch_sharding(shd.make_mesh(2, 4))
-    step = shd.make_train_step(loss_fn, make_tx("uniform"), sh, bsh)
+    step = shd.make_sharded_train_step(loss_fn, make_tx("uniform"), sh, bsh)
     out, loss = step(restored, shd.shard_batch(batch_at(3), bsh))
     assert int(out.step) == 4 and np.isfinite(float(loss))

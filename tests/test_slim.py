@@ -9,7 +9,9 @@ import pytest
 from flax import linen as nn
 from flax import nnx
 
+from jaxprune.core.allocation import Global
 from jaxprune.core.masks import apply_masks
+from jaxprune.oneshot.calibration import calibrate
 from jaxprune.structured import (
     choose_units,
     compensate_bias,
@@ -18,11 +20,10 @@ from jaxprune.structured import (
     group_scores,
     input_stats,
     param_count,
-    rebuild_small,
     slim,
     slim_nnx,
 )
-from jaxprune.zoo.models import CNN, MLP, NnxCNN
+from jaxprune.zoo.models import CNN, MLP, NnxCNN, rebuild_small
 from jaxprune.zoo.models.toy_transformer import ToyConfig, ToyGPT, config_from_params
 
 
@@ -150,7 +151,7 @@ def test_toy_gpt_gqa_slim_equals_masked(glu):
     assert new.n_kv_heads == (1,) and new.n_heads == (1,) and new.d_ff == (6,)
 
 
-def test_select_refuses_empty_layer_and_reports():
+def test_choose_units_refuses_empty_layer_and_reports():
     cfg = ToyConfig(vocab=9, d_model=8, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=4, d_ff=8)
     m = ToyGPT(cfg)
     x = jnp.zeros((1, 4), jnp.int32)
@@ -159,13 +160,15 @@ def test_select_refuses_empty_layer_and_reports():
              if any(mm.path.endswith("attn/o/kernel") and mm.axis == 0 and mm.pos == 0 for mm in g.members)]
     assert len(heads) == 1 and heads[0].size == 2
     with pytest.warns(UserWarning, match="keeping the best 1"):
-        sel = choose_units(group_scores(v, heads, "l2"), heads, 1.0)
+        sel = choose_units(group_scores(v, heads, "l2"), heads, 0.9)  # 1.8 of 2 heads -> 2
     assert len(sel.keep[heads[0].name]) == 1 and any("cannot lose every unit" in n for n in sel.notes)
     with pytest.raises(ValueError, match="would lose all 2 units"):
         slim(v, heads, {heads[0].name: []})
+    with pytest.raises(ValueError, match=r"sparsity for 'group .*' must be in \[0, 1\)"):
+        choose_units(group_scores(v, heads, "l2"), heads, 1.0)
 
 
-def test_gqa_uneven_ratio_rounds_and_reports():
+def test_gqa_uneven_sparsity_rounds_and_reports():
     cfg = ToyConfig(vocab=9, d_model=8, n_layers=1, n_heads=8, n_kv_heads=2, head_dim=2, d_ff=8)
     m = ToyGPT(cfg)
     x = jnp.zeros((1, 4), jnp.int32)
@@ -201,7 +204,7 @@ def test_wanda_and_flap_scores_use_input_stats():
     x = jax.random.normal(jax.random.key(0), (32, 4)) * jnp.array([1.0, 2.0, 0.0, 1.0])
     v = m.init(jax.random.key(1), x)
     gs = discover_groups(m.apply, v, x)
-    st = input_stats(m.apply, v, [x])
+    st = input_stats(m, v, [x])
     h = np.asarray(jax.nn.relu(x @ v["params"]["Dense_0"]["kernel"] + v["params"]["Dense_0"]["bias"]))
     np.testing.assert_allclose(st["params/Dense_1/kernel"].mean, h.mean(0), rtol=1e-5, atol=1e-6)
     w2 = np.asarray(v["params"]["Dense_1"]["kernel"])
@@ -216,7 +219,7 @@ def test_bias_compensation_reference():
     x = jax.random.normal(jax.random.key(0), (64, 4))
     v = m.init(jax.random.key(1), x)
     (g,) = discover_groups(m.apply, v, x)
-    st = input_stats(m.apply, v, [x])
+    st = input_stats(m, v, [x])
     keep = {g.name: np.array([0, 2, 3])}
     means = {"params/Dense_1/kernel": st["params/Dense_1/kernel"].mean}
     comp = compensate_bias(v, [g], keep, means)
@@ -233,3 +236,70 @@ def test_bias_compensation_reference():
     # on the calibration data the mean output error of the pruned model is removed exactly
     assert float(jnp.abs((comp_out - dense).mean(0)).max()) < 1e-4
     assert float(jnp.abs((plain - dense).mean(0)).max()) > 1e-2
+
+
+def _groups(*sizes):
+    from jaxprune.structured import Group, Member
+
+    return [Group(f"g{i}", n, (Member(f"w{i}", 0, (n,)),)) for i, n in enumerate(sizes)]
+
+
+def test_choose_units_uniform_against_numpy_reference():
+    rng = np.random.default_rng(0)
+    gs = _groups(7, 12, 5)
+    sc = {g.name: rng.normal(size=g.size).round(1) for g in gs}  # rounded: ties occur
+    for sp in (0.0, 0.3, 0.5, 0.8):
+        sel = choose_units(sc, gs, sp)
+        for g in gs:
+            k = g.size - int(round(sp * g.size))
+            ref = np.sort(np.argsort(-sc[g.name], kind="stable")[:k])  # ties: lower index kept
+            np.testing.assert_array_equal(sel.keep[g.name], ref)
+    # one sparsity per group; unnamed groups keep every unit
+    sel = choose_units(sc, gs, {"g0": 0.5, "g2": 0.2})
+    assert [len(sel.keep[g.name]) for g in gs] == [3, 12, 4]
+    with pytest.raises(ValueError, match="allocation must be"):
+        choose_units(sc, gs, 0.5, allocation="per_group")
+    with pytest.raises(ValueError, match=r"not among the groups"):
+        choose_units(sc, gs, {"nope": 0.5})
+
+
+def test_choose_units_global_one_threshold_on_standardised_scores():
+    rng = np.random.default_rng(1)
+    gs = _groups(10, 30)
+    sc = {"g0": rng.normal(size=10) * 100.0, "g1": rng.normal(size=30)}  # different scales
+    sel = choose_units(sc, gs, 0.5, allocation=Global(min_density=0.0))
+    z = np.concatenate([(v - v.mean()) / v.std() for v in sc.values()])
+    kept = np.sort(np.argsort(-z, kind="stable")[:20])
+    np.testing.assert_array_equal(np.concatenate([sel.keep["g0"], sel.keep["g1"] + 10]), kept)
+    # the per-group floor of Global keeps at least min_density of every group
+    low = {"g0": np.arange(10.0), "g1": np.arange(30.0) + 100.0}
+    sel = choose_units(low, gs, 0.6, allocation=Global(min_density=0.5))
+    assert len(sel.keep["g0"]) >= 5 and len(sel.keep["g1"]) >= 15
+    with pytest.raises(ValueError, match="needs one sparsity"):
+        choose_units(sc, gs, {"g0": 0.5}, allocation="global")
+
+
+def test_input_stats_is_calibrate_rekeyed():
+    m = MLP((5, 3))
+    x = jax.random.normal(jax.random.key(0), (16, 4))
+    v = m.init(jax.random.key(1), x)
+    st = input_stats(m, v, [x, x * 2])
+    ref = calibrate(m, v["params"], [x, x * 2], gram=False)
+    assert sorted(st) == sorted("params/" + k for k in ref)
+    for k, r in ref.items():
+        np.testing.assert_array_equal(st["params/" + k].sumsq, r.sumsq)
+    with pytest.raises(ValueError, match="collections \\['batch_stats'\\]"):
+        input_stats(m, {**v, "batch_stats": {}}, [x])
+
+
+def test_conv_wanda_uses_patch_norms():
+    x = jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
+    v = CNN().init(jax.random.key(0), x)
+    gs = discover_groups(CNN().apply, v, x)
+    st = input_stats(CNN(), v, [x])
+    g = gs[0]  # conv1 output channels = conv2 input channels
+    (c2,) = [mm.path for mm in g.members if mm.path.endswith("kernel") and mm.axis == 2]
+    w = np.asarray(v["params"][c2.split("/")[1]]["kernel"])
+    norms = st[c2].norms.reshape(w.shape[:-1])
+    ref = (np.abs(w) * norms[..., None]).sum(axis=(0, 1, 3))
+    np.testing.assert_allclose(group_scores(v, [g], "wanda", stats=st)[g.name], ref, rtol=1e-4)

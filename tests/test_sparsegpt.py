@@ -8,7 +8,7 @@ import pytest
 from jaxprune.core.patterns import nm_valid
 from jaxprune.oneshot.calibration import LayerStats
 from jaxprune.oneshot.common import recon_error
-from jaxprune.oneshot.sparsegpt import sparsegpt
+from jaxprune.oneshot.sparsegpt import SparseGPT
 
 
 def ref_sparsegpt(W, H, sparsity, prunen=0, prunem=0, blocksize=128, percdamp=0.01):
@@ -72,7 +72,7 @@ def _layer(fin=20, out=6, n=64, seed=0, dead=()):
 @pytest.mark.parametrize("sparsity,bs", [(0.5, 8), (0.7, 8), (0.5, 128), (0.3, 16)])
 def test_unstructured_matches_reference(sparsity, bs):
     w, st = _layer(dead=(3,))
-    q, m = sparsegpt(w, st, sparsity, blocksize=bs)
+    q, m = SparseGPT(blocksize=bs)(w, st, sparsity)
     rq, rm = ref_sparsegpt(w.T, st.hessian, sparsity, blocksize=bs)
     np.testing.assert_array_equal(np.asarray(m), rm.T)
     np.testing.assert_allclose(np.asarray(q), rq.T, rtol=2e-4, atol=2e-4)
@@ -82,7 +82,7 @@ def test_unstructured_matches_reference(sparsity, bs):
 @pytest.mark.parametrize("n,m,bs", [(2, 4, 8), (1, 4, 128), (4, 8, 16)])
 def test_nm_matches_reference(n, m, bs):
     w, st = _layer(fin=24, out=5, seed=1)
-    q, mask = sparsegpt(w, st, f"{n}:{m}", blocksize=bs)
+    q, mask = SparseGPT(blocksize=bs)(w, st, pattern=f"{n}:{m}")
     rq, rm = ref_sparsegpt(w.T, st.hessian, 0, prunen=m - n, prunem=m, blocksize=bs)
     np.testing.assert_array_equal(np.asarray(mask), rm.T)
     np.testing.assert_allclose(np.asarray(q), rq.T, rtol=2e-4, atol=2e-4)
@@ -92,9 +92,9 @@ def test_nm_matches_reference(n, m, bs):
 
 def test_beats_plain_masking_and_conv_shape():
     w, st = _layer(fin=36, out=4, seed=2)
-    q, m = sparsegpt(w, st, 0.5)
+    q, m = SparseGPT()(w, st, 0.5)
     assert recon_error(w, q, st.hessian) < recon_error(w, w * np.asarray(m), st.hessian)
-    q4, m4 = sparsegpt(w.reshape(3, 3, 4, 4), st, 0.5)  # conv kernel (h, w, in, out)
+    q4, m4 = SparseGPT()(w.reshape(3, 3, 4, 4), st, 0.5)  # conv kernel (h, w, in, out)
     np.testing.assert_allclose(np.asarray(q4).reshape(36, 4), np.asarray(q), atol=1e-6)
 
 
@@ -102,24 +102,44 @@ def test_bad_inputs():
     w, st = _layer()
     bad = st._replace(gram=np.where(np.eye(20) > 0, np.nan, st.gram).astype(np.float32))
     with pytest.raises(ValueError, match="blocks.3/fc/kernel.*non-finite"):
-        sparsegpt(w, bad, 0.5, name="blocks.3/fc/kernel")
+        SparseGPT()(w, bad, 0.5, name="blocks.3/fc/kernel")
     with pytest.raises(ValueError, match="fc/kernel.*1.0"):
-        sparsegpt(w, st, 1.0, name="fc/kernel")
+        SparseGPT()(w, st, 1.0, name="fc/kernel")
     with pytest.raises(ValueError, match="fc/kernel.*not divisible by m=8"):
-        sparsegpt(w, st, "2:8", name="fc/kernel")
+        SparseGPT()(w, st, pattern="2:8", name="fc/kernel")
+    with pytest.raises(ValueError, match="fc/kernel.*sparsity 0.7 is above what pattern 2:4"):
+        SparseGPT()(*_layer(fin=24), 0.7, pattern="2:4", name="fc/kernel")
+    with pytest.raises(ValueError, match="fc/kernel.*needs an explicit sparsity"):
+        SparseGPT()(w, st, name="fc/kernel")
+    with pytest.raises(ValueError, match="fc/kernel.*unstructured and N:M"):
+        SparseGPT()(w, st, 0.5, pattern="block4x4", name="fc/kernel")
+    with pytest.raises(ValueError, match="fc/kernel.*gram=True"):
+        SparseGPT()(w, st._replace(gram=None), 0.5, name="fc/kernel")
     with pytest.raises(ValueError, match="does not match calibration fan-in"):
-        sparsegpt(np.ones((7, 2), np.float32), st, 0.5)
+        SparseGPT()(np.ones((7, 2), np.float32), st, 0.5)
 
 
 def test_indefinite_and_singular_hessian_never_nan():
     w, st = _layer(fin=8, out=3)
     neg = st._replace(gram=-np.eye(8, dtype=np.float32) * st.count)
     with pytest.warns(RuntimeWarning, match="fc.*increasing dampening"):
-        q, m = sparsegpt(w, neg, 0.5, name="fc")
+        q, m = SparseGPT()(w, neg, 0.5, name="fc")
     assert np.all(np.isfinite(np.asarray(q)))
     x = np.random.default_rng(0).normal(size=(2, 8))  # rank 2 < 8
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        q, m = sparsegpt(w, _stats(x), 0.5, percdamp=0.0)
+        q, m = SparseGPT(percdamp=0.0)(w, _stats(x), 0.5)
     assert np.all(np.isfinite(np.asarray(q)))
     assert int(np.asarray(m).sum()) == 12
+
+
+def test_nm_below_max_sparsity_and_method_value():
+    """``pattern="4:8"`` at sparsity 0.25 keeps 6 of every 8 (like patterns.NM), per the reference."""
+    w, st = _layer(fin=24, out=5, seed=4)
+    q, mask = SparseGPT(blocksize=8)(w, st, 0.25, pattern="4:8")
+    rq, rm = ref_sparsegpt(w.T, st.hessian, 0, prunen=2, prunem=8, blocksize=8)
+    np.testing.assert_array_equal(np.asarray(mask), rm.T)
+    np.testing.assert_allclose(np.asarray(q), rq.T, rtol=2e-4, atol=2e-4)
+    assert SparseGPT().needs == ("gram",)
+    assert hash(SparseGPT(blocksize=64)) == hash(SparseGPT(blocksize=64))
+    assert SparseGPT(blocksize=64) != SparseGPT()

@@ -170,17 +170,52 @@ def test_linen_mha_heads():
 
 def test_unknown_op_raises_clear_error():
     def fn(p, x):
-        def body(c, _):
-            return jnp.tanh(c @ p["w"]), None
-
-        h, _ = jax.lax.scan(body, x @ p["w_in"], None, length=2)
+        h = jnp.fft.fft(x @ p["w_in"]).real  # no rule for 'fft'
         return h @ p["w_out"]
 
-    p = {"w_in": jnp.ones((3, 4)), "w": jnp.ones((4, 4)), "w_out": jnp.ones((4, 2))}
-    with pytest.raises(TraceError, match=r"primitive 'scan'.*w_in.*declare_groups"):
+    p = {"w_in": jnp.ones((3, 4)), "w_out": jnp.ones((4, 2))}
+    with pytest.raises(TraceError, match=r"primitive 'fft'.*w_in.*declare_groups"):
         discover_groups(fn, p, jnp.ones((1, 3)))
     # opaque_ops turns the op into a barrier: nothing flowing through it is prunable
-    assert discover_groups(fn, p, jnp.ones((1, 3)), opaque_ops={"scan"}) == []
+    assert discover_groups(fn, p, jnp.ones((1, 3)), opaque_ops={"fft"}) == []
+
+
+def test_scan_carry_joins_the_recurrent_axis():
+    def fn(p, x):
+        def body(c, w):
+            return jnp.tanh(c @ p["w"] + w), c @ p["w_y"]
+
+        h, ys = jax.lax.scan(body, x @ p["w_in"], jnp.zeros((2, 1, 4)))
+        return h @ p["w_out"] + ys.sum(0) @ p["w_z"]
+
+    p = {"w_in": jnp.ones((3, 4)), "w": jnp.ones((4, 4)), "w_out": jnp.ones((4, 2)),
+         "w_y": jnp.ones((4, 5)), "w_z": jnp.ones((5, 2))}
+    gs = discover_groups(fn, p, jnp.ones((1, 3)))
+    # the carry's axis is one unit axis across iterations: in and out of the recurrent kernel
+    assert simple(gs) == {
+        frozenset({("w_in", 1), ("w", 0), ("w", 1), ("w_out", 0), ("w_y", 0)}),
+        frozenset({("w_y", 1), ("w_z", 0)}),
+    }
+
+
+def test_scan_over_stacked_layers_and_cond_while():
+    def fn(p, x):
+        def body(h, w):
+            return jax.nn.relu(h @ w), None
+
+        h, _ = jax.lax.scan(body, x @ p["w_in"], p["stack"])  # stacked (layers, 4, 4) kernels
+        h = jax.lax.cond(x.sum() > 0, lambda h: h * 2.0, lambda h: -h, h)
+        h = jax.lax.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, c[1] @ p["w_loop"]), (0, h))[1]
+        return h @ p["w_out"]
+
+    p = {"w_in": jnp.ones((3, 4)), "stack": jnp.ones((2, 4, 4)), "w_loop": jnp.ones((4, 4)),
+         "w_out": jnp.ones((4, 2))}
+    (g,) = discover_groups(fn, p, jnp.ones((1, 3)))
+    assert g.simple_key() == {("w_in", 1), ("stack", 1), ("stack", 2), ("w_loop", 0), ("w_loop", 1),
+                              ("w_out", 0)}
+    # the layer axis of the stacked kernels is fixed (it is what the scan iterates over)
+    fixed = discover_groups(fn, p, jnp.ones((1, 3)), include_fixed=True)
+    assert any(("stack", 0) in f.simple_key() and f.kind == "fixed" for f in fixed)
 
 
 def test_output_and_data_axes_are_fixed():

@@ -6,7 +6,7 @@ import pytest
 import jaxprune as jp
 from jaxprune.core.patterns import nm_valid
 from jaxprune.oneshot.calibration import LayerStats
-from jaxprune.oneshot.wanda import PerOutput, magnitude, wanda
+from jaxprune.oneshot.wanda import Magnitude, PerOutput, Wanda
 
 
 def _layer(fin=16, out=5, seed=0):
@@ -19,7 +19,7 @@ def _layer(fin=16, out=5, seed=0):
 @pytest.mark.parametrize("s", [0.25, 0.5, 0.7])
 def test_wanda_formula_per_output(s):
     w, st, x = _layer()
-    _, m = wanda(w, st, s)
+    _, m = Wanda()(w, st, s)
     score = np.abs(w) * np.linalg.norm(x, axis=0)[:, None]
     k = int(round(s * 16))
     for c in range(5):
@@ -30,7 +30,7 @@ def test_wanda_formula_per_output(s):
 
 def test_wanda_nm():
     w, st, x = _layer()
-    q, m = wanda(w, st, "2:4")
+    q, m = Wanda()(w, st, pattern="2:4")
     score = np.abs(w) * np.linalg.norm(x, axis=0)[:, None]
     g = score.reshape(4, 4, 5)
     want = np.zeros((4, 4, 5), bool)
@@ -43,10 +43,10 @@ def test_wanda_nm():
 
 def test_magnitude_matches_core_prune():
     w, st, _ = _layer()
-    q, m = magnitude(w, st, 0.6)
+    q, m = Magnitude()(w, st, 0.6)
     pq, pm = jp.prune({"kernel": w}, 0.6)
     np.testing.assert_array_equal(np.asarray(m), np.asarray(pm["kernel"]))
-    _, m = magnitude(w, st, "2:4")
+    _, m = Magnitude()(w, None, pattern="2:4")
     assert nm_valid(m, 2, 4)
 
 
@@ -55,6 +55,21 @@ def test_per_output_pattern_and_errors():
     assert np.asarray(m).tolist() == [[False, True], [True, False]]
     w, st, _ = _layer(fin=6)
     with pytest.raises(ValueError, match="enc/fc/kernel.*divisible by m=4"):
-        wanda(w, st, "2:4", name="enc/fc/kernel")
+        Wanda()(w, st, pattern="2:4", name="enc/fc/kernel")
     with pytest.raises(ValueError, match="enc/fc/kernel.*1.0"):
-        wanda(w, st, 1.0, name="enc/fc/kernel")
+        Wanda()(w, st, 1.0, name="enc/fc/kernel")
+    with pytest.raises(ValueError, match="wanda on 'enc/fc/kernel' needs calibration statistics"):
+        Wanda()(w, None, 0.5, name="enc/fc/kernel")
+
+
+def test_magnitude_and_wanda_under_jit():
+    """Mask-only methods stay traceable in the weights (the notebook jits a whole prune_layers)."""
+    import jax
+
+    w, st, _ = _layer()
+    q, m = jax.jit(lambda w: Wanda()(w, st, 0.5))(w)
+    q2, m2 = Wanda()(w, st, 0.5)
+    np.testing.assert_array_equal(np.asarray(m), np.asarray(m2))
+    np.testing.assert_array_equal(np.asarray(q), np.asarray(q2))
+    _, m = jax.jit(lambda w: Magnitude()(w, st, pattern="2:4"))(w)
+    assert nm_valid(m, 2, 4)

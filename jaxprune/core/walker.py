@@ -1,68 +1,75 @@
-"""A generic jaxpr walker: run a table of per-primitive rules over a traced function.
+"""A generic jaxpr interpreter over an abstract value domain, driven by a table of per-primitive rules.
 
-Analyses of "the model by its computation" — the operator map (:mod:`jaxprune.core.opmap`: which
-parameter axes each matmul contracts) and structured pruning's dependency groups
-(:mod:`jaxprune.structured.groups`) — are abstract interpretations of the model's jaxpr: every
-variable carries an abstract value of the analysis' own domain, and a *rule* per primitive maps the
-values of an equation's inputs to the values of its outputs. This module owns the part they share:
+The walker knows nothing about what its values mean. It keeps an environment ``{jaxpr variable:
+value}``, gives literals and constants the domain's *data* value, recurses into the sub-jaxprs of
+call-like primitives (``pjit``, ``closed_call``, ``custom_jvp_call``, ``custom_vjp_call``,
+``remat``/``checkpoint``, ...) and looks every other primitive up in ``rules``. A rule is a function
+``rule(eqn: Eqn, ins: list[V]) -> list[V]`` from the input values to the output values; control-flow
+rules (``scan``, ``cond``, ``while``) run their bodies with :meth:`Eqn.run`. A primitive without a
+rule goes to ``default``: by default its outputs are data when no input carries a parameter, and
+otherwise a :class:`TraceError` names the primitive and the parameters that flow into it.
 
-* the environment (variables → values, literals and constants through ``literal``/``const``),
-* recursion into the sub-jaxprs of call-like primitives (``jit``/``pjit``, ``closed_call``,
-  ``core_call``, ``custom_jvp_call``, ``custom_vjp_call``, ``remat``/``checkpoint``,
-  ``named_call``), so wrappers are transparent,
-* dispatch: ``rules[primitive name]``, else ``default`` (which may raise a clear error).
+The dependency-group analysis (:mod:`jaxprune.structured.rules`) is one domain; any other analysis
+(e.g. which parameter axes each ``dot_general`` contracts) brings its own values and rules table.
 
-Higher-order primitives with their own semantics (``scan``, ``cond``, ``while``) are rules of the
-analysis, which call :meth:`Walker.run` on the bodies.
-
-Example:
+Example (a domain whose value is the set of parameter names an array depends on):
     >>> import jax, jax.numpy as jnp
-    >>> closed = jax.make_jaxpr(lambda w, x: jax.jit(jnp.tanh)(x @ w))(jnp.ones((2, 3)), jnp.ones((1, 2)))
-    >>> seen = []
-    >>> def default(walker, eqn, ins):
-    ...     seen.append(eqn.primitive.name)
-    ...     return [None] * len(eqn.outvars)
-    >>> _ = Walker({}, default).run(closed.jaxpr, [None, None], closed.consts)
-    >>> seen  # the jit boundary is walked through
-    ['dot_general', 'tanh']
+    >>> rules = {"add": lambda e, ins: [set().union(*ins)], "mul": lambda e, ins: [set().union(*ins)]}
+    >>> w = Walker(rules, data=lambda shape: set(), sources=lambda v: v)
+    >>> j = jax.make_jaxpr(lambda a, b, x: (a + x) * b)(1.0, 2.0, 3.0).jaxpr
+    >>> [sorted(v) for v in w.run(j, [{"a"}, {"b"}, set()])]
+    [['a', 'b']]
+    >>> try:
+    ...     w.run(jax.make_jaxpr(lambda a: jnp.sin(a))(1.0).jaxpr, [{"a"}])
+    ... except TraceError as err:
+    ...     print(err)
+    jaxprune: the jaxpr walker does not understand primitive 'sin', which consumes arrays derived
+    from parameter(s) ['a'].
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from jax.extend import core as jcore
 
-__all__ = ["Rule", "Walker", "CALL_PRIMITIVES", "sub_jaxpr", "shape_of"]
+__all__ = ["TraceError", "Eqn", "Rule", "Walker", "CALLS", "shape_of", "sub_jaxpr"]
 
-Rule = Callable[["Walker", Any, list[Any]], list[Any]]
+V = TypeVar("V")
 
-CALL_PRIMITIVES = frozenset({
+
+class TraceError(ValueError):
+    """The jaxpr walker met a primitive it cannot reason about on a parameter-derived array."""
+
+
+#: call-like primitives whose sub-jaxpr is walked in place (inputs map 1:1 onto its invars)
+CALLS = frozenset({
     "pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
-    "custom_vjp_call_jaxpr", "remat", "remat2", "checkpoint", "named_call", "custom_lin",
+    "custom_vjp_call_jaxpr", "remat", "checkpoint", "remat2", "named_call",
 })
 
 
 def shape_of(v: Any) -> tuple[int, ...]:
-    """The static shape of a jaxpr variable or literal (``()`` for tokens and scalars).
+    """Static shape of a jaxpr variable or literal.
 
-    >>> import jax, jax.numpy as jnp
-    >>> shape_of(jax.make_jaxpr(jnp.sum)(jnp.ones((2, 3))).jaxpr.invars[0])
+    >>> import jax
+    >>> shape_of(jax.make_jaxpr(lambda x: x)(jnp.ones((2, 3))).jaxpr.invars[0])
     (2, 3)
     """
-    return tuple(int(d) for d in getattr(getattr(v, "aval", None), "shape", ()))
+    return tuple(int(d) for d in getattr(v.aval, "shape", ()))
 
 
 def sub_jaxpr(eqn: Any) -> tuple[Any, Sequence[Any]] | None:
-    """``(jaxpr, consts)`` of a call-like equation whose sub-jaxpr takes exactly its operands.
+    """``(jaxpr, consts)`` of a call-like equation whose sub-jaxpr takes exactly its inputs.
 
-    >>> import jax, jax.numpy as jnp
-    >>> e = jax.make_jaxpr(jax.jit(jnp.sin))(1.0).jaxpr.eqns[0]
-    >>> sub_jaxpr(e)[0].eqns[0].primitive.name
-    'sin'
+    >>> import jax
+    >>> e = jax.make_jaxpr(lambda x: jax.jit(jnp.sin)(x))(1.0).jaxpr.eqns[0]
+    >>> len(sub_jaxpr(e)[0].eqns)
+    1
     """
-    if eqn.primitive.name not in CALL_PRIMITIVES:
+    if eqn.primitive.name not in CALLS:
         return None
     for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
         j = eqn.params.get(key)
@@ -73,58 +80,113 @@ def sub_jaxpr(eqn: Any) -> tuple[Any, Sequence[Any]] | None:
     return None
 
 
-class Walker:
-    """Abstract interpreter of a jaxpr with a rules table.
+@dataclass(frozen=True)
+class Eqn(Generic[V]):
+    """What a rule sees of one equation: its name, params, static shapes, and the walker."""
+
+    walker: Walker[V]
+    eqn: Any
+    name: str
+    params: Mapping[str, Any]
+    in_shapes: tuple[tuple[int, ...], ...]
+    out_shapes: tuple[tuple[int, ...], ...]
+
+    def run(self, jaxpr: Any, ins: Sequence[V], consts: Sequence[Any] = ()) -> list[V]:
+        """Walk a sub-jaxpr (a ``scan``/``cond``/``while`` body) with the given input values.
+
+        ``jaxpr`` may be a ``ClosedJaxpr`` (its consts become data values).
+        """
+        if isinstance(jaxpr, jcore.ClosedJaxpr):
+            jaxpr, consts = jaxpr.jaxpr, jaxpr.consts
+        return self.walker.run(jaxpr, list(ins), consts)
+
+    def error(self, ins: Sequence[V], why: str = "") -> TraceError:
+        """A :class:`TraceError` naming this primitive, ``why``, and the parameters in ``ins``."""
+        return self.walker.error(self.name, ins, why)
+
+
+Rule = Callable[[Eqn[Any], list[Any]], list[Any]]
+
+
+class Walker(Generic[V]):
+    """Interpret jaxprs over values of type ``V``.
 
     Args:
-      rules: ``{primitive name: rule}``; a rule is ``rule(walker, eqn, in_values) -> out_values``
-        (one value per ``eqn.outvars``).
-      default: the rule for primitives not in ``rules`` (and not call-like).
-      literal: the value of a literal / constant operand, from its jaxpr variable or literal
-        (default ``None``).
+      rules: ``{primitive name: rule}``.
+      data: the value of a data array of a given shape (literals, constants, default outputs).
+      sources: the parameter names a value depends on (for errors and the default rule).
+      default: rule for primitives without an entry in ``rules`` (default: data outputs when no
+        input depends on a parameter, else a :class:`TraceError`).
+      who: prefix of error messages; hint: appended to them (``{name}`` is the primitive).
     """
 
-    def __init__(self, rules: Mapping[str, Rule], default: Rule,
-                 literal: Callable[[Any], Any] | None = None):
+    def __init__(
+        self,
+        rules: Mapping[str, Rule],
+        *,
+        data: Callable[[tuple[int, ...]], V],
+        sources: Callable[[V], Iterable[str]],
+        default: Rule | None = None,
+        who: str = "jaxprune: the jaxpr walker",
+        hint: str = "",
+    ) -> None:
         self.rules = dict(rules)
-        self.default = default
-        self.literal = literal or (lambda v: None)
+        self.data = data
+        self.sources = sources
+        self.default = default if default is not None else self._default
+        self.who = who
+        self.hint = hint
 
-    def read(self, env: dict[Any, Any], v: Any) -> Any:
-        """The value of variable or literal ``v`` in ``env``."""
-        if isinstance(v, jcore.Literal):
-            return self.literal(v)
-        return env[v]
-
-    def run(self, jaxpr: Any, in_values: Sequence[Any], consts: Sequence[Any] = ()) -> list[Any]:
-        """Walk ``jaxpr`` (a ``Jaxpr`` or ``ClosedJaxpr``) from ``in_values``; its output values."""
-        del consts  # constants are valued by ``literal`` from their variables
-        if isinstance(jaxpr, jcore.ClosedJaxpr):
-            jaxpr = jaxpr.jaxpr
-        env: dict[Any, Any] = {}
+    def run(self, jaxpr: Any, ins: Sequence[V], consts: Sequence[Any] = ()) -> list[V]:
+        """Walk ``jaxpr`` (a ``Jaxpr``) with one value per invar; return one value per outvar."""
+        env: dict[Any, V] = {}
         for v in jaxpr.constvars:
-            env[v] = self.literal(v)
-        if len(in_values) != len(jaxpr.invars):
-            raise ValueError(
-                f"jaxprune: walker got {len(in_values)} input values for a jaxpr with "
-                f"{len(jaxpr.invars)} inputs"
-            )
-        for v, val in zip(jaxpr.invars, in_values, strict=True):
+            env[v] = self.data(shape_of(v))
+        if len(ins) != len(jaxpr.invars):
+            raise ValueError(f"{self.who}: {len(ins)} input values for {len(jaxpr.invars)} invars")
+        for v, val in zip(jaxpr.invars, ins, strict=True):
             env[v] = val
         for eqn in jaxpr.eqns:
-            ins = [self.read(env, v) for v in eqn.invars]
-            outs = self.eqn(eqn, ins)
+            outs = self.step(eqn, [self._read(env, v) for v in eqn.invars])
             for v, val in zip(eqn.outvars, outs, strict=True):
                 env[v] = val
-        return [self.read(env, v) for v in jaxpr.outvars]
+        return [self._read(env, v) for v in jaxpr.outvars]
 
-    def eqn(self, eqn: Any, ins: list[Any]) -> list[Any]:
-        """Values of one equation's outputs: its rule, a call's sub-jaxpr, or the default."""
+    def step(self, eqn: Any, ins: list[V]) -> list[V]:
+        """Output values of one equation: its rule, a call's sub-jaxpr, or the default."""
         name = eqn.primitive.name
+        e = Eqn(self, eqn, name, eqn.params, tuple(shape_of(v) for v in eqn.invars),
+                tuple(shape_of(v) for v in eqn.outvars))
         rule = self.rules.get(name)
-        if rule is not None:
-            return rule(self, eqn, ins)
-        sub = sub_jaxpr(eqn)
-        if sub is not None:
-            return self.run(sub[0], ins, sub[1])
-        return self.default(self, eqn, ins)
+        if rule is None:
+            sub = sub_jaxpr(eqn)
+            if sub is not None:
+                return self.run(sub[0], ins, sub[1])
+            rule = self.default
+        outs = list(rule(e, ins))
+        if len(outs) != len(eqn.outvars):
+            raise AssertionError(f"{self.who}: rule for '{name}' returned {len(outs)} values for "
+                                 f"{len(eqn.outvars)} outputs")
+        return outs
+
+    def _read(self, env: dict[Any, V], v: Any) -> V:
+        if isinstance(v, jcore.Literal):
+            return self.data(shape_of(v))
+        return env[v]
+
+    def param_names(self, ins: Iterable[V]) -> list[str]:
+        """Sorted parameter names the values depend on."""
+        return sorted({s for v in ins for s in self.sources(v)})
+
+    def _default(self, e: Eqn[V], ins: list[V]) -> list[V]:
+        if not self.param_names(ins):
+            return [self.data(s) for s in e.out_shapes]
+        raise e.error(ins)
+
+    def error(self, name: str, ins: Iterable[V], why: str = "") -> TraceError:
+        """A :class:`TraceError` naming the primitive and the parameters flowing into it."""
+        msg = (f"{self.who} does not understand primitive '{name}'" + (f" ({why})" if why else "")
+               + f", which consumes arrays derived from parameter(s) {self.param_names(ins)}.")
+        if self.hint:
+            msg += " " + self.hint.format(name=name)
+        return TraceError(msg)

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxprune.core.masks import PyTree, leaves_with_paths, path_str
+from jaxprune.core.masks import PyTree, leaves_with_paths
 
 __all__ = [
     "CheckpointError",
@@ -134,20 +134,11 @@ def _to_savable(tree: PyTree) -> PyTree:
     return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
 
 
-def _is_meta_leaf(x: Any) -> bool:
-    return x is None or (hasattr(x, "shape") and hasattr(x, "dtype"))
-
-
-def _flat_spec(tree: PyTree, *, is_leaf: Callable[[Any], bool] | None = None
-               ) -> dict[str, tuple[tuple[int, ...], str]]:
-    """``{path: (shape, dtype)}`` for the array leaves (``None``/empty nodes are ignored)."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
-    out = {}
-    for p, x in flat:
-        if x is None or not hasattr(x, "shape"):
-            continue
-        out[path_str(p)] = (tuple(x.shape), str(np.dtype(x.dtype)))
-    return out
+def _flat_spec(tree: PyTree) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{path: (shape, dtype)}`` for the array leaves (arrays, ``ShapeDtypeStruct`` or orbax
+    array metadata; ``None``/empty nodes are ignored)."""
+    return {path: (tuple(x.shape), str(np.dtype(x.dtype)))
+            for path, x in leaves_with_paths(tree) if x is not None and hasattr(x, "shape")}
 
 
 def check_structure(template: PyTree, saved: PyTree, what: str = "checkpoint") -> None:
@@ -164,7 +155,7 @@ def check_structure(template: PyTree, saved: PyTree, what: str = "checkpoint") -
 'a' is in the model but not in the checkpoint (checkpoint has e.g. 'b')
     """
     t = _flat_spec(_to_savable(template))
-    s = _flat_spec(saved, is_leaf=_is_meta_leaf)
+    s = _flat_spec(saved)
     for path, (shape, dtype) in t.items():
         if path not in s:
             near = [k for k in s if k not in t][:1]

@@ -1,8 +1,8 @@
 """Sparse training on a device mesh: params, masks and optimizer state sharded alike.
 
-* :func:`make_mesh` builds a ``(data, model)`` mesh with ``AxisType.Auto`` axes (under
-  ``jax.make_mesh``'s default Explicit axes, ``top_k``/``quantile``/sorts over sharded params
-  raise).
+* :func:`make_mesh` builds a ``(data, model)`` mesh with ``jax.make_mesh`` and ``AxisType.Auto``
+  axes (under ``jax.make_mesh``'s default Explicit axes, ``top_k``/``quantile``/sorts over sharded
+  params raise).
 * :func:`param_specs` / :func:`param_shardings` choose a ``PartitionSpec`` per param: by default
   the last dim of every leaf with ``ndim >= 2`` is split over ``model`` (a Dense kernel
   ``(in, out)`` is split by output unit, Megatron-style); 1-D leaves are replicated. ``rules``
@@ -14,7 +14,7 @@
   an optax state with a :class:`~jaxprune.training.PruneState`) the sharding of the param it
   mirrors — matched by path suffix and shape — so masks and Adam moments are sharded exactly like
   their params; ``None`` mask leaves stay ``None``; everything else (counters, keys) is replicated.
-* :func:`make_train_step` jits one step with those shardings as ``in_shardings`` and
+* :func:`make_sharded_train_step` jits one step with those shardings as ``in_shardings`` and
   ``out_shardings``, so pruning (:func:`jaxprune.pruner`, any allocation incl. ``Global``)
   runs under ``jit`` on the sharded arrays and the new masks come out sharded like the params.
 * :func:`initialize_distributed` wires ``jax.distributed.initialize`` for multi-host slices;
@@ -42,7 +42,12 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from jaxprune.core.masks import PyTree, _is_none, leaves_with_paths, tree_map_masked
+from jaxprune.core.masks import (
+    PyTree,
+    leaves_with_paths,
+    tree_map_masked,
+    tree_map_with_path_masked,
+)
 from jaxprune.io.checkpoint import TrainState
 
 __all__ = [
@@ -55,7 +60,7 @@ __all__ = [
     "batch_sharding",
     "shard_batch",
     "init_train_state",
-    "make_train_step",
+    "make_sharded_train_step",
     "initialize_distributed",
 ]
 
@@ -63,6 +68,8 @@ __all__ = [
 def make_mesh(data: int = 1, model: int = 1, *, devices: Sequence[Any] | None = None,
               axis_names: tuple[str, str] = ("data", "model")) -> Mesh:
     """A ``data x model`` mesh with Auto axis types over the first ``data*model`` devices.
+
+    Built by ``jax.make_mesh``, which orders the devices for the physical topology (TPU rings).
 
     >>> dict(make_mesh(1, 1).shape)
     {'data': 1, 'model': 1}
@@ -75,8 +82,8 @@ def make_mesh(data: int = 1, model: int = 1, *, devices: Sequence[Any] | None = 
             f"jaxprune: mesh data={data} x model={model} needs {data * model} devices, "
             f"only {len(devs)} available"
         )
-    arr = np.asarray(devs[: data * model], dtype=object).reshape(data, model)
-    return Mesh(arr, axis_names, axis_types=(AxisType.Auto, AxisType.Auto))
+    return jax.make_mesh((data, model), tuple(axis_names), (AxisType.Auto, AxisType.Auto),
+                         devices=devs[: data * model])
 
 
 def _axis_size(mesh: Mesh, entry: Any) -> int:
@@ -145,15 +152,7 @@ def param_specs(
             return _fit_spec(path, shape, s, mesh, indivisible)
         return PartitionSpec()
 
-    return jax.tree_util.tree_map_with_path(
-        lambda p, x: spec_for(_path(p), x), params, is_leaf=_is_none
-    )
-
-
-def _path(p: Any) -> str:
-    from jaxprune.core.masks import path_str
-
-    return path_str(p)
+    return tree_map_with_path_masked(spec_for, params)
 
 
 def param_shardings(params: PyTree, mesh: Mesh, **kwargs: Any) -> PyTree:
@@ -198,8 +197,7 @@ def state_shardings(state: PyTree, params: PyTree, shardings: PyTree, mesh: Mesh
                 return hit[1]
         return replicated
 
-    return jax.tree_util.tree_map_with_path(lambda p, x: pick(_path(p), x), state,
-                                            is_leaf=_is_none)
+    return tree_map_with_path_masked(pick, state)
 
 
 def mask_shardings(masks: PyTree, shardings: PyTree) -> PyTree:
@@ -284,7 +282,7 @@ def init_train_state(params: PyTree, tx: optax.GradientTransformation, mesh: Mes
     return state, ssh
 
 
-def make_train_step(
+def make_sharded_train_step(
     loss_fn: Callable[[PyTree, Any, jax.Array], jax.Array],
     tx: optax.GradientTransformation,
     shardings: PyTree,
@@ -301,8 +299,8 @@ def make_train_step(
     >>> import optax
     >>> mesh = make_mesh()
     >>> st, sh = init_train_state({"w": jnp.ones(2)}, optax.sgd(0.5), mesh)
-    >>> step = make_train_step(lambda p, b, r: ((p["w"] - b) ** 2).sum(), optax.sgd(0.5), sh,
-    ...                        batch_sharding(mesh), donate=False)
+    >>> step = make_sharded_train_step(lambda p, b, r: ((p["w"] - b) ** 2).sum(), optax.sgd(0.5),
+    ...                                sh, batch_sharding(mesh), donate=False)
     >>> st, loss = step(st, jnp.zeros((1, 2)))
     >>> int(st.step), float(loss)
     (1, 2.0)

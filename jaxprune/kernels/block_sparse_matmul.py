@@ -100,7 +100,7 @@ def _kernel_gpu(blk_ref, row_ref, cnt_ref, x_ref, b_ref, o_ref, *, ct, prec, p, 
 
 def _pallas(x2, blocks, rows, cols, col_ptr, cfg: _Cfg):
     del cols
-    k, nn = F.matrix_view(cfg.shape)
+    k, nn = F._kn(cfg.shape)
     br, bc = cfg.block
     nb = nn // bc
     p = cfg.max_per_col
@@ -184,7 +184,7 @@ def _fwd(x2, blocks, rows, cols, col_ptr, cfg):
 
 def _bwd(cfg, res, g):
     x2, blocks, rows, cols, col_ptr = res
-    k, nn = F.matrix_view(cfg.shape)
+    k, nn = F._kn(cfg.shape)
     br, bc = cfg.block
     mrows = x2.shape[0]
     ct = jnp.result_type(x2.dtype, blocks.dtype)

@@ -1,13 +1,14 @@
 """Packed sparse formats for pruned weights, as pytrees with static shape metadata.
 
 Every format stores a weight ``W`` through its *matrix view* ``(K, N) = (prod(shape[:-1]),
-shape[-1])`` (a Flax ``Dense`` kernel ``(in, out)`` is its own view; a conv kernel ``(h, w, in, out)``
-becomes ``(h*w*in, out)``), so ``x @ W`` contracts over ``K``.
+shape[-1])`` (:func:`jaxprune.core.patterns.matrix_view`; a Flax ``Dense`` kernel ``(in, out)`` is its
+own view, a conv kernel ``(h, w, in, out)`` becomes ``(h*w*in, out)``), so ``x @ W`` contracts over
+``K``. :class:`NMPacked` and :class:`BlockSparse` need a weight with at least 2 dims.
 
 * :class:`NMPacked` — N:M along ``K`` (the contraction axis, as :class:`jaxprune.core.patterns.NM`):
   the ``n`` kept values of every group of ``m`` consecutive rows, plus each value's position in its
   group as a ``bits``-bit code packed ``8 // bits`` per ``uint8`` (2:4 → 2-bit codes, 4 per byte,
-  as Qwix packs 1:4 indices).
+  as Qwix packs 1:4 indices); groups of ``m > 256`` use one ``uint16`` code each.
 * :class:`BlockSparse` — nonzero ``(br, bc)`` blocks, compressed by block column (BCSR of ``Wᵀ``:
   ``col_ptr`` + block row indices), padded to a static ``nnz_max`` so it can cross ``jit``.
 * :class:`Bitmask` — unstructured: the mask as ``np.packbits`` bits plus the kept values in row-major
@@ -17,7 +18,7 @@ Packing is a host-time operation (it needs a concrete mask); the packed objects 
 (array leaves + static metadata), so they go through ``jit``, ``grad`` and checkpoints.
 
 Layout of :class:`NMPacked` (chosen so a kernel decompresses with elementwise ops only): with
-``F = 8 // bits`` codes per byte, groups ``g = h * F + q`` (``h < H = G / F``, ``q < F``);
+``F = max(1, 8 // bits)`` codes per index word, groups ``g = h * F + q`` (``h < H = G / F``, ``q < F``);
 ``values[j, q, h, c]`` is the ``j``-th kept value (ascending position) of group ``g`` in column ``c``
 and ``indices[j, h, c]`` holds the codes of groups ``h*F .. h*F+F-1`` at bit offsets ``bits * q``.
 A group with fewer than ``n`` kept entries pads its slots with value 0 and a code that marks the slot
@@ -50,34 +51,42 @@ from jaxprune.core import patterns as pat_lib
 
 __all__ = [
     "NMPacked", "BlockSparse", "Bitmask", "pack_nm", "pack_block", "pack_bitmask", "unpack",
-    "to_mask", "matrix_view", "is_packed", "code_bits",
+    "to_mask", "is_packed", "code_bits", "codes_per_word",
 ]
 
 
-def matrix_view(shape: tuple[int, ...]) -> tuple[int, int]:
-    """``(K, N) = (prod(shape[:-1]), shape[-1])``; a weight needs at least 2 dimensions.
-
-    >>> matrix_view((3, 3, 8, 16))
-    (72, 16)
-    """
+def _kn(shape: tuple[int, ...]) -> tuple[int, int]:
+    """``(K, N)`` of a packable weight: :func:`jaxprune.core.patterns.matrix_view`, >= 2 dims."""
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2:
         raise ValueError(
             f"jaxprune.kernels: packed formats need a weight with >= 2 dims, got shape {shape}"
         )
-    return math.prod(shape[:-1]), shape[-1]
+    return pat_lib.matrix_view(shape)
 
 
 def code_bits(m: int) -> int:
-    """Bits per in-group position code for group size ``m`` (1, 2, 4 or 8).
+    """Bits per in-group position code for group size ``m`` (1, 2, 4, 8, or 16 for ``m > 256``).
 
-    >>> code_bits(4), code_bits(8), code_bits(2)
-    (2, 4, 1)
+    Codes of up to 8 bits are packed ``8 // bits`` per ``uint8``; 16-bit codes are one ``uint16``
+    each (``m <= 65536``).
+
+    >>> code_bits(4), code_bits(8), code_bits(2), code_bits(256), code_bits(512)
+    (2, 4, 1, 8, 16)
     """
-    for b in (1, 2, 4, 8):
+    for b in (1, 2, 4, 8, 16):
         if m <= 2**b:
             return b
-    raise ValueError(f"jaxprune.kernels: N:M packing supports m <= 256, got m={m}")
+    raise ValueError(f"jaxprune.kernels: N:M packing supports m <= 65536, got m={m}")
+
+
+def codes_per_word(m: int) -> int:
+    """Position codes stored per index word (``uint8``, or ``uint16`` when ``m > 256``).
+
+    >>> codes_per_word(4), codes_per_word(256), codes_per_word(512)
+    (4, 1, 1)
+    """
+    return max(1, 8 // code_bits(m))
 
 
 def _concrete(x: Any, what: str) -> np.ndarray:
@@ -108,7 +117,8 @@ def _check_pair(w: Any, mask: Any, fn: str) -> tuple[np.ndarray, np.ndarray]:
 
 @struct.dataclass
 class NMPacked:
-    """N:M-packed weight: ``values (n, F, H, N)``, ``indices (n, H, N) uint8`` (see module doc).
+    """N:M-packed weight: ``values (n, F, H, N)``, ``indices (n, H, N)`` ``uint8`` (``uint16`` for
+    ``m > 256``; see the module doc).
 
     ``shape`` is the original weight shape; ``padded_k = H * F * m >= K`` (zero groups pad ``K``).
 
@@ -129,16 +139,17 @@ class NMPacked:
         return code_bits(self.m)
 
     @property
-    def per_byte(self) -> int:
-        return 8 // self.bits
+    def per_word(self) -> int:
+        """Codes per index word (``F`` in the module doc)."""
+        return codes_per_word(self.m)
 
     @property
     def kn(self) -> tuple[int, int]:
-        return matrix_view(self.shape)
+        return _kn(self.shape)
 
     @property
     def padded_k(self) -> int:
-        return int(self.values.shape[2]) * self.per_byte * self.m
+        return int(self.values.shape[2]) * self.per_word * self.m
 
     @property
     def dtype(self) -> Any:
@@ -146,7 +157,8 @@ class NMPacked:
 
     def nbytes(self) -> int:
         """Bytes of storage (values + index codes)."""
-        return int(self.values.size * self.values.dtype.itemsize + self.indices.size)
+        return int(self.values.size * self.values.dtype.itemsize
+                   + self.indices.size * self.indices.dtype.itemsize)
 
 
 def _nm_invalid_error(mn2: np.ndarray, n: int, m: int, shape: tuple[int, ...]) -> ValueError:
@@ -174,13 +186,12 @@ def pack_nm(w: Any, mask: Any, n: int = 2, m: int = 4) -> NMPacked:
     pat = pat_lib.NM(n, m)
     wn, mn = _check_pair(w, mask, "pack_nm")
     shape = tuple(wn.shape)
-    matrix_view(shape)
+    k, nn = _kn(shape)
     pat.validate("<weight>", shape)
-    if not pat_lib.nm_valid(mn, n, m):
-        raise _nm_invalid_error(mn.reshape(matrix_view(shape)), n, m, shape)
-    k, nn = matrix_view(shape)
     bits = code_bits(m)
-    f = 8 // bits
+    if not pat_lib.nm_valid(mn, n, m):
+        raise _nm_invalid_error(mn.reshape(k, nn), n, m, shape)
+    f = codes_per_word(m)
     g0 = k // m
     gp = -(-g0 // f) * f
     w2 = np.where(mn, wn, 0).reshape(k, nn)
@@ -206,14 +217,15 @@ def pack_nm(w: Any, mask: Any, n: int = 2, m: int = 4) -> NMPacked:
     vals = vals.reshape(h, f, n, nn).transpose(2, 1, 0, 3)  # (n, F, H, N)
     codes = codes.reshape(h, f, n, nn).transpose(2, 1, 0, 3).astype(np.uint32)
     shifts = (bits * np.arange(f, dtype=np.uint32))[None, :, None, None]
-    packed = np.sum(codes << shifts, axis=1).astype(np.uint8)  # (n, H, N)
+    word = np.uint8 if bits <= 8 else np.uint16
+    packed = np.sum(codes << shifts, axis=1).astype(word)  # (n, H, N)
     return NMPacked(jnp.asarray(vals), jnp.asarray(packed), shape, n, m)
 
 
 def _nm_codes(p: NMPacked) -> jax.Array:
     """Codes ``(n, F, H, N)`` int32 from the packed bytes."""
     b = p.indices.astype(jnp.int32)
-    shifts = p.bits * jnp.arange(p.per_byte, dtype=jnp.int32)
+    shifts = p.bits * jnp.arange(p.per_word, dtype=jnp.int32)
     return (b[:, None] >> shifts[None, :, None, None]) & (2**p.bits - 1)
 
 
@@ -268,7 +280,7 @@ class BlockSparse:
 
     @property
     def kn(self) -> tuple[int, int]:
-        return matrix_view(self.shape)
+        return _kn(self.shape)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -309,7 +321,7 @@ def pack_block(
         raise ValueError(f"jaxprune.kernels.pack_block: block must be positive, got {block}")
     wn, mn = _check_pair(w, mask, "pack_block")
     shape = tuple(wn.shape)
-    k, nn = matrix_view(shape)
+    k, nn = _kn(shape)
     pat_lib.Block(br, bc).validate("<weight>", shape)
     kb, nb = k // br, nn // bc
     w4 = np.where(mn, wn, 0).reshape(kb, br, nb, bc).transpose(0, 2, 1, 3)

@@ -123,8 +123,8 @@ def _kernel_gpu(x_ref, v_ref, i_ref, o_ref, *, n, m, f, bits, ct, prec, th, step
 def _pallas(x2: jax.Array, values: jax.Array, idx: jax.Array, cfg: _Cfg) -> jax.Array:
     n, m = cfg.n, cfg.m
     bits = F.code_bits(m)
-    f = 8 // bits
-    k, nn = F.matrix_view(cfg.shape)
+    f = F.codes_per_word(m)
+    k, nn = F._kn(cfg.shape)
     h = values.shape[2]
     kp = h * f * m
     mrows = x2.shape[0]
@@ -220,7 +220,7 @@ def _bwd(cfg, res, g):
     dw = jnp.dot(x2.astype(jnp.float32).T, g32, precision=prec)  # (K, N)
     dw = jnp.pad(dw, ((0, p.padded_k - k), (0, 0)))
     h = values.shape[2]
-    dw = dw.reshape(h, p.per_byte, p.m, nn)  # (H, F, m, N)
+    dw = dw.reshape(h, p.per_word, p.m, nn)  # (H, F, m, N)
     codes = F._nm_codes(p).transpose(2, 1, 0, 3)  # (H, F, n, N)
     dv = jnp.take_along_axis(dw, jnp.minimum(codes, p.m - 1), axis=2)
     dv = jnp.where(codes < p.m, dv, 0.0).transpose(2, 1, 0, 3).astype(values.dtype)

@@ -81,10 +81,10 @@ def matmul_ref(x: jax.Array, w: Any) -> jax.Array:
     if isinstance(w, F.BlockSparse):
         return block_sparse_matmul_ref(x, w)
     if isinstance(w, F.Bitmask):
-        k, n = F.matrix_view(w.shape)
+        k, n = F._kn(w.shape)
         _check_x(x, k, "matmul_ref")
         return _dense_matmul(x, F.unpack(w).reshape(k, n))
     w = jnp.asarray(w)
-    k, n = F.matrix_view(w.shape)
+    k, n = F._kn(w.shape)
     _check_x(x, k, "matmul_ref")
     return _dense_matmul(x, w.reshape(k, n))

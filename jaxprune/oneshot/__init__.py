@@ -1,37 +1,39 @@
 """Post-training (one-shot) pruning with calibration.
 
 Observe, then transform: :func:`calibrate` records per-layer input statistics of any Flax model;
-layer methods ``(weight, stats, target) -> (new_weight, mask)`` — :func:`sparsegpt`, :func:`obs`,
-:func:`wanda`, :func:`magnitude`, :func:`dsnot` — prune one kernel; :func:`prune_sequential` walks
-a model block by block; :func:`owl_targets` gives outlier-aware per-layer sparsities.
+layer methods are values (:class:`LayerMethod`: :class:`SparseGPT`, :class:`OBS`, :class:`Wanda`,
+:class:`Magnitude`, :class:`DSnoT`) called as
+``method(weight, stats, sparsity=None, *, pattern=..., name=...) -> (new_weight, mask)`` and
+declaring the statistics they need; :func:`get_method` finds one by name. :func:`prune_layers`
+and :func:`prune_sequential` prune a whole model and return ``(params, masks)``;
+:func:`owl_sparsities` gives outlier-aware per-layer sparsities.
 
 >>> import jax, jax.numpy as jnp
 >>> from flax import linen as nn
 >>> from jaxprune import oneshot
 >>> m = nn.Dense(4); p = m.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
 >>> st = oneshot.calibrate(m, p, [jax.random.normal(jax.random.key(1), (32, 8))])
->>> w, mask = oneshot.sparsegpt(p["kernel"], st["kernel"], 0.5)
+>>> w, mask = oneshot.SparseGPT()(p["kernel"], st["kernel"], 0.5)
 >>> float(1 - mask.mean())
 0.5
+>>> _, masks = oneshot.prune_layers(p, st, "sparsegpt", pattern="2:4")
+>>> float(1 - masks["kernel"].mean()), masks["bias"] is None
+(0.5, True)
 """
 
 from jaxprune.oneshot.calibration import LayerStats, as_matrix, calibrate, layer_inputs
-from jaxprune.oneshot.common import parse_target, recon_error
-from jaxprune.oneshot.dsnot import dsnot, with_dsnot
-from jaxprune.oneshot.obs import obs
-from jaxprune.oneshot.owl import OWL, owl_targets
-from jaxprune.oneshot.sequential import (
-    METHODS,
-    BlockSpec,
-    get_method,
-    prune_layers,
-    prune_sequential,
-)
-from jaxprune.oneshot.sparsegpt import sparsegpt
-from jaxprune.oneshot.wanda import PerOutput, magnitude, wanda
+from jaxprune.oneshot.common import recon_error
+from jaxprune.oneshot.dsnot import DSnoT
+from jaxprune.oneshot.methods import METHODS, LayerMethod, get_method, register_method
+from jaxprune.oneshot.obs import OBS
+from jaxprune.oneshot.owl import OWL, owl_sparsities
+from jaxprune.oneshot.sequential import BlockSpec, prune_layers, prune_sequential
+from jaxprune.oneshot.sparsegpt import SparseGPT
+from jaxprune.oneshot.wanda import Magnitude, PerOutput, Wanda
 
 __all__ = [
-    "LayerStats", "as_matrix", "calibrate", "layer_inputs", "parse_target", "recon_error",
-    "dsnot", "with_dsnot", "obs", "OWL", "owl_targets", "METHODS", "BlockSpec", "get_method",
-    "prune_layers", "prune_sequential", "sparsegpt", "PerOutput", "magnitude", "wanda",
+    "LayerStats", "as_matrix", "calibrate", "layer_inputs", "recon_error",
+    "METHODS", "LayerMethod", "get_method", "register_method",
+    "SparseGPT", "OBS", "Wanda", "Magnitude", "DSnoT", "PerOutput",
+    "OWL", "owl_sparsities", "BlockSpec", "prune_layers", "prune_sequential",
 ]

@@ -33,6 +33,7 @@ import numpy as np
 from flax import linen as nn
 from flax import nnx
 
+from jaxprune.core import patterns as pat_lib
 from jaxprune.core.masks import PyTree
 
 __all__ = ["LayerStats", "calibrate", "layer_inputs", "merge_stats", "as_matrix"]
@@ -88,19 +89,22 @@ def merge_stats(a: LayerStats | None, b: LayerStats) -> LayerStats:
 
 def as_matrix(weight: Any, stats: LayerStats | int, name: str = "<layer>") -> jax.Array:
     """The ``(fan_in, out)`` matrix view of a kernel (Dense ``(in, out)``, conv ``(h, w, in, out)``,
-    DenseGeneral ``(*in, *out)``). ``stats`` gives the fan-in (or pass it as an int).
+    DenseGeneral ``(*in, *out)``). ``stats`` gives the fan-in (or pass it as an int); the shape
+    arithmetic is :func:`jaxprune.core.patterns.matrix_view`.
 
     >>> as_matrix(jnp.ones((3, 3, 2, 5)), 18).shape
     (18, 5)
     """
     fan_in = stats if isinstance(stats, int) else stats.fan_in
     w = jnp.asarray(weight)
-    if w.size % fan_in:
+    try:
+        view = pat_lib.matrix_view(tuple(w.shape), fan_in)
+    except ValueError:
         raise ValueError(
             f"jaxprune: kernel '{name}' of shape {tuple(w.shape)} does not match calibration "
             f"fan-in {fan_in}"
-        )
-    return w.reshape(fan_in, -1)
+        ) from None
+    return w.reshape(view)
 
 
 # ----------------------------------------------------------------------------------------------

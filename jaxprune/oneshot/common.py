@@ -1,10 +1,10 @@
-"""Shared pieces of the one-shot layer transforms: targets, Hessian checks, damped inverses.
+"""Shared numerics of the one-shot layer methods: Hessian checks, damped inverses, errors.
 
-A *target* is a sparsity float in ``[0, 1)`` (unstructured), an ``"N:M"`` string or a
-:class:`jaxprune.core.patterns.NM` (keep ``n`` of every ``m`` along the fan-in axis).
+(Sparsity and pattern handling is shared through :class:`jaxprune.oneshot.methods.LayerMethod` and
+:func:`jaxprune.core.pipeline.resolve_sparsity`.)
 
->>> parse_target("2:4")
-(NM(n=2, m=4, axis=None), 0.5)
+>>> recon_error(np.eye(2), np.eye(2), np.eye(2))
+0.0
 """
 
 from __future__ import annotations
@@ -16,37 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.core import allocation as alloc_lib
-from jaxprune.core import patterns as pat_lib
-
-__all__ = ["Target", "parse_target", "check_hessian", "damped_inverse_cholesky", "recon_error"]
-
-Target = float | str | pat_lib.Pattern
-
-
-def parse_target(target: Target, name: str = "<layer>", fan_in: int | None = None
-                 ) -> tuple[pat_lib.Pattern, float]:
-    """``(pattern, sparsity)`` for a target; validates range and N:M divisibility of ``fan_in``.
-
-    >>> parse_target(0.5)
-    (Unstructured(), 0.5)
-    >>> parse_target("2:4", "fc/kernel", 6)  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    ValueError: jaxprune: 2:4 pattern on 'fc/kernel' ... length 6, which is not divisible by m=4
-    """
-    if isinstance(target, str | pat_lib.Pattern):
-        pat = pat_lib.parse(target)
-        if isinstance(pat, pat_lib.NM):
-            if fan_in is not None:
-                pat.validate(name, (fan_in, 1))
-            return pat_lib.NM(pat.n, pat.m), 1.0 - pat.n / pat.m
-        if isinstance(pat, pat_lib.Unstructured):
-            raise ValueError(f"jaxprune: layer '{name}': give unstructured targets as a float")
-        raise ValueError(f"jaxprune: layer '{name}': one-shot transforms support unstructured and "
-                         f"N:M targets, got {target!r}")
-    alloc_lib.check_sparsity(name, target)
-    return pat_lib.Unstructured(), float(target)
+__all__ = ["check_hessian", "prepare_hessian", "damped_inverse_cholesky", "recon_error"]
 
 
 def check_hessian(h: Any, name: str) -> np.ndarray:
@@ -90,7 +60,12 @@ def _inv(h: jax.Array, damp: jax.Array) -> jax.Array:
 
 
 def prepare_hessian(h: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Check ``h`` and mark dead inputs (zero diagonal): returns ``(h with 1 on dead diag, dead)``."""
+    """Check ``h`` and mark dead inputs (zero diagonal): returns ``(h with 1 on dead diag, dead)``.
+
+    >>> h, dead = prepare_hessian(np.diag([2., 0.]), "fc")
+    >>> np.diag(h).tolist(), dead.tolist()
+    ([2.0, 1.0], [False, True])
+    """
     h = check_hessian(h, name).copy()
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0

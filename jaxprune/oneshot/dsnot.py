@@ -16,6 +16,10 @@ A swap is accepted only if it lowers the exact quadratic objective
 reconstruction error never increases and the number of kept weights per output is unchanged.
 Runs ``max_cycles`` swaps per output in one ``jax.jit`` (``lax.fori_loop``), vectorised over outputs.
 
+:class:`DSnoT` is a :class:`~jaxprune.oneshot.methods.LayerMethod` on top of a ``base`` method
+(``DSnoT(base=SparseGPT())``; needs ``("gram",)`` plus the base's needs); :meth:`DSnoT.refine`
+refines any given mask.
+
 Example:
     >>> import numpy as np
     >>> from jaxprune.oneshot.calibration import LayerStats
@@ -23,25 +27,29 @@ Example:
     >>> st = LayerStats(x.T @ x, x.sum(0), (x**2).sum(0), 64, 8)
     >>> w = np.random.default_rng(1).normal(size=(8, 3)).astype(np.float32)
     >>> m0 = np.abs(w) > np.median(np.abs(w))
-    >>> _, m = dsnot(w, st, m0)
+    >>> _, m = DSnoT().refine(w, st, m0)
     >>> int(np.asarray(m).sum()) == int(m0.sum())
     True
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune.core import patterns as pat_lib
 from jaxprune.oneshot.calibration import LayerStats, as_matrix
-from jaxprune.oneshot.common import Target, check_hessian
+from jaxprune.oneshot.common import check_hessian
+from jaxprune.oneshot.methods import LayerMethod, get_method, register_method, resolve_layer_target
+from jaxprune.oneshot.sparsegpt import SparseGPT
+from jaxprune.oneshot.wanda import Magnitude, Wanda
 
-__all__ = ["dsnot", "with_dsnot", "quadratic_error"]
+__all__ = ["DSnoT", "quadratic_error"]
 
 
 @functools.partial(jax.jit, static_argnames=("max_cycles", "m"))
@@ -98,78 +106,121 @@ def quadratic_error(w_dense: Any, w_new: Any, h: Any) -> np.ndarray:
     return np.einsum("io,ij,jo->o", d, np.asarray(h, np.float64), d)
 
 
-def dsnot(
-    weight: Any,
-    stats: LayerStats,
-    mask: Any,
-    *,
-    values: Any = None,
-    max_cycles: int = 50,
-    var_power: float = 1.0,
-    nm_m: int | None = None,
-    name: str = "<layer>",
-) -> tuple[jax.Array, jax.Array]:
-    """Refine ``mask`` of a layer with DSnoT; returns ``(values * new_mask, new_mask)``.
+@dataclasses.dataclass(frozen=True)
+class DSnoT(LayerMethod):
+    """DSnoT on top of ``base`` (a method or its name): ``base`` picks the initial mask and the
+    values kept weights take; a regrown weight takes its dense value.
 
     Args:
-      weight: the dense kernel (the reconstruction target).
-      stats: the layer's statistics (``gram``, means, variances, norms).
-      mask: initial boolean mask of ``weight``'s shape (from any method).
-      values: the values kept weights take (default ``weight``; pass SparseGPT's new weights to
-        refine its mask while keeping its reconstruction).
-      nm_m: keep N:M validity with groups of ``nm_m`` along the fan-in.
+      base: the initial method (default :class:`~jaxprune.oneshot.wanda.Wanda`, as in the paper).
+      max_cycles: swaps tried per output.
+      var_power: ``γ`` in the prune score ``|V_k|·‖x_k‖ / var_k^γ``.
 
     >>> import numpy as np
     >>> from jaxprune.oneshot.calibration import LayerStats
-    >>> st = LayerStats(np.eye(2, dtype=np.float32), np.ones(2), np.ones(2), 1, 2)
-    >>> _, m = dsnot(np.array([[1.], [3.]]), st, np.array([[True], [False]]))
-    >>> np.asarray(m)[:, 0].tolist()
-    [False, True]
+    >>> d = DSnoT(base="sparsegpt")
+    >>> d.label, d.needs
+    ('sparsegpt+dsnot', ('gram', 'norms'))
+    >>> st = LayerStats(np.eye(4, dtype=np.float32), np.ones(4), np.ones(4), 1, 4)
+    >>> _, m = d(np.array([[4.], [1.], [3.], [2.]]), st, pattern="2:4")
+    >>> int(np.asarray(m).sum())
+    2
     """
-    if stats.gram is None:
-        raise ValueError(f"jaxprune: DSnoT on '{name}' needs calibration with gram=True")
-    shape = np.shape(weight)
-    if np.shape(mask) != shape:
-        raise ValueError(f"jaxprune: DSnoT on '{name}': mask shape {np.shape(mask)} != weight "
-                         f"shape {shape}")
-    h = jnp.asarray(check_hessian(stats.hessian, name))
-    wd = as_matrix(weight, stats, name).astype(jnp.float32)
-    v = wd if values is None else as_matrix(values, stats, name).astype(jnp.float32)
-    m0 = as_matrix(jnp.asarray(mask, bool), stats, name)
-    if nm_m is not None and stats.fan_in % nm_m:
-        raise ValueError(f"jaxprune: DSnoT on '{name}': fan-in {stats.fan_in} is not divisible by "
-                         f"m={nm_m}")
-    mu = jnp.asarray(stats.mean, jnp.float32)
-    var = jnp.asarray(stats.var, jnp.float32)
-    imp = jnp.abs(v) * jnp.asarray(stats.norms, jnp.float32)[:, None]
-    if var_power:
-        imp = imp / jnp.power(var + 1e-8, var_power)[:, None]
-    new = _dsnot_core(wd, v, m0, h, mu, imp, int(max_cycles), nm_m)
-    new = new.reshape(shape)
-    vals = jnp.asarray(weight if values is None else values)
-    return jnp.where(new, vals, jnp.zeros((), vals.dtype)), new
+
+    base: LayerMethod = dataclasses.field(default_factory=Wanda)
+    max_cycles: int = 50
+    var_power: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "base", get_method(self.base))
+
+    @property
+    def needs(self) -> tuple[str, ...]:  # type: ignore[override]
+        """``("gram", "norms")`` plus what ``base`` needs."""
+        return tuple(dict.fromkeys(("gram", "norms", *self.base.needs)))
+
+    @property
+    def label(self) -> str:  # type: ignore[override]
+        """``"<base label>+dsnot"``."""
+        return f"{self.base.label}+dsnot"
+
+    def prune_matrix(self, w: jax.Array, stats: LayerStats | None, sparsity: Any,
+                     pattern: pat_lib.Pattern, *, name: str = "<layer>"
+                     ) -> tuple[jax.Array, jax.Array]:
+        """``base`` on the ``(fan_in, out)`` matrix, then DSnoT swaps.
+
+        >>> st = LayerStats(np.eye(2, dtype=np.float32), np.ones(2), np.ones(2), 1, 2)
+        >>> _, m = DSnoT(base="magnitude").prune_matrix(jnp.array([[1.], [3.]]), st, 0.5,
+        ...                                             pat_lib.Unstructured())
+        >>> m[:, 0].tolist()
+        [False, True]
+        """
+        self.check_stats(stats, name)
+        q, m = self.base.prune_matrix(w, stats, sparsity, pattern, name=name)
+        # kept weights keep the base's values; a regrown weight takes its dense value
+        values = jnp.where(m, q, w)
+        nm_m = pattern.m if isinstance(pattern, pat_lib.NM) else None
+        new = self._swap(w, stats, m, values, nm_m, name)
+        return jnp.where(new, values, jnp.zeros((), values.dtype)), new
+
+    def refine(
+        self,
+        weight: Any,
+        stats: LayerStats,
+        mask: Any,
+        *,
+        values: Any = None,
+        pattern: pat_lib.Pattern | str = "unstructured",
+        name: str = "<layer>",
+    ) -> tuple[jax.Array, jax.Array]:
+        """Refine a given ``mask`` of a layer (``base`` unused); returns ``(values * new_mask,
+        new_mask)``.
+
+        Args:
+          weight: the dense kernel (the reconstruction target).
+          stats: the layer's statistics (``gram``, means, variances, norms).
+          mask: initial boolean mask of ``weight``'s shape (from any method).
+          values: the values kept weights take (default ``weight``; pass SparseGPT's new weights
+            to refine its mask while keeping its reconstruction).
+          pattern: an N:M pattern keeps swaps inside the groups of ``m`` along the fan-in.
+
+        >>> import numpy as np
+        >>> from jaxprune.oneshot.calibration import LayerStats
+        >>> st = LayerStats(np.eye(2, dtype=np.float32), np.ones(2), np.ones(2), 1, 2)
+        >>> _, m = DSnoT().refine(np.array([[1.], [3.]]), st, np.array([[True], [False]]))
+        >>> np.asarray(m)[:, 0].tolist()
+        [False, True]
+        """
+        self.check_stats(stats, name)
+        shape = np.shape(weight)
+        if np.shape(mask) != shape:
+            raise ValueError(f"jaxprune: DSnoT on '{name}': mask shape {np.shape(mask)} != weight "
+                             f"shape {shape}")
+        pat = pat_lib.for_path(pat_lib.parse(pattern), name)
+        nm_m = None
+        if isinstance(pat, pat_lib.NM):
+            pat, _ = resolve_layer_target(None, pat, name, shape, stats.fan_in)
+            nm_m = pat.m
+        wd = as_matrix(weight, stats, name).astype(jnp.float32)
+        v = wd if values is None else as_matrix(values, stats, name).astype(jnp.float32)
+        m0 = as_matrix(jnp.asarray(mask, bool), stats, name)
+        new = self._swap(wd, stats, m0, v, nm_m, name).reshape(shape)
+        vals = jnp.asarray(weight if values is None else values)
+        return jnp.where(new, vals, jnp.zeros((), vals.dtype)), new
+
+    def _swap(self, wd: jax.Array, stats: LayerStats, mask: jax.Array, v: jax.Array,
+              nm_m: int | None, name: str) -> jax.Array:
+        h = jnp.asarray(check_hessian(stats.hessian, name))
+        wd = jnp.asarray(wd, jnp.float32)
+        v = jnp.asarray(v, jnp.float32)
+        mu = jnp.asarray(stats.mean, jnp.float32)
+        var = jnp.asarray(stats.var, jnp.float32)
+        imp = jnp.abs(v) * jnp.asarray(stats.norms, jnp.float32)[:, None]
+        if self.var_power:
+            imp = imp / jnp.power(var + 1e-8, self.var_power)[:, None]
+        return _dsnot_core(wd, v, jnp.asarray(mask, bool), h, mu, imp, int(self.max_cycles), nm_m)
 
 
-def with_dsnot(method: Callable[..., tuple[jax.Array, jax.Array]], **kw: Any
-               ) -> Callable[..., tuple[jax.Array, jax.Array]]:
-    """Compose a layer method with DSnoT: ``method`` picks the initial mask (and values).
-
-    >>> from jaxprune.oneshot.wanda import wanda
-    >>> f = with_dsnot(wanda)
-    >>> f.__name__
-    'wanda+dsnot'
-    """
-    from jaxprune.core import patterns as pat_lib
-    from jaxprune.oneshot.common import parse_target
-
-    def run(weight: Any, stats: LayerStats, target: Target, *, name: str = "<layer>", **mkw: Any):
-        new, m = method(weight, stats, target, name=name, **mkw)
-        pat, _ = parse_target(target, name, stats.fan_in)
-        nm_m = pat.m if isinstance(pat, pat_lib.NM) else None
-        # kept weights keep the method's values; a regrown weight takes its dense value
-        values = jnp.where(m, new, jnp.asarray(weight))
-        return dsnot(weight, stats, m, values=values, nm_m=nm_m, name=name, **kw)
-
-    run.__name__ = f"{getattr(method, '__name__', 'method')}+dsnot"
-    run.needs_gram = True  # type: ignore[attr-defined]
-    return run
+for _base in (Magnitude(), Wanda(), SparseGPT()):
+    register_method(f"{_base.label}+dsnot", DSnoT(base=_base))
+del _base

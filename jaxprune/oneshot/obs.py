@@ -4,10 +4,11 @@ Every output unit ``w`` (a column of the Flax kernel) shares ``H = XᵀX/n``. Gr
 one at a time, the weight with the smallest loss ``w_p² / (2 [H⁻¹]_pp)``, updates the others
 optimally (``w -= w_p / [H⁻¹]_pp · H⁻¹[:, p]``) and downdates the inverse
 (``H⁻¹ -= H⁻¹[:, p] H⁻¹[p, :] / [H⁻¹]_pp``), so each step is the exact least-squares refit on the
-remaining weights. Unstructured targets distribute the layer's pruning budget over outputs
-globally like OBC: every column's greedy loss increments are ranked together and column ``c``
-prunes as many of its first steps as it has among the ``round(s · size)`` smallest. N:M targets
-only consider weights in groups that still hold more than ``n``.
+remaining weights. The unstructured pattern distributes the layer's pruning budget over outputs
+globally like OBC: every column's greedy loss increments are ranked together
+(:func:`jaxprune.core.pipeline.leaf_mask` with ``n_keep=``) and column ``c`` prunes as many of its
+first steps as it has among the ``round(s · size)`` smallest. N:M only considers weights in groups
+that still hold more than they may keep (``n`` for ``sparsity = 1 - n/m``).
 
 Costs ``O(out · in³)``; for small layers (the reference for SparseGPT's approximation).
 
@@ -16,30 +17,28 @@ Example:
     >>> from jaxprune.oneshot.calibration import LayerStats
     >>> x = np.random.default_rng(0).normal(size=(32, 6)).astype(np.float32)
     >>> st = LayerStats(x.T @ x, x.sum(0), (x**2).sum(0), 32, 6)
-    >>> w, m = obs(np.ones((6, 3), np.float32), st, 0.5)
+    >>> w, m = OBS()(np.ones((6, 3), np.float32), st, 0.5)
     >>> int(np.asarray(m).sum())
     9
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.core import patterns as pat_lib
-from jaxprune.oneshot.calibration import LayerStats, as_matrix
-from jaxprune.oneshot.common import (
-    Target,
-    damped_inverse_cholesky,
-    parse_target,
-    prepare_hessian,
-)
+from jaxprune.core import pipeline
+from jaxprune.oneshot.calibration import LayerStats
+from jaxprune.oneshot.common import damped_inverse_cholesky, prepare_hessian
+from jaxprune.oneshot.methods import LayerMethod, register_method
 
-__all__ = ["obs", "obs_greedy"]
+__all__ = ["OBS", "obs_greedy", "budget_counts"]
 
 
 @functools.partial(jax.jit, static_argnames=("steps", "nm"))
@@ -101,42 +100,80 @@ def obs_greedy(w: Any, hinv: Any, counts: Any, nm: tuple[int, int] | None = None
     return tuple(np.concatenate(o, axis=1) for o in outs)  # type: ignore[return-value]
 
 
-def obs(weight: Any, stats: LayerStats, target: Target, *, percdamp: float = 0.01,
-        name: str = "<layer>", chunk: int = 64) -> tuple[jax.Array, jax.Array]:
-    """Exact greedy OBS pruning of one layer; returns ``(new_weight, mask)``.
+def budget_counts(losses: Any, n_prune: int) -> np.ndarray:
+    """Per-column step counts: how many of each column's first greedy steps are among the
+    ``n_prune`` smallest of all ``losses`` (``(steps, out)``); ties prune the lower flat index.
+
+    The ranking is :func:`jaxprune.core.pipeline.leaf_mask` with ``n_keep=``.
+
+    >>> budget_counts(np.array([[1., 0.5], [3., 2.]]), 2).tolist()
+    [1, 1]
+    """
+    losses = np.asarray(losses, np.float32)
+    out = losses.shape[1]
+    if n_prune <= 0:
+        return np.zeros(out, np.int32)
+    big = float(np.finfo(np.float32).max)
+    flat = np.nan_to_num(losses.reshape(-1), nan=big, posinf=big, neginf=-big)
+    # leaf_mask keeps the lower index among equal scores; reversing the order makes ties prune the
+    # lower index (the rule of a stable argsort of the losses, which this replaced)
+    keep = pipeline.leaf_mask(flat[::-1], n_keep=flat.size - int(n_prune), path="<obs budget>")
+    pruned = ~np.asarray(keep)[::-1].reshape(losses.shape)
+    return pruned.sum(0).astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class OBS(LayerMethod):
+    """Exact greedy OBS layer method (small layers); needs ``("gram",)``.
+
+    Args:
+      percdamp: dampening as a fraction of ``mean(diag H)``.
+      chunk: output columns processed per compiled call.
 
     >>> import numpy as np
     >>> from jaxprune.oneshot.calibration import LayerStats
     >>> st = LayerStats(np.eye(4, dtype=np.float32), np.zeros(4), np.ones(4), 1, 4)
-    >>> _, m = obs(np.array([[4.], [1.], [3.], [2.]]), st, "2:4", percdamp=0.0)
+    >>> _, m = OBS(percdamp=0.0)(np.array([[4.], [1.], [3.], [2.]]), st, pattern="2:4")
     >>> np.asarray(m)[:, 0].tolist()
     [True, False, True, False]
     """
-    pattern, s = parse_target(target, name, stats.fan_in)
-    if stats.gram is None:
-        raise ValueError(f"jaxprune: OBS on '{name}' needs calibration with gram=True")
-    w = as_matrix(weight, stats, name).astype(jnp.float32)
-    fin, out = w.shape
-    h, dead = prepare_hessian(stats.hessian, name)
-    w = jnp.where(jnp.asarray(dead)[:, None], 0.0, w)
-    hinv = damped_inverse_cholesky(h, percdamp, name, upper_cholesky=False)
-    if isinstance(pattern, pat_lib.NM):
-        nm = (pattern.n, pattern.m)
-        counts = np.full(out, fin // pattern.m * (pattern.m - pattern.n), np.int32)
-        q, m, _ = obs_greedy(w, hinv, counts, nm, chunk)
-    else:
-        total = int(round(s * fin * out))
-        full = np.full(out, fin, np.int32)
-        _, _, losses = obs_greedy(w, hinv, full, None, chunk)
-        if total == 0:
-            counts = np.zeros(out, np.int32)
+
+    needs: ClassVar[tuple[str, ...]] = ("gram",)
+    label: ClassVar[str] = "obs"
+    percdamp: float = 0.01
+    chunk: int = 64
+
+    def prune_matrix(self, w: jax.Array, stats: LayerStats | None, sparsity: Any,
+                     pattern: pat_lib.Pattern, *, name: str = "<layer>"
+                     ) -> tuple[jax.Array, jax.Array]:
+        """Greedy OBS on the ``(fan_in, out)`` matrix with the module's budget rule.
+
+        >>> st = LayerStats(np.eye(2, dtype=np.float32), np.zeros(2), np.ones(2), 1, 2)
+        >>> _, m = OBS().prune_matrix(jnp.array([[1.], [3.]]), st, 0.5, pat_lib.Unstructured())
+        >>> m[:, 0].tolist()
+        [False, True]
+        """
+        self.check_stats(stats, name)
+        w = jnp.asarray(w, jnp.float32)
+        fin, out = w.shape
+        h, dead = prepare_hessian(stats.hessian, name)
+        w = jnp.where(jnp.asarray(dead)[:, None], 0.0, w)
+        hinv = damped_inverse_cholesky(h, self.percdamp, name, upper_cholesky=False)
+        if isinstance(pattern, pat_lib.NM):
+            m = pattern.m
+            n_pruned = int(np.round(np.float32(sparsity) * np.float32(m)))
+            n_keep = min(max(m - n_pruned, pattern.n), m)  # as patterns.NM.mask
+            counts = np.full(out, fin // m * (m - n_keep), np.int32)
+            q, mask, _ = obs_greedy(w, hinv, counts, (n_keep, m), self.chunk)
         else:
-            order = np.argsort(losses.reshape(-1), kind="stable")[:total]
-            counts = np.bincount(order % out, minlength=out).astype(np.int32)
-        q, m, _ = obs_greedy(w, hinv, counts, None, chunk)
-    shape = np.shape(weight)
-    return (jnp.asarray(q).reshape(shape).astype(jnp.asarray(weight).dtype),
-            jnp.asarray(m).reshape(shape))
+            total = int(round(float(sparsity) * fin * out))
+            counts = np.zeros(out, np.int32)
+            if total:
+                full = np.full(out, fin, np.int32)
+                _, _, losses = obs_greedy(w, hinv, full, None, self.chunk)
+                counts = budget_counts(losses, total)
+            q, mask, _ = obs_greedy(w, hinv, counts, None, self.chunk)
+        return jnp.asarray(q), jnp.asarray(mask)
 
 
-obs.needs_gram = True  # type: ignore[attr-defined]
+register_method("obs", OBS())

@@ -1,12 +1,14 @@
 """OWL (Yin et al., 2024): outlier-weighted layer-wise sparsity.
 
 A layer's *outlier ratio* (LOD) is the fraction of its Wanda scores ``|W|·‖x‖`` above ``M`` times
-their mean. Ratios are rescaled to ``[0, 2λ]``, centred and added to the target density, so layers
-with more outliers stay denser; the size-weighted mean sparsity equals the target exactly.
+their mean. Ratios are rescaled to ``[0, 2λ]``, centred and added to the density ``1 - sparsity``,
+so layers with more outliers stay denser; the size-weighted mean sparsity equals ``sparsity``
+exactly.
 
 :class:`OWL` is a :class:`jaxprune.core.allocation.Allocation` (pass Wanda scores to
-``compute_masks``); :func:`owl_targets` gives ``{kernel path: sparsity}`` from calibration stats for
-the one-shot drivers, optionally pooling layers into groups (the paper uses transformer blocks).
+``compute_masks``); :func:`owl_sparsities` gives ``{kernel path: sparsity}`` from calibration stats
+for the one-shot drivers (their ``sparsities=``), optionally pooling layers into groups (the paper
+uses transformer blocks).
 
 Example:
     >>> owl_from_ratios([0.0, 0.1], [100, 100], 0.5, lam=0.1)
@@ -23,11 +25,11 @@ from typing import Any, ClassVar
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.core.allocation import Allocation
+from jaxprune.core.allocation import Allocation, check_sparsity
 from jaxprune.oneshot.calibration import LayerStats
 from jaxprune.oneshot.wanda import wanda_scores
 
-__all__ = ["OWL", "owl_from_ratios", "outlier_ratio", "owl_targets"]
+__all__ = ["OWL", "owl_from_ratios", "outlier_ratio", "owl_sparsities"]
 
 
 def outlier_ratio(scores: Any, M: float = 5.0) -> float:
@@ -40,9 +42,9 @@ def outlier_ratio(scores: Any, M: float = 5.0) -> float:
     return float(np.mean(s > M * s.mean()))
 
 
-def owl_from_ratios(ratios: Sequence[float], sizes: Sequence[int], target: float,
+def owl_from_ratios(ratios: Sequence[float], sizes: Sequence[int], sparsity: float,
                     lam: float = 0.08) -> list[float]:
-    """Per-layer sparsities from outlier ratios (size-weighted mean = ``target``, clipped to
+    """Per-layer sparsities from outlier ratios (size-weighted mean = ``sparsity``, clipped to
     ``[0, 0.99]``).
 
     >>> owl_from_ratios([0.2, 0.2], [10, 30], 0.7)
@@ -52,7 +54,7 @@ def owl_from_ratios(ratios: Sequence[float], sizes: Sequence[int], target: float
     w = np.asarray(sizes, np.float64) / np.sum(sizes)
     span = r.max() - r.min()
     z = np.zeros_like(r) if span <= 0 else (r - r.min()) / span * 2.0 * lam
-    density = (1.0 - target) + z - np.sum(w * z)
+    density = (1.0 - sparsity) + z - np.sum(w * z)
     return [round(float(x), 10) for x in np.clip(1.0 - density, 0.0, 0.99)]
 
 
@@ -79,10 +81,10 @@ class OWL(Allocation):
                 for v in owl_from_ratios(ratios, sizes, float(target), self.lam)]
 
 
-def owl_targets(
+def owl_sparsities(
     kernels: dict[str, Any],
     stats: dict[str, LayerStats],
-    target: float,
+    sparsity: float,
     *,
     M: float = 5.0,
     lam: float = 0.08,
@@ -94,13 +96,14 @@ def owl_targets(
     of a group share its pooled outlier ratio. Default: one group per layer.
 
     >>> st = {"a": LayerStats(None, np.zeros(2), np.ones(2), 1, 2)}
-    >>> owl_targets({"a": np.ones((2, 2))}, st, 0.5)
+    >>> owl_sparsities({"a": np.ones((2, 2))}, st, 0.5)
     {'a': 0.5}
     """
+    check_sparsity("owl_sparsities", sparsity)
     keys = list(stats)
     missing = [k for k in keys if k not in kernels]
     if missing:
-        raise ValueError(f"jaxprune: owl_targets: no kernel for calibrated layer(s) {missing}")
+        raise ValueError(f"jaxprune: owl_sparsities: no kernel for calibrated layer(s) {missing}")
     gname = {}
     for k in keys:
         mt = re.search(group, k) if group else None
@@ -111,5 +114,5 @@ def owl_targets(
         pooled[gname[k]].append(np.asarray(wanda_scores(kernels[k], stats[k], k)).reshape(-1))
     ratios = [outlier_ratio(np.concatenate(pooled[g]), M) for g in groups]
     sizes = [sum(x.size for x in pooled[g]) for g in groups]
-    sp = dict(zip(groups, owl_from_ratios(ratios, sizes, target, lam), strict=True))
+    sp = dict(zip(groups, owl_from_ratios(ratios, sizes, sparsity, lam), strict=True))
     return {k: sp[gname[k]] for k in keys}

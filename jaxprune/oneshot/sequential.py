@@ -1,18 +1,20 @@
 """Layer-wise one-shot pruning of a whole model, and the sequential block-by-block driver.
 
-A *layer method* is any ``(weight, stats, target, *, name) -> (new_weight, mask)`` (SparseGPT, OBS,
-Wanda, magnitude, ``with_dsnot(...)``). :func:`prune_layers` applies one to every calibrated kernel
-of a params tree. :func:`prune_sequential` walks the model as a list of :class:`BlockSpec`: each
-block is calibrated on the outputs of the already-pruned blocks (or, with ``dense_inputs=True``, of
-the dense ones), its layers are pruned, its statistics dropped, and its pruned outputs feed the next
-block — one block's statistics in memory at a time.
+A *layer method* is a :class:`~jaxprune.oneshot.methods.LayerMethod` value (or its registered
+name): SparseGPT, OBS, Wanda, magnitude, ``DSnoT(base=...)``. :func:`prune_layers` applies one to
+every calibrated kernel of a params tree. :func:`prune_sequential` walks the model as a list of
+:class:`BlockSpec`: each block is calibrated on the outputs of the already-pruned blocks (or, with
+``dense_inputs=True``, of the dense ones), its layers are pruned, its statistics dropped, and its
+pruned outputs feed the next block — one block's statistics in memory at a time. Calibration
+records ``XᵀX`` only when the method's ``needs`` include ``"gram"``.
+
+Both return ``(params, masks)`` with ``masks`` mirroring ``params`` (``None`` = not pruned).
 
 Example:
     >>> import jax, jax.numpy as jnp
     >>> from flax import linen as nn
-    >>> from jaxprune.oneshot.wanda import magnitude
     >>> m = nn.Dense(4); p = {"fc": m.init(jax.random.key(0), jnp.ones((1, 4)))["params"]}
-    >>> newp, masks = prune_sequential(p, [BlockSpec("fc", m)], [jnp.ones((2, 4))], magnitude, 0.5,
+    >>> newp, masks = prune_sequential(p, [BlockSpec("fc", m)], [jnp.ones((2, 4))], "magnitude", 0.5,
     ...                                progress=False)
     >>> int(masks["fc"]["kernel"].sum())
     8
@@ -20,20 +22,20 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jaxprune.core.masks import Filter, PyTree, leaves_with_paths, tree_map_with_path_masked
+from jaxprune.core import patterns as pat_lib
+from jaxprune.core.allocation import check_sparsity
+from jaxprune.core.filters import FilterLike, as_filter
+from jaxprune.core.masks import PyTree, leaves_with_paths, tree_map_with_path_masked
 from jaxprune.oneshot.calibration import LayerStats, calibrate
-from jaxprune.oneshot.common import Target
+from jaxprune.oneshot.methods import LayerMethod, get_method
 
-__all__ = ["BlockSpec", "prune_layers", "prune_sequential", "get_path", "set_path", "METHODS",
-           "get_method"]
-
-LayerMethod = Callable[..., tuple[jax.Array, jax.Array]]
+__all__ = ["BlockSpec", "prune_layers", "prune_sequential", "get_path", "set_path"]
 
 
 class BlockSpec(NamedTuple):
@@ -76,45 +78,108 @@ def set_path(tree: PyTree, path: str, value: Any) -> PyTree:
     return out
 
 
-def _target_for(path: str, target: Target, targets: dict[str, float] | None) -> Target:
-    if targets and path in targets:
-        return targets[path]
-    return target
+class _Plan(NamedTuple):
+    method: LayerMethod
+    sparsity: Any
+    pattern: pat_lib.Pattern
+    filter: Callable[[str, Any], bool] | None
+    sparsities: dict[str, float]
+
+
+def _plan(method: str | LayerMethod, sparsity: Any, pattern: pat_lib.Pattern | str,
+          filter: FilterLike, sparsities: Mapping[str, float] | None) -> _Plan:
+    """Check the driver arguments once, before any calibration runs."""
+    meth = get_method(method)
+    pat = pat_lib.parse(pattern)
+    if sparsity is None and not isinstance(pat, pat_lib.NM | pat_lib.PerLeaf):
+        raise ValueError(
+            f"jaxprune: pattern {pat} needs an explicit sparsity (only N:M patterns imply one)"
+        )
+    if sparsity is not None:
+        check_sparsity("sparsity", sparsity)
+    if sparsities is not None and not isinstance(sparsities, Mapping):
+        raise TypeError(
+            f"jaxprune: sparsities= must map kernel paths to sparsities, got {type(sparsities)}"
+        )
+    over = dict(sparsities or {})
+    for path, v in over.items():
+        check_sparsity(path, v)
+    return _Plan(meth, sparsity, pat, None if filter is None else as_filter(filter), over)
+
+
+def _prune_layers(params: PyTree, stats: dict[str, LayerStats], plan: _Plan, prefix: str = ""
+                  ) -> tuple[PyTree, dict[str, jax.Array], set[str]]:
+    """``(new params, {full path: mask}, full paths of all calibrated layers)``."""
+    masks: dict[str, jax.Array] = {}
+    seen: set[str] = set()
+    new = params
+    for path, st in stats.items():
+        full = f"{prefix}/{path}" if prefix else path
+        seen.add(full)
+        w = get_path(params, path)
+        if plan.filter is not None and not plan.filter(full, w):
+            continue
+        nw, m = plan.method(w, st, plan.sparsities.get(full, plan.sparsity),
+                            pattern=pat_lib.for_path(plan.pattern, full), name=full)
+        new = set_path(new, path, nw)
+        masks[full] = m
+    return new, masks, seen
+
+
+def _check_overrides(plan: _Plan, seen: set[str]) -> None:
+    unused = sorted(set(plan.sparsities) - seen)
+    if unused:
+        raise ValueError(
+            f"jaxprune: sparsities= names path(s) {unused} that are not calibrated layers; "
+            f"calibrated: {sorted(seen)}"
+        )
+
+
+def _mask_tree(params: PyTree, masks: dict[str, jax.Array]) -> PyTree:
+    known = {p for p, _ in leaves_with_paths(params)}
+    unknown = [p for p in masks if p not in known]
+    if unknown:
+        raise ValueError(f"jaxprune: pruned paths {unknown} are not in the params tree")
+    return tree_map_with_path_masked(lambda p, x: masks.get(p), params)
 
 
 def prune_layers(
     params: PyTree,
     stats: dict[str, LayerStats],
-    method: LayerMethod,
-    target: Target,
+    method: str | LayerMethod,
+    sparsity: float | None = None,
     *,
-    filter: Filter | None = None,
-    targets: dict[str, float] | None = None,
-    prefix: str = "",
-) -> tuple[PyTree, dict[str, jax.Array]]:
-    """Prune every kernel of ``params`` that has stats (and passes ``filter(path, leaf)``).
+    pattern: pat_lib.Pattern | str = "unstructured",
+    filter: FilterLike = None,
+    sparsities: Mapping[str, float] | None = None,
+) -> tuple[PyTree, PyTree]:
+    """Prune every kernel of ``params`` that has stats (and passes ``filter``), with ``method``.
 
-    Returns ``(new_params, {path: mask})``; ``prefix`` is prepended to paths for ``filter``,
-    ``targets`` (per-path sparsity overrides, e.g. from OWL) and messages.
+    Args:
+      params: the params tree (nested dicts) the statistics were recorded on.
+      stats: ``{kernel path: LayerStats}`` from :func:`~jaxprune.oneshot.calibration.calibrate`.
+      method: a :class:`~jaxprune.oneshot.methods.LayerMethod` or its name.
+      sparsity: fraction to prune (``None`` with an N:M pattern: implied).
+      pattern: ``"unstructured"``, N:M (``"2:4"``) or a per-path
+        :class:`~jaxprune.core.patterns.PerLeaf`.
+      filter: which calibrated layers to prune (any :mod:`jaxprune.core.filters` filter, a
+        ``(path, leaf) -> bool`` callable or a path regex; default: all calibrated layers).
+      sparsities: per-path sparsity overrides ``{kernel path: sparsity}`` (e.g. from
+        :func:`~jaxprune.oneshot.owl.owl_sparsities`).
+
+    Returns ``(new_params, masks)``, ``masks`` mirroring ``params`` (``None`` = not pruned).
 
     >>> import numpy as np
-    >>> from jaxprune.oneshot.wanda import magnitude
     >>> st = {"k": LayerStats(None, np.zeros(2), np.ones(2), 1, 2)}
-    >>> _, ms = prune_layers({"k": jnp.array([[1., 2.], [3., 4.]])}, st, magnitude, 0.5)
-    >>> ms["k"].tolist()
-    [[False, False], [True, True]]
+    >>> params = {"k": jnp.array([[1., 2.], [3., 4.]]), "b": jnp.ones(2)}
+    >>> _, ms = prune_layers(params, st, "magnitude", 0.5)
+    >>> ms["k"].tolist(), ms["b"] is None
+    ([[False, False], [True, True]], True)
     """
-    masks: dict[str, jax.Array] = {}
-    new = params
-    for path, st in stats.items():
-        full = f"{prefix}/{path}" if prefix else path
-        w = get_path(params, path)
-        if filter is not None and not filter(full, w):
-            continue
-        nw, m = method(w, st, _target_for(full, target, targets), name=full)
-        new = set_path(new, path, nw)
-        masks[full] = m
-    return new, masks
+    plan = _plan(method, sparsity, pattern, filter, sparsities)
+    new, masks, seen = _prune_layers(params, stats, plan)
+    _check_overrides(plan, seen)
+    return new, _mask_tree(params, masks)
 
 
 def _run_block(blk: BlockSpec, params: PyTree, x: Any) -> Any:
@@ -129,11 +194,12 @@ def prune_sequential(
     params: PyTree,
     blocks: Sequence[BlockSpec],
     inputs: Sequence[Any],
-    method: LayerMethod,
-    target: Target,
+    method: str | LayerMethod,
+    sparsity: float | None = None,
     *,
-    filter: Filter | None = None,
-    targets: dict[str, float] | None = None,
+    pattern: pat_lib.Pattern | str = "unstructured",
+    filter: FilterLike = None,
+    sparsities: Mapping[str, float] | None = None,
     dense_inputs: bool = False,
     progress: bool = True,
 ) -> tuple[PyTree, PyTree]:
@@ -143,43 +209,50 @@ def prune_sequential(
       params: the model's params (nested dicts).
       blocks: the model as consecutive blocks (first block receives ``inputs``).
       inputs: calibration batches for the first block (a tuple is unpacked into arguments).
-      method: layer method (``getattr(method, "needs_gram", True)`` decides whether ``XᵀX`` is kept).
-      target: sparsity or ``"N:M"``; ``targets`` overrides per kernel path.
-      filter: ``(path, kernel) -> bool`` choosing which calibrated layers are pruned.
+      method: a :class:`~jaxprune.oneshot.methods.LayerMethod` or its name; ``XᵀX`` is recorded
+        only if ``"gram" in method.needs``.
+      sparsity, pattern, filter, sparsities: as in :func:`prune_layers` (paths are full paths
+        into ``params``).
       dense_inputs: calibrate every block on the dense model's activations instead.
+      progress: show a progress bar over blocks.
 
     >>> import jax, jax.numpy as jnp
     >>> from flax import linen as nn
-    >>> from jaxprune.oneshot.wanda import wanda
     >>> m = nn.Dense(2); p = {"a": m.init(jax.random.key(0), jnp.ones((1, 2)))["params"]}
-    >>> _, masks = prune_sequential(p, [BlockSpec("a", m)], [jnp.ones((3, 2))], wanda, 0.5,
+    >>> _, masks = prune_sequential(p, [BlockSpec("a", m)], [jnp.ones((3, 2))], "wanda", 0.5,
     ...                             progress=False)
     >>> masks["a"]["bias"] is None
     True
     """
+    plan = _plan(method, sparsity, pattern, filter, sparsities)
     inputs = list(inputs)
     if not inputs:
         raise ValueError("jaxprune: prune_sequential needs at least one calibration batch")
-    gram = bool(getattr(method, "needs_gram", True))
+    known = {p for p, _ in leaves_with_paths(params)}
+    stray = sorted(set(plan.sparsities) - known)
+    if stray:
+        raise ValueError(f"jaxprune: sparsities= names path(s) {stray} that are not in the params tree")
+    gram = "gram" in plan.method.needs
     new = params
     all_masks: dict[str, jax.Array] = {}
+    seen: set[str] = set()
     xs = inputs
     xs_dense = inputs if dense_inputs else None
     it: Any = blocks
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(blocks, desc=f"prune {getattr(method, '__name__', 'layers')}", leave=False)
+        it = tqdm(blocks, desc=f"prune {plan.method.label}", leave=False)
     for blk in it:
         sub = get_path(params, blk.path)
         calib_x = xs_dense if dense_inputs else xs
         has_layers = any(p.endswith("kernel") for p, _ in leaves_with_paths(sub))
         if has_layers:
             stats = calibrate(blk.module, sub, calib_x, gram=gram)
-            new_sub, ms = prune_layers(sub, stats, method, target, filter=filter,
-                                       targets=targets, prefix=blk.path)
+            new_sub, ms, blk_seen = _prune_layers(sub, stats, plan, prefix=blk.path)
             del stats
             all_masks.update(ms)
+            seen |= blk_seen
             new = set_path(new, blk.path, new_sub)
         else:
             new_sub = sub
@@ -187,39 +260,8 @@ def prune_sequential(
         xs = [run(new_sub, x) for x in xs]
         if dense_inputs:
             xs_dense = [run(sub, x) for x in xs_dense]
-    known = {p for p, _ in leaves_with_paths(params)}
-    unknown = [p for p in all_masks if p not in known]
-    if unknown:
-        raise ValueError(f"jaxprune: pruned paths {unknown} are not in the params tree")
-    mask_tree = tree_map_with_path_masked(lambda p, x: all_masks.get(p), params)
-    return new, mask_tree
-
-
-def _methods() -> dict[str, LayerMethod]:
-    from jaxprune.oneshot.dsnot import with_dsnot
-    from jaxprune.oneshot.obs import obs
-    from jaxprune.oneshot.sparsegpt import sparsegpt
-    from jaxprune.oneshot.wanda import magnitude, wanda
-
-    return {
-        "magnitude": magnitude, "wanda": wanda, "sparsegpt": sparsegpt, "obs": obs,
-        "wanda+dsnot": with_dsnot(wanda), "sparsegpt+dsnot": with_dsnot(sparsegpt),
-    }
-
-
-METHODS = ("magnitude", "wanda", "sparsegpt", "obs", "wanda+dsnot", "sparsegpt+dsnot")
-
-
-def get_method(name: str) -> LayerMethod:
-    """A layer method by name: one of :data:`METHODS`.
-
-    >>> get_method("wanda+dsnot").__name__
-    'wanda+dsnot'
-    """
-    table = _methods()
-    if name not in table:
-        raise ValueError(f"jaxprune: unknown one-shot method '{name}'; valid: {list(METHODS)}")
-    return table[name]
+    _check_overrides(plan, seen)
+    return new, _mask_tree(params, all_masks)
 
 
 _ = jnp  # keep the import for doctests that use jnp

@@ -1,6 +1,7 @@
 """SparseGPT (Frantar & Alistarh, 2023): one-shot pruning with OBS weight reconstruction.
 
-``sparsegpt(weight, stats, target) -> (new_weight, mask)`` for a Flax kernel (fan-in first). Steps,
+``SparseGPT()(weight, stats, sparsity, *, pattern=...) -> (new_weight, mask)`` for a Flax kernel
+(fan-in first); a :class:`~jaxprune.oneshot.methods.LayerMethod` that needs ``("gram",)``. Steps,
 as in the published algorithm (Algorithm 1 and the reference code), in the Flax layout where an
 *input* is a row:
 
@@ -10,9 +11,10 @@ as in the published algorithm (Algorithm 1 and the reference code), in the Flax 
 2. ``U`` = upper Cholesky factor of ``H⁻¹`` (``H⁻¹ = UᵀU``).
 3. Inputs are processed in blocks of ``blocksize`` (128): the mask of a block is chosen *adaptively*
    from the current (already updated) weights with the score ``w² / U_jj²`` — exactly
-   ``round(s · rows · out)`` entries per block for unstructured targets (the reference code's
+   ``round(s · rows · out)`` entries per block for the unstructured pattern (the reference code's
    ``<= threshold`` prunes one extra entry per block; we keep the exact count), or per group of
-   ``m`` inputs for N:M (chosen when the loop reaches the group, via :class:`jaxprune.core.patterns.NM`).
+   ``m`` inputs for N:M (chosen when the loop reaches the group). Both selections are
+   :func:`jaxprune.core.pipeline.leaf_mask` (``n_keep=`` for the exact count, the N:M pattern).
 4. Each input row ``i`` is quantised to its mask, the error ``(w - q)/U_ii`` is spread over the later
    rows of the block with ``U[i, :]``, and after the block the accumulated errors update all later
    rows at once (lazy batch update).
@@ -24,36 +26,34 @@ Example:
     >>> from jaxprune.oneshot.calibration import LayerStats
     >>> x = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
     >>> st = LayerStats(x.T @ x, x.sum(0), (x**2).sum(0), 64, 8)
-    >>> w, m = sparsegpt(np.ones((8, 4), np.float32), st, 0.5)
+    >>> w, m = SparseGPT()(np.ones((8, 4), np.float32), st, 0.5)
     >>> int(m.sum()), bool(np.all(np.asarray(w)[~np.asarray(m)] == 0))
     (16, True)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.core import patterns as pat_lib
-from jaxprune.oneshot.calibration import LayerStats, as_matrix
-from jaxprune.oneshot.common import (
-    Target,
-    damped_inverse_cholesky,
-    parse_target,
-    prepare_hessian,
-)
+from jaxprune.core import pipeline
+from jaxprune.oneshot.calibration import LayerStats
+from jaxprune.oneshot.common import damped_inverse_cholesky, prepare_hessian
+from jaxprune.oneshot.methods import LayerMethod, register_method
 
-__all__ = ["sparsegpt"]
+__all__ = ["SparseGPT"]
 
 
 @functools.partial(jax.jit, static_argnames=("blocksize", "nm"))
 def _sparsegpt_core(w: jax.Array, u: jax.Array, sparsity: jax.Array, blocksize: int,
-                    nm: tuple[int, int] | None) -> tuple[jax.Array, jax.Array]:
+                    nm: pat_lib.NM | None) -> tuple[jax.Array, jax.Array]:
     fin, out = w.shape
     bs = blocksize
     nb = math.ceil(fin / bs)
@@ -72,21 +72,21 @@ def _sparsegpt_core(w: jax.Array, u: jax.Array, sparsity: jax.Array, blocksize: 
         real = jnp.clip(fin - i1, 0, bs)
         if nm is None:
             sc = (w1 / d[:, None]) ** 2
-            sc = jnp.where((rows < real)[:, None], sc, jnp.inf)
+            sc = jnp.where((rows < real)[:, None], sc, jnp.inf)  # padding rows: always kept
             k_prune = jnp.round(sparsity * (real * out).astype(jnp.float32)).astype(jnp.int32)
-            mask1 = pat_lib.topk_mask(sc.reshape(-1), bs * out - k_prune).reshape(bs, out)
+            mask1 = pipeline.leaf_mask(sc, n_keep=bs * out - k_prune, path="<sparsegpt block>")
         else:
             mask1 = jnp.ones((bs, out), bool)
 
         def col(i: jax.Array, c: tuple) -> tuple:
             w1, mask1, q1, e1 = c
             if nm is not None:
-                n, m = nm
-                g = jax.lax.dynamic_slice(w1, (i, 0), (m, out))
-                dg = jax.lax.dynamic_slice(d, (i,), (m,))
-                gm = pat_lib.NM(n, m).mask((g / dg[:, None]) ** 2, 1.0 - n / m)
-                mask1 = jnp.where(i % m == 0, jax.lax.dynamic_update_slice(mask1, gm, (i, 0)),
-                                  mask1)
+                g = jax.lax.dynamic_slice(w1, (i, 0), (nm.m, out))
+                dg = jax.lax.dynamic_slice(d, (i,), (nm.m,))
+                gm = pipeline.leaf_mask((g / dg[:, None]) ** 2, sparsity, pattern=nm,
+                                        path="<sparsegpt group>")
+                mask1 = jnp.where(i % nm.m == 0,
+                                  jax.lax.dynamic_update_slice(mask1, gm, (i, 0)), mask1)
             wi = w1[i]
             q = jnp.where(mask1[i], wi, 0.0)
             err = (wi - q) / d[i]
@@ -105,47 +105,50 @@ def _sparsegpt_core(w: jax.Array, u: jax.Array, sparsity: jax.Array, blocksize: 
     return wout[:fin], mout[:fin]
 
 
-def sparsegpt(
-    weight: Any,
-    stats: LayerStats,
-    target: Target,
-    *,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-    name: str = "<layer>",
-) -> tuple[jax.Array, jax.Array]:
-    """Prune one layer with SparseGPT; returns ``(new_weight, mask)`` of ``weight``'s shape.
+@dataclasses.dataclass(frozen=True)
+class SparseGPT(LayerMethod):
+    """SparseGPT layer method; needs ``("gram",)``.
 
     Args:
-      weight: Flax kernel (``(in, out)``, conv ``(h, w, in, out)``, DenseGeneral ``(*in, *out)``).
-      stats: the layer's :class:`~jaxprune.oneshot.calibration.LayerStats` (with ``gram``).
-      target: sparsity in ``[0, 1)`` or ``"N:M"`` / :class:`~jaxprune.core.patterns.NM`.
       blocksize: lazy-update block (rounded down to a multiple of ``m`` for N:M).
       percdamp: dampening as a fraction of ``mean(diag H)``.
-      name: layer path used in error messages and warnings.
 
     >>> import numpy as np
     >>> from jaxprune.oneshot.calibration import LayerStats
     >>> st = LayerStats(np.eye(4, dtype=np.float32), np.zeros(4), np.ones(4), 1, 4)
-    >>> w, m = sparsegpt(np.arange(8.).reshape(4, 2), st, "2:4")
+    >>> w, m = SparseGPT()(np.arange(8.).reshape(4, 2), st, pattern="2:4")
     >>> np.asarray(m).sum(0).tolist()
     [2, 2]
     """
-    pattern, s = parse_target(target, name, stats.fan_in)
-    if stats.gram is None:
-        raise ValueError(f"jaxprune: SparseGPT on '{name}' needs calibration with gram=True")
-    w = as_matrix(weight, stats, name).astype(jnp.float32)
-    h, dead = prepare_hessian(stats.hessian, name)
-    w = jnp.where(jnp.asarray(dead)[:, None], 0.0, w)
-    u = damped_inverse_cholesky(h, percdamp, name)
-    nm = None
-    bs = int(blocksize)
-    if isinstance(pattern, pat_lib.NM):
-        nm = (pattern.n, pattern.m)
-        bs = max(pattern.m, bs - bs % pattern.m)
-    q, m = _sparsegpt_core(w, u, jnp.asarray(s, jnp.float32), bs, nm)
-    shape = np.shape(weight)
-    return q.reshape(shape).astype(jnp.asarray(weight).dtype), m.reshape(shape)
+
+    needs: ClassVar[tuple[str, ...]] = ("gram",)
+    label: ClassVar[str] = "sparsegpt"
+    blocksize: int = 128
+    percdamp: float = 0.01
+
+    def prune_matrix(self, w: jax.Array, stats: LayerStats | None, sparsity: Any,
+                     pattern: pat_lib.Pattern, *, name: str = "<layer>"
+                     ) -> tuple[jax.Array, jax.Array]:
+        """SparseGPT on the ``(fan_in, out)`` matrix (see the module docstring).
+
+        >>> st = LayerStats(np.eye(2, dtype=np.float32), np.zeros(2), np.ones(2), 1, 2)
+        >>> _, m = SparseGPT().prune_matrix(jnp.array([[1.], [3.]]), st, 0.5,
+        ...                                 pat_lib.Unstructured())
+        >>> m[:, 0].tolist()
+        [False, True]
+        """
+        self.check_stats(stats, name)
+        w = jnp.asarray(w, jnp.float32)
+        h, dead = prepare_hessian(stats.hessian, name)
+        w = jnp.where(jnp.asarray(dead)[:, None], 0.0, w)
+        u = damped_inverse_cholesky(h, self.percdamp, name)
+        bs = int(self.blocksize)
+        nm = None
+        if isinstance(pattern, pat_lib.NM):
+            nm = pat_lib.NM(pattern.n, pattern.m)
+            bs = max(nm.m, bs - bs % nm.m)
+        return _sparsegpt_core(w, u, jnp.asarray(sparsity, jnp.float32), bs, nm)
 
 
-sparsegpt.needs_gram = True  # type: ignore[attr-defined]
+register_method("sparsegpt", SparseGPT())
+_ = np  # used by the doctests

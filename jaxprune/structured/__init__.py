@@ -1,6 +1,7 @@
 """Structured pruning that shrinks shapes: dependency groups discovered from the model's jaxpr,
 group importance (L1/L2, Taylor, Wanda, FLAP), slimming to a smaller dense model, FLAP bias
-compensation, and layer (block) dropping.
+compensation, and layer (block) dropping. Groups are found by a generic jaxpr walker
+(:mod:`~jaxprune.core.walker`) running per-primitive rules (:mod:`~jaxprune.structured.rules`).
 
 >>> import jax, jax.numpy as jnp, numpy as np
 >>> from jaxprune import structured as st
@@ -19,7 +20,7 @@ from jaxprune.structured.groups import (
     discover_groups,
     param_shapes,
 )
-from jaxprune.structured.importance import InputStats, Selection, choose_units, group_scores, input_stats
+from jaxprune.structured.importance import Selection, choose_units, group_scores, input_stats
 from jaxprune.structured.layers import BlockScore, block_scores, choose_blocks, drop_blocks
 from jaxprune.structured.slimming import (
     axis_keep_masks,
@@ -32,7 +33,7 @@ from jaxprune.structured.slimming import (
 
 __all__ = [
     "Group", "Member", "TraceError", "declare_groups", "discover_groups", "param_shapes",
-    "InputStats", "Selection", "group_scores", "input_stats", "choose_units",
+    "Selection", "group_scores", "input_stats", "choose_units",
     "BlockScore", "block_scores", "choose_blocks", "drop_blocks",
     "axis_keep_masks", "compensate_bias", "group_masks", "param_count", "slim",
     "slim_nnx",

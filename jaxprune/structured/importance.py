@@ -2,10 +2,14 @@
 
 Per-element scores come from the shared :mod:`jaxprune.core.criteria` (magnitude, Taylor, Wanda); a
 group's unit score is the sum over all its members' slices (L1 / L2 / Taylor / Wanda), or FLAP's
-fluctuation ``Var[x_j] * ||W[j, :]||^2`` summed over the group's consumer kernels.
-:func:`choose_units` turns scores into ``keep`` indices: per-group (same ratio everywhere) or global
-(scores standardised per group, one threshold), with optional rounding of kept counts to multiples
-of 8 and a report of every rounding or refusal.
+fluctuation ``Var[x_j] * ||W[j, :]||^2`` summed over the group's consumer kernels. Activation
+statistics come from the one calibrator, :func:`jaxprune.oneshot.calibrate` (:func:`input_stats`
+only re-keys them to the paths of the variables the groups were discovered on).
+:func:`choose_units` turns scores into ``keep`` indices through the core pipeline
+(:func:`jaxprune.core.pipeline.compute_masks` with each group as one leaf of unit scores):
+``Uniform`` (same sparsity in every group) or ``Global`` (scores standardised per group, one
+threshold), then keeps at least ``min_keep`` units per group, optionally rounds kept counts to
+multiples (e.g. 8) and reports every rounding or refusal.
 
 Example:
     >>> import jax.numpy as jnp
@@ -20,20 +24,24 @@ Example:
 
 from __future__ import annotations
 
+import math
+import re
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 
+from jaxprune.core import allocation as alloc_lib
 from jaxprune.core import criteria
 from jaxprune.core.masks import PyTree, leaves_with_paths
+from jaxprune.core.patterns import matrix_view
+from jaxprune.core.pipeline import compute_masks, leaf_mask
+from jaxprune.oneshot.calibration import LayerStats, calibrate
 from jaxprune.structured.groups import Group
 
 __all__ = [
-    "InputStats",
     "input_stats",
     "group_scores",
     "Selection",
@@ -44,83 +52,50 @@ __all__ = [
 METHODS = ("l1", "l2", "taylor", "wanda", "flap")
 
 
-class InputStats(NamedTuple):
-    """Per-input-feature statistics of one kernel's input: mean, variance, mean square, count."""
-
-    mean: np.ndarray
-    var: np.ndarray
-    sq: np.ndarray
-    count: int
-
-
 def input_stats(
-    apply_fn: Callable[..., Any],
+    model: Any,
     variables: PyTree,
     batches: Iterable[Any],
-    prefix: str = "params",
-) -> dict[str, InputStats]:
-    """Calibration: statistics of the input of every linen module owning a ``kernel`` param.
+    *,
+    collect: str = "params",
+    progress: bool = False,
+) -> dict[str, LayerStats]:
+    """Calibration statistics keyed by the paths of ``variables`` (as :func:`discover_groups` names
+    members): :func:`jaxprune.oneshot.calibrate` (``gram=False``) with ``"<collect>/"`` prefixed.
 
-    Returns ``{"params/<module path>/kernel": InputStats}`` with stats over the kernel's input axes
-    (``kernel.shape[:k]`` for Dense/DenseGeneral, the input channel for Conv). Captured with
-    ``nn.intercept_methods`` (works for any linen model that uses such modules).
+    ``variables`` is a linen variables dict (``{"params": ...}``) or, for an nnx ``model``, its
+    state (calibrate reads the module itself; keys are then the state's paths). Each value is a
+    :class:`~jaxprune.oneshot.calibration.LayerStats` over the layer's fan-in view (a Dense input,
+    a flattened conv patch ``(h, w, in)``): ``norms`` (Wanda), ``mean``, ``var``.
 
-    >>> from jaxprune.zoo.models import MLP
     >>> import jax
+    >>> from jaxprune.zoo.models import MLP
     >>> m = MLP((4, 2)); v = m.init(jax.random.key(0), jnp.ones((1, 3)))
-    >>> st = input_stats(m.apply, v, [jnp.ones((5, 3))])
+    >>> st = input_stats(m, v, [jnp.ones((5, 3))])
     >>> st["params/Dense_1/kernel"].mean.shape
     (4,)
     """
-    acc: dict[str, list[Any]] = {}
-
-    def interceptor(next_fun, args, kwargs, context):
-        mod = context.module
-        if context.method_name == "__call__" and args and mod.scope is not None:
-            try:
-                has_kernel = mod.has_variable("params", "kernel")
-            except Exception:  # noqa: BLE001 - modules without params scope
-                has_kernel = False
-            if has_kernel:
-                x = args[0]
-                w = mod.get_variable("params", "kernel")
-                k = _input_ndim(x.shape, w.shape)
-                if k:
-                    if w.ndim == x.ndim and x.shape[-1] == w.shape[-2] and w.ndim > 2:  # conv
-                        feat = x.reshape(-1, x.shape[-1])
-                    else:
-                        feat = x.reshape(-1, *x.shape[x.ndim - k:])
-                    feat = jnp.asarray(feat, jnp.float32)
-                    path = "/".join((prefix, *mod.path, "kernel"))
-                    s = acc.setdefault(path, [0.0, 0.0, 0])
-                    s[0] = s[0] + feat.sum(0)
-                    s[1] = s[1] + (feat**2).sum(0)
-                    s[2] += feat.shape[0]
-        return next_fun(*args, **kwargs)
-
-    for b in batches:
-        with nn.intercept_methods(interceptor):
-            apply_fn(variables, b)
-    out = {}
-    for path, (s, s2, n) in acc.items():
-        mean = np.asarray(s) / n
-        sq = np.asarray(s2) / n
-        out[path] = InputStats(mean, np.maximum(sq - mean**2, 0.0), sq, n)
-    if not out:
-        raise ValueError(
-            "jaxprune.structured.input_stats: no module with a 'kernel' param was called; is "
-            "apply_fn a linen apply and are the batches non-empty?"
-        )
-    return out
+    prefix, params = "", variables
+    if isinstance(variables, Mapping) and collect in variables:
+        others = sorted(k for k in variables if k != collect)
+        if others:
+            raise ValueError(
+                f"jaxprune.structured.input_stats: variables hold collections {others} besides "
+                f"'{collect}'; calibration applies the model to '{collect}' only (a model reading "
+                "batch statistics cannot be calibrated this way yet)"
+            )
+        prefix, params = f"{collect}/", variables[collect]
+    stats = calibrate(model, params, batches, gram=False, collect=collect, progress=progress)
+    return {prefix + k: v for k, v in stats.items()}
 
 
-def _input_ndim(xs: tuple[int, ...], ws: tuple[int, ...]) -> int:
-    if len(ws) > 2 and len(ws) == len(xs) and xs[-1] == ws[-2]:
-        return 1  # conv (..., in, out)
-    for k in range(min(len(xs), len(ws) - 1), 0, -1):
-        if tuple(xs[-k:]) == tuple(ws[:k]):
+def _fan_in_ndim(shape: tuple[int, ...], fan_in: int, path: str) -> int:
+    """How many leading kernel axes form the calibrated fan-in."""
+    for k in range(1, len(shape) + 1):
+        if math.prod(shape[:k]) == fan_in:
             return k
-    return 0
+    raise ValueError(f"jaxprune.structured: calibration fan-in {fan_in} of '{path}' is no product "
+                     f"of leading axes of its shape {shape}")
 
 
 def _member_vectors(leaf_scores: Mapping[str, Any], g: Group) -> list[np.ndarray]:
@@ -142,13 +117,15 @@ def group_scores(
     method: str = "l2",
     *,
     grads: PyTree | None = None,
-    stats: Mapping[str, InputStats] | None = None,
+    stats: Mapping[str, LayerStats] | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-unit importance ``{group name: float[size]}`` (higher = keep).
 
     Methods: ``l1`` / ``l2`` (norm of all the group's slices), ``taylor`` (``|sum -g*w|`` over the
     group, needs ``grads``), ``wanda`` (``sum |w| * ||x||`` over the group's consumer kernels, needs
     ``stats``), ``flap`` (``sum Var[x_j] * ||W[j]||^2`` over consumer kernels, needs ``stats``).
+    ``stats`` maps kernel paths (the members' paths) to
+    :class:`~jaxprune.oneshot.calibration.LayerStats`, e.g. from :func:`input_stats`.
 
     >>> from jaxprune.structured import Group, Member
     >>> g = Group("h", 2, (Member("w", 0, (2,)),))
@@ -178,23 +155,28 @@ def group_scores(
         return {g.name: np.abs(sum(_member_vectors(leaf, g))) for g in groups}
     if stats is None:
         raise ValueError(f"jaxprune.structured.group_scores: method '{method}' needs stats= "
-                         "(from input_stats)")
+                         "(from input_stats or jaxprune.oneshot.calibrate)")
+    if not any(m.path in stats for g in groups for m in g.members):
+        raise ValueError(f"jaxprune.structured.group_scores: no group member is a key of stats "
+                         f"(stats keys: {sorted(stats)[:5]}; members: {sorted(touched)[:5]}); "
+                         "calibrate on the variables the groups were discovered on")
     out = {}
     for g in groups:
         acc = np.zeros(g.size)
         for m in g.members:
             st = stats.get(m.path)
-            if st is None or m.axis >= np.ndim(st.mean):
-                continue  # only consumer (input-axis) members carry activation statistics
-            w = leaves[m.path]
+            if st is None:
+                continue
+            w = jnp.asarray(leaves[m.path], jnp.float32)
+            k = _fan_in_ndim(tuple(w.shape), st.fan_in, m.path)
+            if m.axis >= k:
+                continue  # only input (consumer) axes carry activation statistics
+            wm = w.reshape(matrix_view(w.shape, st.fan_in))
             if method == "wanda":
-                norms = np.sqrt(st.sq * st.count)
-                s = np.asarray(criteria.wanda({"w": w}, act_norms={"w": norms})["w"])
+                s = criteria.wanda({"w": wm}, act_norms={"w": jnp.asarray(st.norms)})["w"]
+                s = np.asarray(s).reshape(w.shape)
             else:  # flap: fluctuation metric
-                k = np.ndim(st.mean)
-                colsq = np.asarray(jnp.sum(jnp.asarray(w, jnp.float32) ** 2,
-                                           axis=tuple(range(k, w.ndim))))
-                s = (st.var * colsq).reshape(colsq.shape)
+                s = (st.var * np.asarray(jnp.sum(wm**2, axis=1))).reshape(w.shape[:k])
             other = tuple(i for i in range(s.ndim) if i != m.axis)
             v = s.sum(axis=other) if other else s
             acc += np.bincount(m.unit_of_index(), weights=np.asarray(v, np.float64),
@@ -216,102 +198,116 @@ def _round_keep(k: int, size: int, multiple: int) -> int:
     return int(min(size, max(multiple, multiple * round(k / multiple))))
 
 
+def _allocation(allocation: alloc_lib.Allocation | str) -> alloc_lib.Allocation:
+    alloc = allocation
+    if isinstance(allocation, str) and allocation in ("uniform", "global"):
+        alloc = alloc_lib.get(allocation)
+    if not isinstance(alloc, alloc_lib.Uniform | alloc_lib.Global):
+        raise ValueError(f"jaxprune.structured.choose_units: allocation must be 'uniform', 'global', "
+                         f"Uniform(...) or Global(...), got {allocation!r}")
+    return alloc
+
+
 def choose_units(
     scores: Mapping[str, np.ndarray],
     groups: Sequence[Group],
-    ratio: float | Mapping[str, float],
+    sparsity: float | Mapping[str, float],
     *,
-    allocation: str = "per_group",
+    allocation: alloc_lib.Allocation | str = "uniform",
     round_to: int = 1,
     min_keep: int = 1,
 ) -> Selection:
-    """Choose which units to keep.
+    """Choose which units of each group to keep, through the core mask pipeline.
+
+    Each group is one leaf ``{name: unit scores}`` of a tree handed to
+    :func:`jaxprune.core.pipeline.compute_masks` with the unstructured pattern.
 
     Args:
       scores: from :func:`group_scores`.
       groups: the groups to prune (others in ``scores`` are ignored).
-      ratio: fraction of units to remove (one float, or per group name).
-      allocation: ``"per_group"`` (each group loses ``round(ratio * size)`` units) or ``"global"``
-        (scores standardised within each group, one global threshold removing
-        ``round(ratio * total)`` units).
+      sparsity: fraction of units to remove, in ``[0, 1)``: one float, or ``{group name: sparsity}``
+        (groups not named keep every unit; uniform allocation only).
+      allocation: ``"uniform"`` / ``Uniform()`` (each group loses ``round(sparsity * size)``
+        units) or ``"global"`` / ``Global(min_density=...)`` (scores standardised within each group,
+        one threshold removing ``round(sparsity * total)`` units, each group keeping at least
+        ``min_density`` of its units).
       round_to: round kept counts to a multiple of this (e.g. 8 for hardware-friendly shapes).
-      min_keep: never keep fewer units in a group; when the ratio asks for fewer (e.g. it would
-        remove every head of a layer) ``min_keep`` best units are kept and a note says so.
+      min_keep: never keep fewer units in a group; when the sparsity asks for fewer (e.g. it would
+        remove every head of a layer) the ``min_keep`` best units are kept and a note says so.
 
-    Counts are rounded to whole units; every rounding that changes the requested count is reported
-    in ``notes`` (with GQA a query-head unit spans one head per kv group, so 25% of 8 query heads
-    with 2 kv heads removes 1 unit = 2 heads, and 30% is rounded to that too).
+    Counts are whole units; every rounding that changes the requested count is reported in
+    ``notes`` (with GQA a query-head unit spans one head per kv group, so 25% of 8 query heads with
+    2 kv heads removes 1 unit = 2 heads, and 30% is rounded to that too). Among equal scores the
+    lower unit index is kept.
 
     >>> from jaxprune.structured import Group, Member
     >>> g = Group("h", 4, (Member("w", 0, (4,)),))
-    >>> sel = choose_units({"h": np.array([4., 3., 2., 1.])}, [g], 1.0)
-    >>> sel.keep["h"].tolist(), sel.notes[0].startswith("group 'h'")
-    ([0], True)
+    >>> sel = choose_units({"h": np.array([4., 3., 2., 1.])}, [g], 0.6)
+    >>> sel.keep["h"].tolist(), sel.notes
+    ([0, 1], ["group 'h': sparsity 0.6 of 4 units = 2.4, rounded to 2 whole units"])
     """
-    if allocation not in ("per_group", "global"):
-        raise ValueError(f"jaxprune.structured.choose_units: allocation must be 'per_group' or "
-                         f"'global', got '{allocation}'")
-    notes: list[str] = []
-    ratios = {}
+    alloc = _allocation(allocation)
+    per_group = isinstance(sparsity, Mapping)
+    unknown = sorted(set(sparsity) - {g.name for g in groups}) if per_group else []
+    if unknown:
+        raise ValueError(f"jaxprune.structured.choose_units: sparsity names {unknown[:5]} are not "
+                         "among the groups")
+    sp: dict[str, float] = {}
+    sc: dict[str, Any] = {}
     for g in groups:
-        r = ratio.get(g.name, 0.0) if isinstance(ratio, Mapping) else ratio
-        if not 0.0 <= float(r) <= 1.0:
-            raise ValueError(f"jaxprune.structured.choose_units: ratio for group '{g.name}' must be in "
-                             f"[0, 1], got {r}")
+        s = sparsity.get(g.name, 0.0) if per_group else sparsity
+        alloc_lib.check_sparsity(f"group '{g.name}'", s)
         if g.name not in scores:
             raise ValueError(f"jaxprune.structured.choose_units: no scores for group '{g.name}'")
-        ratios[g.name] = float(r)
-    n_keep: dict[str, int] = {}
-    if allocation == "per_group":
-        for g in groups:
-            want = ratios[g.name] * g.size
-            n_keep[g.name] = g.size - int(round(want))
-            if abs(want - round(want)) > 1e-9:
-                notes.append(f"group '{g.name}': removing {ratios[g.name]:.3g} of {g.size} units "
-                             f"= {want:.3g}, rounded to {int(round(want))} whole units")
-    else:
-        z = []
-        for g in groups:
-            s = np.asarray(scores[g.name], np.float64)
-            sd = s.std()
-            z.append((s - s.mean()) / (sd if sd > 0 else 1.0))
-        allz = np.concatenate(z)
-        rs = set(ratios.values())
-        if len(rs) != 1:
-            raise ValueError("jaxprune.structured.choose_units: global allocation needs one ratio")
-        n_remove = int(round(rs.pop() * len(allz)))
-        order = np.argsort(allz, kind="stable")
-        removed = np.zeros(len(allz), bool)
-        removed[order[:n_remove]] = True
-        off = 0
-        for g in groups:
-            n_keep[g.name] = int((~removed[off:off + g.size]).sum())
-            off += g.size
+        v = np.asarray(scores[g.name], np.float64).reshape(-1)
+        if v.shape != (g.size,):
+            raise ValueError(f"jaxprune.structured.choose_units: scores for group '{g.name}' have "
+                             f"shape {v.shape}, the group has {g.size} units")
+        if isinstance(alloc, alloc_lib.Global):  # scores of different layers are not comparable
+            sd = v.std()
+            v = (v - v.mean()) / (sd if sd > 0 else 1.0)
+        sp[g.name], sc[g.name] = float(s), jnp.asarray(v, jnp.float32)
+    if not groups:
+        return Selection({}, [])
+    target = sparsity if not per_group else 0.0
+    if per_group:
+        if isinstance(alloc, alloc_lib.Global):
+            raise ValueError("jaxprune.structured.choose_units: a global allocation needs one "
+                             "sparsity, not one per group")
+        alloc = alloc_lib.Uniform(overrides=tuple(
+            (f"^{re.escape(n)}$", v) for n, v in sp.items()))
+    masks = compute_masks({n: jnp.ones(v.shape, bool) for n, v in sc.items()}, sc, target, alloc,
+                          "unstructured")
+    notes: list[str] = []
     keep = {}
     for g in groups:
-        k = n_keep[g.name]
+        k = int(np.asarray(masks[g.name]).sum())
+        want = sp[g.name] * g.size
+        if isinstance(alloc, alloc_lib.Uniform) and abs(want - (g.size - k)) > 1e-6:
+            notes.append(f"group '{g.name}': sparsity {sp[g.name]:.3g} of {g.size} units = "
+                         f"{want:.3g}, rounded to {g.size - k} whole units")
         k2 = _round_keep(k, g.size, round_to)
         if k2 != k:
             notes.append(f"group '{g.name}': kept count {k} rounded to {k2} (multiple of "
                          f"{round_to})")
         if k2 < min_keep:
-            notes.append(f"group '{g.name}': ratio would keep {k2} of {g.size} units; keeping the "
+            notes.append(f"group '{g.name}': sparsity would keep {k2} of {g.size} units; keeping the "
                          f"best {min(min_keep, g.size)} instead (a layer cannot lose every unit)")
             warnings.warn(f"jaxprune.structured.choose_units: {notes[-1]}", stacklevel=2)
             k2 = min(min_keep, g.size)
-        s = np.asarray(scores[g.name], np.float64)
-        top = np.argsort(-s, kind="stable")[:k2]
-        keep[g.name] = np.sort(top)
+        m = masks[g.name] if k2 == k else leaf_mask(sc[g.name], n_keep=k2, path=g.name)
+        keep[g.name] = np.nonzero(np.asarray(m))[0]
     return Selection(keep, notes)
 
 
-def gqa_note(n_q: int, n_kv: int, ratio: float) -> str:
-    """Explain how a query-head ratio maps onto whole GQA units.
+def gqa_note(n_q: int, n_kv: int, sparsity: float) -> str:
+    """Explain how a query-head sparsity maps onto whole GQA units.
 
     >>> gqa_note(8, 2, 0.3).endswith("so 2 heads (25%) are removed")
     True
     """
     g = n_q // n_kv
-    units = int(round(ratio * g))
-    return (f"removing {ratio:.0%} of {n_q} query heads = {ratio * n_q:.3g} heads; with {n_kv} kv "
-            f"heads a unit is {n_kv} heads, so {units * n_kv} heads ({units / g:.0%}) are removed")
+    units = int(round(sparsity * g))
+    return (f"removing {sparsity:.0%} of {n_q} query heads = {sparsity * n_q:.3g} heads; with "
+            f"{n_kv} kv heads a unit is {n_kv} heads, so {units * n_kv} heads ({units / g:.0%}) "
+            "are removed")

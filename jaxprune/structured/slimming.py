@@ -181,7 +181,8 @@ def compensate_bias(
     """FLAP bias compensation: fold the mean contribution of removed input units into the bias.
 
     For each kernel ``W`` in ``input_means`` (``{kernel_path: mean of the layer input}``, shape
-    ``W.shape[:k]``, i.e. the contracted leading axes of a Dense/DenseGeneral kernel), adds
+    ``W.shape[:k]``, i.e. the contracted leading axes of a Dense/DenseGeneral kernel, or flat over
+    them as ``LayerStats.mean`` from :func:`~jaxprune.structured.input_stats` gives it), adds
     ``sum_{removed j} mean_j * W[j, ...]`` to the sibling ``bias`` (same path, last part
     ``bias``). Apply *before* :func:`slim` or :func:`group_masks`; the slim and the masked model
     then agree again. Kernels without a sibling bias raise (FLAP needs one to fold into).
@@ -200,6 +201,11 @@ def compensate_bias(
             raise ValueError(f"jaxprune.structured.compensate_bias: no kernel at '{kpath}'")
         w = leaves[kpath]
         mean = jnp.asarray(mean)
+        if mean.ndim == 1 and w.ndim > 2 and mean.shape[0] != w.shape[0]:
+            # a flat fan-in vector (LayerStats.mean): the leading axes it covers
+            sizes = np.cumprod(w.shape[:-1])
+            if mean.shape[0] in sizes:
+                mean = mean.reshape(w.shape[:int(np.argmax(sizes == mean.shape[0])) + 1])
         k = mean.ndim
         if tuple(w.shape[:k]) != tuple(mean.shape):
             raise ValueError(

@@ -9,7 +9,9 @@ sparsity ``1 - n/m``. Kernels whose shape a pattern cannot take (the 1-channel f
 exactly ``0.0`` and reports the measured sparsity of the pruned leaves
 (:func:`jaxprune.total_sparsity` of the params themselves, not of the masks).
 
-Writes ``<out>/demo.csv`` and ``<out>/demo.png`` (test accuracy vs sparsity).
+Writes ``demo.csv`` and ``demo.png`` (test accuracy vs sparsity) to ``--results-dir`` (default
+``$JAXPRUNE_RESULTS_DIR``, else ``./results``), each through a temporary file that replaces the old
+one only when complete.
 
 Example:
     >>> import argparse
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -47,6 +51,8 @@ __all__ = ["TRAIN_CRITERIA", "DemoRow", "add_arguments", "run", "run_one", "main
 TRAIN_CRITERIA = ("magnitude", "random", "saliency", "taylor", "movement")
 DEFAULT_STEPS = 800
 QUICK_STEPS = 30
+#: environment variable naming the default results directory (``--results-dir`` wins over it)
+RESULTS_ENV = "JAXPRUNE_RESULTS_DIR"
 CSV_FIELDS = (
     "run", "pattern", "criterion", "target", "sparsity", "mask_sparsity", "exact_zeros",
     "test_acc", "steps_per_s", "steps", "seconds", "dense_leaves",
@@ -85,6 +91,30 @@ def _pattern_arg(text: str) -> list[pat_lib.Pattern]:
     return out
 
 
+def _int_at_least(lo: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {v}")
+        return v
+
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
+
+
 def _sparsities_arg(text: str) -> list[float]:
     out = []
     for part in text.split(","):
@@ -109,7 +139,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     >>> p.parse_args(["--sparsities", "0.5,0.75"]).sparsities
     [0.5, 0.75]
     """
-    parser.add_argument("--steps", type=int, default=None,
+    parser.add_argument("--steps", type=_int_at_least(2), default=None,
                         help=f"training steps per run (default {DEFAULT_STEPS}, "
                              f"{QUICK_STEPS} with --quick)")
     parser.add_argument("--sparsities", type=_sparsities_arg, default=None,
@@ -122,11 +152,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pruning criterion (default magnitude)")
     parser.add_argument("--quick", action="store_true",
                         help="30 steps, one unstructured target (0.9): a smoke test")
-    parser.add_argument("--out", type=Path, default=Path("results"),
-                        help="directory for demo.csv and demo.png (default results/)")
-    parser.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    parser.add_argument("--seed", type=int, default=0, help="init / data-order seed (default 0)")
+    parser.add_argument("--results-dir", type=Path, default=None, metavar="DIR",
+                        help=f"directory for demo.csv and demo.png (default ${RESULTS_ENV}, "
+                             "else ./results)")
+    parser.add_argument("--batch-size", type=_int_at_least(1), default=64,
+                        help="batch size (default 64)")
+    parser.add_argument("--lr", type=_positive_float, default=1e-3,
+                        help="Adam learning rate (default 1e-3)")
+    parser.add_argument("--seed", type=_int_at_least(0), default=0,
+                        help="init / data-order seed (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
 
@@ -283,13 +317,31 @@ def format_table(rows: list[DemoRow]) -> str:
     return "\n".join([line(head), sep, *(line(b) for b in body)])
 
 
+def _replace_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file next to ``path``, then move it over ``path``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_csv(rows: list[DemoRow], path: Path) -> None:
-    """Write ``rows`` to ``path`` with the columns of :data:`CSV_FIELDS`."""
-    with open(path, "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        wr.writeheader()
-        for r in rows:
-            wr.writerow({k: v for k, v in asdict(r).items() if k in CSV_FIELDS})
+    """Write ``rows`` to ``path`` with the columns of :data:`CSV_FIELDS` (atomically).
+
+    >>> import tempfile
+    >>> p = Path(tempfile.mkdtemp()) / "demo.csv"
+    >>> write_csv([DemoRow("dense", "-", "-", 0.0, 0.0, 0.0, True, 0.98, 100.0, 10, 1.0, "")], p)
+    >>> p.read_text().splitlines()[1]
+    'dense,-,-,0.0,0.0,0.0,True,0.98,100.0,10,1.0,'
+    """
+    f = io.StringIO(newline="")
+    wr = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+    wr.writeheader()
+    for r in rows:
+        wr.writerow({k: v for k, v in asdict(r).items() if k in CSV_FIELDS})
+    _replace_file(Path(path), f.getvalue().encode())
 
 
 def plot(rows: list[DemoRow], path: Path) -> None:
@@ -312,7 +364,9 @@ def plot(rows: list[DemoRow], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png")
+    _replace_file(Path(path), buf.getvalue())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -324,7 +378,7 @@ def run(args: argparse.Namespace) -> int:
     if steps < 2:
         raise SystemExit("jaxprune demo: --steps must be >= 2")
     sparsities = args.sparsities or ([0.9] if args.quick else [0.5, 0.8, 0.9, 0.95])
-    out = Path(args.out)
+    out = Path(args.results_dir or os.environ.get(RESULTS_ENV) or "results")
     out.mkdir(parents=True, exist_ok=True)
     from jaxprune.zoo.data import load_digits
 

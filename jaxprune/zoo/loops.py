@@ -75,9 +75,19 @@ def accuracy(apply_fn: Callable[..., jax.Array], params: PyTree, x: np.ndarray, 
 
 
 def batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int):
-    """Endless shuffled ``(x, y)`` batches of exactly ``batch_size`` (epoch remainder dropped)."""
-    rng = np.random.default_rng(seed)
+    """Endless shuffled ``(x, y)`` batches of exactly ``batch_size`` (epoch remainder dropped).
+
+    >>> xb, yb = next(batches(np.arange(10), np.arange(10), 4, seed=0))
+    >>> xb.shape, bool((xb == yb).all())
+    ((4,), True)
+    """
     n = len(x)
+    if len(y) != n:
+        raise ValueError(f"batches: x has {n} examples but y has {len(y)}")
+    if not 0 < batch_size <= n:
+        raise ValueError(f"batches: batch_size must be in [1, {n}] (the number of examples), "
+                         f"got {batch_size}")
+    rng = np.random.default_rng(seed)
     while True:
         perm = rng.permutation(n)
         for i in range(0, n - batch_size + 1, batch_size):
@@ -101,8 +111,10 @@ def train_classifier(
     """Train a linen classifier with ``tx``; returns ``(params, opt_state, history)``.
 
     ``history`` has per-step ``loss`` and the measured ``steps_per_s`` (excluding the first,
-    compiling step).
+    compiling step). ``steps`` must be >= 1.
     """
+    if not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"train_classifier: steps must be a positive integer, got {steps!r}")
     if params is None:
         params = model.init(jax.random.key(seed), x[:1])["params"]
     opt_state = tx.init(params)

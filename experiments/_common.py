@@ -1,0 +1,293 @@
+"""Plumbing shared by every experiment: common flags, the results directory, atomic writes, plots.
+
+* :func:`parser` -- an ``ArgumentParser`` with ``--quick`` and ``--results-dir`` and, when the
+  experiment passes a default, ``--steps`` / ``--seeds`` / ``--lr``; counts are validated by
+  argparse (:func:`positive_int`: ``--steps -5`` exits with status 2 and a clear message).
+* :func:`results_dir` -- ``--results-dir``, else ``$JAXPRUNE_RESULTS_DIR``, else ``./results`` of the
+  current directory (from the repository root that is the committed ``results/``).
+* :func:`output_path` -- ``<results dir>/<name>``, with ``_quick`` before the suffix for ``--quick``
+  runs, so a smoke run never overwrites the committed full results.
+* :func:`atomic_open`, :func:`write_csv`, :func:`write_json`, :func:`save_figure` -- write to a
+  temporary file in the same directory and ``os.replace`` it at the end: a run that fails half-way
+  leaves the previous file intact; :func:`write_csv` refuses an empty table before touching anything.
+* :func:`figure`, :func:`errorbar_plot` -- matplotlib figures without pyplot's global state.
+
+Example:
+    >>> ap = parser("jaxprune run example", "An example.", steps=100, seeds=3)
+    >>> a = ap.parse_args(["--quick", "--results-dir", "/tmp/r"])
+    >>> a.steps, a.seeds, output_path(a, "example.csv").name
+    (100, 3, 'example_quick.csv')
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = [
+    "RESULTS_ENV", "positive_int", "nonnegative_int", "positive_float", "unit_fraction", "parser",
+    "results_dir", "output_path", "atomic_open", "write_csv", "write_json", "figure", "save_figure",
+    "errorbar_plot",
+]
+
+#: environment variable naming the default results directory (``--results-dir`` wins over it)
+RESULTS_ENV = "JAXPRUNE_RESULTS_DIR"
+
+
+def _number(text: str, kind: type, what: str) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not {what}") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (step counts, seeds, repeats).
+
+    >>> positive_int("3")
+    3
+    >>> positive_int("-5")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: must be a positive integer (>= 1), got -5
+    """
+    v = _number(text, int, "an integer")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {v}")
+    return v
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0.
+
+    >>> nonnegative_int("0")
+    0
+    """
+    v = _number(text, int, "an integer")
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {v}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (learning rates).
+
+    >>> positive_float("3e-3")
+    0.003
+    """
+    v = _number(text, float, "a number")
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
+
+
+def unit_fraction(text: str) -> float:
+    """argparse type: a number in ``(0, 1)`` (a sparsity, a fraction of units removed).
+
+    >>> unit_fraction("0.9")
+    0.9
+    >>> unit_fraction("1.5")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: must be in (0, 1), got 1.5
+    """
+    v = _number(text, float, "a number")
+    if not 0.0 < v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return v
+
+
+def parser(prog: str, description: str | None = None, *, steps: int | None = None,
+           seeds: int | None = None, lr: float | None = None) -> argparse.ArgumentParser:
+    """The experiment's parser with the common flags.
+
+    Always ``--quick`` (a smoke run; its files get a ``_quick`` suffix) and ``--results-dir``;
+    ``--steps`` (training steps), ``--seeds`` (number of seeds, ``0..seeds-1``) and ``--lr`` only
+    when a default is given. Add the experiment's own flags to the returned parser.
+
+    >>> ap = parser("demo", steps=10)
+    >>> ap.parse_args([]).steps, ap.parse_args([]).results_dir
+    (10, None)
+    """
+    ap = argparse.ArgumentParser(prog=prog, description=description,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny smoke run (its files get a _quick suffix)")
+    ap.add_argument("--results-dir", type=Path, default=None, metavar="DIR",
+                    help=f"where results go (default: ${RESULTS_ENV}, else ./results)")
+    if steps is not None:
+        ap.add_argument("--steps", type=positive_int, default=steps,
+                        help=f"training steps (default {steps})")
+    if seeds is not None:
+        ap.add_argument("--seeds", type=positive_int, default=seeds,
+                        help=f"number of seeds, run as 0..N-1 (default {seeds})")
+    if lr is not None:
+        ap.add_argument("--lr", type=positive_float, default=lr, help=f"learning rate (default {lr:g})")
+    return ap
+
+
+def results_dir(args: argparse.Namespace | str | os.PathLike | None = None, *,
+                create: bool = True) -> Path:
+    """The results directory: ``args.results_dir`` (or ``args`` itself when it is a path), else
+    ``$JAXPRUNE_RESULTS_DIR``, else ``./results``; created unless ``create=False``.
+
+    >>> results_dir(argparse.Namespace(results_dir=Path("/tmp/r")), create=False)
+    PosixPath('/tmp/r')
+    """
+    d = args if isinstance(args, (str, os.PathLike)) else getattr(args, "results_dir", None)
+    if d is None:
+        d = os.environ.get(RESULTS_ENV) or "results"
+    out = Path(d)
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def output_path(args: argparse.Namespace, name: str) -> Path:
+    """``<results dir>/<name>``; for a ``--quick`` run ``_quick`` goes before the suffix.
+
+    >>> a = argparse.Namespace(results_dir=Path("/tmp/r"), quick=True)
+    >>> str(output_path(a, "pai.csv"))
+    '/tmp/r/pai_quick.csv'
+    """
+    p = Path(name)
+    if getattr(args, "quick", False):
+        p = p.with_name(f"{p.stem}_quick{p.suffix}")
+    return results_dir(args) / p
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
+    """Open a temporary file next to ``path``; on success it replaces ``path`` atomically.
+
+    If the ``with`` body raises, the temporary file is removed and ``path`` keeps its old content.
+    The new file keeps an existing file's permissions (else the umask's default).
+
+    >>> import tempfile
+    >>> p = Path(tempfile.mkdtemp()) / "x.txt"
+    >>> with atomic_open(p) as f:
+    ...     _ = f.write("new")
+    >>> p.read_text()
+    'new'
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        if path.exists():
+            mode_bits = path.stat().st_mode & 0o777
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode_bits = 0o666 & ~umask
+        os.chmod(tmp, mode_bits)
+        with os.fdopen(fd, mode, **kwargs) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
+              fieldnames: Sequence[str] | None = None) -> Path:
+    """Write ``rows`` (dicts) as CSV atomically; columns: ``fieldnames`` or the first row's keys.
+
+    An empty ``rows`` raises ``ValueError`` before ``path`` is touched.
+
+    >>> import tempfile
+    >>> p = Path(tempfile.mkdtemp()) / "t.csv"
+    >>> _ = write_csv(p, [{"a": 1, "b": 2}])
+    >>> p.read_text().split()
+    ['a,b', '1,2']
+    """
+    path = Path(path)
+    if not rows:
+        raise ValueError(f"no rows to write to {path}: nothing was run (empty sweep?); "
+                         "the existing file is left as it was")
+    fields = list(fieldnames) if fieldnames is not None else list(rows[0])
+    with atomic_open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2, **kwargs: Any) -> Path:
+    """Write ``obj`` as JSON (trailing newline) atomically; ``kwargs`` go to :func:`json.dumps`.
+
+    >>> import tempfile
+    >>> p = Path(tempfile.mkdtemp()) / "t.json"
+    >>> json.loads(write_json(p, {"a": 1}).read_text())
+    {'a': 1}
+    """
+    path = Path(path)
+    text = json.dumps(obj, indent=indent, **kwargs) + "\n"  # serialise first: a failure writes nothing
+    with atomic_open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def figure(figsize: tuple[float, float] = (6, 4), ncols: int = 1) -> tuple[Any, Any]:
+    """``(fig, ax)`` (``ax`` an array when ``ncols > 1``): a matplotlib Figure without pyplot.
+
+    >>> fig, ax = figure()
+    >>> type(ax).__name__
+    'Axes'
+    """
+    from matplotlib.figure import Figure  # Agg canvas: no pyplot, no global backend switch
+
+    fig = Figure(figsize=figsize)
+    axes = fig.subplots(1, ncols)
+    return fig, axes
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """``fig.tight_layout()`` and save to ``path`` atomically (the format from its suffix).
+
+    >>> import tempfile
+    >>> fig, ax = figure()
+    >>> save_figure(fig, Path(tempfile.mkdtemp()) / "f.png").read_bytes()[:4]
+    b'\\x89PNG'
+    """
+    path = Path(path)
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+    return path
+
+
+def errorbar_plot(path: str | os.PathLike,
+                  series: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]], *,
+                  xlabel: str, ylabel: str, title: str = "", hline: tuple[float, str] | None = None,
+                  xscale: str = "linear", invert_x: bool = False,
+                  figsize: tuple[float, float] = (6, 4)) -> Path:
+    """One line with error bars per ``{label: (xs, means, stds)}``; optional ``hline=(y, label)``.
+
+    >>> import tempfile
+    >>> p = Path(tempfile.mkdtemp()) / "e.png"
+    >>> errorbar_plot(p, {"a": ([0.5, 0.9], [90, 80], [1, 2])}, xlabel="x", ylabel="y").exists()
+    True
+    """
+    fig, ax = figure(figsize)
+    for label, (xs, ms, sds) in series.items():
+        if len(xs):
+            ax.errorbar(list(xs), list(ms), yerr=list(sds), marker="o", capsize=3, label=label)
+    if hline is not None:
+        ax.axhline(hline[0], color="k", ls="--", label=hline[1])
+    ax.set_xscale(xscale)
+    if invert_x:
+        ax.invert_xaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)

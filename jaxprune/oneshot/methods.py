@@ -1,0 +1,232 @@
+"""Layer methods as values: the base :class:`LayerMethod` and the registry of named methods.
+
+A layer method prunes one calibrated kernel:
+``method(weight, stats, sparsity=None, *, pattern="unstructured", name="<layer>") -> (new_weight,
+mask)``. Like :class:`jaxprune.core.criteria.Criterion` and the frozen-dataclass allocations and
+patterns, a method is a hashable value that *declares what it needs*: ``needs`` names the
+calibration statistics it reads (``"gram"``: ``XᵀX`` for SparseGPT, OBS, DSnoT; ``"norms"``: column
+norms for Wanda; ``()`` for magnitude), so drivers decide ``calibrate(..., gram=...)`` from it.
+
+The base class does what every method shares: resolve ``sparsity``/``pattern`` (``pattern="2:4"``
+implies ``sparsity=0.5``, :func:`jaxprune.core.pipeline.resolve_sparsity`), check the statistics
+and shapes naming the layer, view the kernel as its ``(fan_in, out)`` matrix
+(:func:`jaxprune.core.patterns.matrix_view`), call :meth:`LayerMethod.prune_matrix` and reshape
+back. A new method implements only ``prune_matrix``.
+
+Names: :func:`register_method` / :func:`get_method`; :data:`METHODS` is a read-only view of the
+registry (``"magnitude"``, ``"wanda"``, ``"sparsegpt"``, ``"obs"``, ``"magnitude+dsnot"``,
+``"wanda+dsnot"``, ``"sparsegpt+dsnot"``).
+
+Example:
+    >>> from jaxprune import oneshot
+    >>> oneshot.get_method("sparsegpt+dsnot")
+    DSnoT(base=SparseGPT(blocksize=128, percdamp=0.01), max_cycles=50, var_power=1.0)
+    >>> oneshot.get_method("sparsegpt").needs, oneshot.get_method("magnitude").needs
+    (('gram',), ())
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune.core import allocation as alloc_lib
+from jaxprune.core import patterns as pat_lib
+from jaxprune.core import pipeline
+from jaxprune.oneshot.calibration import LayerStats, as_matrix
+
+__all__ = ["LayerMethod", "register_method", "get_method", "METHODS", "resolve_layer_target"]
+
+
+def resolve_layer_target(
+    sparsity: Any,
+    pattern: pat_lib.Pattern | str,
+    name: str,
+    shape: tuple[int, ...],
+    fan_in: int | None = None,
+) -> tuple[pat_lib.Pattern, Any]:
+    """``(pattern, sparsity)`` for one layer's ``(fan_in, out)`` matrix, checked, naming ``name``.
+
+    One-shot layer methods support unstructured and N:M patterns; N:M groups run along the fan-in
+    (axis 0 of the matrix view, the contraction axis ``ndim - 2`` of a kernel).
+
+    >>> resolve_layer_target(None, "2:4", "fc/kernel", (8, 3))
+    (NM(n=2, m=4, axis=None), 0.5)
+    >>> resolve_layer_target(None, "2:4", "fc/kernel", (6, 3))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: jaxprune: 2:4 pattern on 'fc/kernel' ... length 6, which is not divisible by m=4
+    """
+    pat = pat_lib.for_path(pat_lib.parse(pattern), name)
+    if sparsity is not None:
+        alloc_lib.check_sparsity(name, sparsity)
+    fin, out = _matrix_shape(shape, fan_in, name)
+    if isinstance(pat, pat_lib.NM):
+        ndim = len(shape)
+        if pat.axis is not None and pat.resolve_axis(ndim) != max(ndim - 2, 0):
+            raise ValueError(
+                f"jaxprune: layer '{name}': one-shot methods group N:M along the fan-in (axis "
+                f"{max(ndim - 2, 0)} of shape {tuple(shape)}), got axis={pat.axis}"
+            )
+        pat = pat_lib.NM(pat.n, pat.m)
+        pat.validate(name, (fin, out))
+    elif not isinstance(pat, pat_lib.Unstructured):
+        raise ValueError(
+            f"jaxprune: layer '{name}': one-shot layer methods support the unstructured and N:M "
+            f"patterns, got {pat}"
+        )
+    try:
+        s = pipeline.resolve_sparsity(sparsity, pat)
+    except ValueError as e:
+        raise ValueError(f"jaxprune: layer '{name}': {str(e).removeprefix('jaxprune: ')}") from None
+    return pat, s
+
+
+def _matrix_shape(shape: tuple[int, ...], fan_in: int | None, name: str) -> tuple[int, int]:
+    try:
+        return pat_lib.matrix_view(shape, fan_in)
+    except ValueError:
+        raise ValueError(
+            f"jaxprune: kernel '{name}' of shape {tuple(shape)} does not match calibration "
+            f"fan-in {fan_in}"
+        ) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerMethod:
+    """Base class of one-shot layer methods (frozen dataclass: hashable, comparable, static).
+
+    Subclasses set ``needs`` (calibration statistics read: ``"gram"``, ``"norms"``) and ``label``
+    (display name) and implement :meth:`prune_matrix`.
+
+    >>> from jaxprune.oneshot import Magnitude
+    >>> w, m = Magnitude()(jnp.array([[1., -4.], [3., 2.]]), None, 0.5)
+    >>> m.tolist()
+    [[False, True], [True, False]]
+    """
+
+    needs: ClassVar[tuple[str, ...]] = ()
+    label: ClassVar[str] = "layer-method"
+
+    def __call__(
+        self,
+        weight: Any,
+        stats: LayerStats | None,
+        sparsity: float | None = None,
+        *,
+        pattern: pat_lib.Pattern | str = "unstructured",
+        name: str = "<layer>",
+    ) -> tuple[jax.Array, jax.Array]:
+        """Prune one kernel; returns ``(new_weight, mask)`` of ``weight``'s shape and dtype.
+
+        Args:
+          weight: a kernel (Dense ``(in, out)``, conv ``(h, w, in, out)``, DenseGeneral
+            ``(*in, *out)``).
+          stats: the layer's :class:`~jaxprune.oneshot.calibration.LayerStats` (may be ``None``
+            for a method that needs none).
+          sparsity: fraction to prune in ``[0, 1)``; ``None`` with an N:M pattern: ``1 - n/m``.
+          pattern: ``"unstructured"`` or N:M (``"2:4"``, :class:`~jaxprune.core.patterns.NM`).
+          name: the layer's path, used in error messages and warnings.
+
+        >>> from jaxprune.oneshot import Wanda
+        >>> from jaxprune.oneshot.calibration import LayerStats
+        >>> st = LayerStats(None, np.zeros(4), np.ones(4), 1, 4)
+        >>> _, m = Wanda()(np.array([[4.], [1.], [3.], [2.]]), st, pattern="2:4")
+        >>> np.asarray(m)[:, 0].tolist()
+        [True, False, True, False]
+        """
+        shape = tuple(np.shape(weight))
+        fan_in = stats.fan_in if stats is not None else None
+        pat, s = resolve_layer_target(sparsity, pattern, name, shape, fan_in)
+        self.check_stats(stats, name)
+        w2 = as_matrix(weight, _matrix_shape(shape, fan_in, name)[0], name)
+        q2, m2 = self.prune_matrix(w2, stats, s, pat, name=name)
+        dtype = jnp.asarray(weight).dtype
+        return jnp.asarray(q2).reshape(shape).astype(dtype), jnp.asarray(m2).reshape(shape)
+
+    def check_stats(self, stats: LayerStats | None, name: str) -> None:
+        """Raise ``ValueError`` naming the layer if ``stats`` lack what ``needs`` declares.
+
+        >>> from jaxprune.oneshot import SparseGPT
+        >>> SparseGPT().check_stats(None, "fc/kernel")
+        Traceback (most recent call last):
+        ...
+        ValueError: jaxprune: sparsegpt on 'fc/kernel' needs calibration statistics ('gram',)
+        """
+        if not self.needs:
+            return
+        if stats is None:
+            raise ValueError(
+                f"jaxprune: {self.label} on '{name}' needs calibration statistics {self.needs}"
+            )
+        if "gram" in self.needs and stats.gram is None:
+            raise ValueError(f"jaxprune: {self.label} on '{name}' needs calibration with gram=True")
+
+    def prune_matrix(
+        self, w: jax.Array, stats: LayerStats | None, sparsity: Any, pattern: pat_lib.Pattern,
+        *, name: str = "<layer>",
+    ) -> tuple[jax.Array, jax.Array]:
+        """Prune the ``(fan_in, out)`` matrix ``w``; ``pattern`` is ``Unstructured()`` or an
+        ``NM(n, m)`` along axis 0, ``sparsity`` already resolved. Returns ``(new_w, mask)``."""
+        raise NotImplementedError(f"jaxprune: {type(self).__name__} must implement prune_matrix")
+
+
+_REGISTRY: dict[str, LayerMethod] = {}
+
+METHODS: Mapping[str, LayerMethod] = types.MappingProxyType(_REGISTRY)
+"""Read-only view ``{name: method}`` of the registered layer methods."""
+
+
+def register_method(name: str, method: LayerMethod) -> LayerMethod:
+    """Register ``method`` under ``name`` (for :func:`get_method`, drivers and the CLI).
+
+    Re-registering the same value is a no-op; a different method under a taken name is refused.
+
+    >>> from jaxprune.oneshot import SparseGPT
+    >>> register_method("sparsegpt-b64", SparseGPT(blocksize=64))
+    SparseGPT(blocksize=64, percdamp=0.01)
+    >>> get_method("sparsegpt-b64").blocksize
+    64
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"jaxprune: a method name must be a non-empty string, got {name!r}")
+    if not isinstance(method, LayerMethod):
+        raise TypeError(
+            f"jaxprune: register_method('{name}', ...) needs a LayerMethod value (subclass "
+            f"jaxprune.oneshot.LayerMethod and implement prune_matrix), got {type(method).__name__}"
+        )
+    old = _REGISTRY.get(name)
+    if old is not None and old != method:
+        raise ValueError(f"jaxprune: one-shot method name '{name}' is already registered as {old}")
+    _REGISTRY[name] = method
+    return method
+
+
+def get_method(method: str | LayerMethod) -> LayerMethod:
+    """A layer method by name (one of :data:`METHODS`), or a :class:`LayerMethod` as is.
+
+    >>> get_method("wanda+dsnot").label
+    'wanda+dsnot'
+    >>> get_method("nope")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: jaxprune: unknown one-shot method 'nope'; valid: [...]
+    """
+    if isinstance(method, LayerMethod):
+        return method
+    if isinstance(method, str):
+        if method not in _REGISTRY:
+            raise ValueError(
+                f"jaxprune: unknown one-shot method '{method}'; valid: {sorted(_REGISTRY)}"
+            )
+        return _REGISTRY[method]
+    raise TypeError(
+        f"jaxprune: a one-shot method must be a name or a LayerMethod value, got "
+        f"{type(method).__name__}: {method!r}"
+    )
