@@ -24,9 +24,7 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
 import platform
 import time
@@ -41,6 +39,8 @@ import optax
 import jaxprune as jp
 from jaxprune.core import patterns as pat_lib
 from jaxprune.zoo.loops import make_train_step
+
+from . import _common
 
 TARGETS = {"mlp": {"steady": 1.05, "window": 1.5}, "cnn": {"steady": 1.05, "window": 1.10}}
 
@@ -80,7 +80,7 @@ def _model(name: str):
 
 
 def build_variants(model_name: str, x: jax.Array, y: jax.Array, *, freq: int, lr: float,
-                   target: float) -> list[Variant]:
+                   sparsity: float) -> list[Variant]:
     """Dense, steady-state and in-schedule window variants for one model."""
     model = _model(model_name)
     params = model.init(jax.random.key(0), x[:1])["params"]
@@ -93,12 +93,12 @@ def build_variants(model_name: str, x: jax.Array, y: jax.Array, *, freq: int, lr
     add("dense", optax.adam(lr))
     # steady: run a short schedule to its end, then time with fixed masks
     end = 5 * freq
-    tx_s = jp.gradual_magnitude(optax.adam(lr), target, begin=0, end=end, freq=freq)
+    tx_s = jp.gradual_magnitude(optax.adam(lr), sparsity, begin=0, end=end, freq=freq)
     step_s = make_train_step(model.apply, tx_s)
     p, s = params, tx_s.init(params)
     for _ in range(end + 2):
         p, s, _ = step_s(p, s, x, y)
-    assert float(jp.total_sparsity(p, jp.get_masks(s))) > target - 0.01
+    assert float(jp.total_sparsity(p, jp.get_masks(s))) > sparsity - 0.01
     variants.append(Variant("steady", step_s, p, s))
     # window: mid-schedule (long schedule, start at a grid step so updates hit every `freq`)
     long_end = 100_000
@@ -108,7 +108,7 @@ def build_variants(model_name: str, x: jax.Array, y: jax.Array, *, freq: int, lr
         st = tx.init(params)
         return st._replace(count=jnp.asarray(start, jnp.int32))
 
-    tx_w = jp.gradual_magnitude(optax.adam(lr), target, begin=0, end=long_end, freq=freq)
+    tx_w = jp.gradual_magnitude(optax.adam(lr), sparsity, begin=0, end=long_end, freq=freq)
     add("window", tx_w, window_state(tx_w))
     return variants
 
@@ -136,12 +136,12 @@ def profile_mask_update(model_name: str, x: jax.Array, reps: int) -> dict[str, A
 
 
 def bench_model(model_name: str, *, runs: int, steps: int, freq: int,
-                profile: bool, lr: float = 1e-3, target: float = 0.9) -> dict[str, Any]:
+                profile: bool, lr: float = 1e-3, sparsity: float = 0.9) -> dict[str, Any]:
     from jaxprune.zoo.data import load_digits
 
     xs, ys = load_digits("train", source="sklearn")
     x, y = jnp.asarray(xs[:64]), jnp.asarray(ys[:64])
-    variants = build_variants(model_name, x, y, freq=freq, lr=lr, target=target)
+    variants = build_variants(model_name, x, y, freq=freq, lr=lr, sparsity=sparsity)
     for v in variants:  # compile + warm caches
         _time_block(v, x, y, 2)
     times: dict[str, list[float]] = {v.name: [] for v in variants}
@@ -223,25 +223,26 @@ def _set_threads(n: int) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print the table; write the JSON. Returns 0 (timings never fail it)."""
-    ap = argparse.ArgumentParser(prog="bench_training_overhead", description=__doc__.split("\n")[0])
+    ap = _common.parser("jaxprune run bench_training_overhead", __doc__)
     ap.add_argument("--models", default="mlp,cnn", help="comma list of mlp, cnn (default both)")
-    ap.add_argument("--runs", type=int, default=7, help="timed runs per variant (default 7, >= 5)")
-    ap.add_argument("--steps", type=int, default=200, help="steps per timed block (default 200)")
-    ap.add_argument("--freq", type=int, default=10, help="mask update every N steps (default 10)")
+    ap.add_argument("--runs", type=_common.positive_int, default=7,
+                    help="timed runs per variant (default 7, >= 5)")
+    ap.add_argument("--steps", type=_common.positive_int, default=200,
+                    help="steps per timed block (default 200)")
+    ap.add_argument("--freq", type=_common.positive_int, default=10,
+                    help="mask update every N steps (default 10)")
     ap.add_argument("--no-profile", action="store_true", help="skip the mask-update profile")
-    ap.add_argument("--threads", type=int, default=1,
+    ap.add_argument("--threads", type=_common.nonnegative_int, default=1,
                     help="XLA:CPU intra-op threads (default 1: stable timings on a shared "
                          "machine; 0 leaves XLA's default). Applied only before JAX starts.")
-    ap.add_argument("--quick", action="store_true", help="2 runs of 20 steps: a smoke test")
-    ap.add_argument("--out", type=Path, default=Path("results/bench_training_overhead.json"))
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON file (default <results dir>/bench_training_overhead.json)")
     args = ap.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in models if m not in TARGETS]
     if bad:
         ap.error(f"unknown model(s) {bad}; valid: {sorted(TARGETS)}")
     runs, steps = (2, 20) if args.quick else (args.runs, args.steps)
-    if runs < 1 or steps < 1:
-        ap.error("--runs and --steps must be >= 1")
     threads_applied = _set_threads(args.threads)
     load0 = os.getloadavg()
     t0 = time.perf_counter()
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m}: one mask recomputation (all leaves, jitted): {mu['core']:.3f} ms")
     report = {
         "config": {"runs": runs, "steps_per_block": steps, "mask_update_every": args.freq,
-                   "batch_size": 64, "optimizer": "adam(1e-3)", "target_sparsity": 0.9},
+                   "batch_size": 64, "optimizer": "adam(1e-3)", "sparsity": 0.9},
         "environment": {
             "jax": jax.__version__, "backend": jax.default_backend(),
             "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
@@ -272,9 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "table_markdown": table,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    out = _common.write_json(args.out or _common.output_path(args, "bench_training_overhead.json"),
+                             report)
+    print(f"wrote {out}")
     return 0
 
 

@@ -93,7 +93,10 @@ def test_bad_batches():
     params = model.init(jax.random.key(1), jnp.ones((1, 3)))["params"]
     with pytest.raises(ValueError, match="zero batches"):
         calibrate(model, params, [])
-    with pytest.raises(ValueError, match="batch 1 .*shapes \\[\\(5,\\)\\].*\\[\\(3,\\)\\]"):
+    # batches may differ in shape, but one the model cannot take is named
+    with pytest.raises(Exception, match=r"calibration batch 1 \(input shapes \[\(2, 5\)\]\) failed"):
         calibrate(model, params, [jnp.ones((2, 3)), jnp.ones((2, 5))])
-    with pytest.raises(TypeError, match="linen or nnx"):
+    with pytest.raises(TypeError, match="calibration batch 0"):
         calibrate(lambda x: x, params, [jnp.ones((2, 3))])
+    with pytest.raises(TypeError, match="linen/nnx Module or a function"):
+        calibrate(42, params, [jnp.ones((2, 3))])

@@ -1,4 +1,9 @@
-"""Export: pruned linen params + masks → packed params; packed model == masked dense model."""
+"""Export: pruned params + masks + operator map → packed matrix views; the packed model, run at the
+operator level, equals the masked dense model for every user model (DenseGeneral, einsum params,
+nnx LinearGeneral/Einsum, PyTorch layout) and the reference CNN (convs).
+
+Oracle: ``fn(masked_params, x)`` in XLA. Tolerance ``atol=rtol=1e-5`` (f32; the kernels and the
+dense model sum in different orders)."""
 
 import jax
 import jax.numpy as jnp
@@ -6,57 +11,149 @@ import numpy as np
 import pytest
 
 import jaxprune as jp
+from jaxprune.core import filters
 from jaxprune.kernels import export, formats
+from jaxprune.zoo.models import CNN
 from jaxprune.zoo.models.small import MLP
+from tests.user_models import MAKERS
+
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+PATTERNS = {"2:4": formats.NMPacked, "block4x8": formats.BlockSparse, "unstructured": formats.Bitmask}
 
 
-@pytest.fixture(scope="module")
-def model_and_params():
+def make_cnn(seed=0):
+    model = CNN()
+    x = jax.random.normal(jax.random.key(seed + 1), (2, 8, 8, 1))
+    params = model.init(jax.random.key(seed), x)["params"]
+    return (lambda p, x: model.apply({"params": p}, x)), params, x
+
+
+MODELS = {**MAKERS, "cnn": make_cnn}
+# the CNN's first conv has a 9x32 view (3x3x1 fan-in) and its last dense 10 outputs: no 2:4 / 4x8
+CNN_FILTER = filters.All(filters.Name("kernel"), filters.Not(filters.PathRegex("Conv_0|Dense_1")))
+
+
+def _prune(name, params, om, pattern):
+    flt = CNN_FILTER if name == "cnn" and pattern != "unstructured" else None
+    return jp.prune(params, None if pattern == "2:4" else 0.5, pattern=pattern, filter=flt, opmap=om)
+
+
+def _count_kernel_calls(monkeypatch):
+    calls = []
+
+    def wrap(f):
+        def g(x, w, **kw):
+            calls.append(type(w).__name__)
+            return f(x, w, **kw)
+        return g
+
+    monkeypatch.setattr(export, "nm_matmul", wrap(export.nm_matmul))
+    monkeypatch.setattr(export, "block_sparse_matmul", wrap(export.block_sparse_matmul))
+    monkeypatch.setattr(export.ref, "matmul_ref", wrap(export.ref.matmul_ref))
+    return calls
+
+
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize("name", list(MODELS))
+def test_packed_model_equals_masked_model(name, pattern, monkeypatch):
+    fn, params, x = MODELS[name]()
+    om = jp.operator_map(fn, params, x)
+    pruned, masks = _prune(name, params, om, pattern)
+    packed = export.pack_params(pruned, masks, om, pattern=pattern)
+    pws = [w for w in jax.tree.leaves(packed, is_leaf=lambda v: isinstance(v, export.PackedWeight))
+           if isinstance(w, export.PackedWeight)]
+    n_masked = sum(m is not None for m in jax.tree.leaves(masks, is_leaf=lambda v: v is None))
+    assert len(pws) == n_masked > 0
+    for pw in pws:
+        assert isinstance(pw.data, PATTERNS[pattern]), pw.path
+        assert pw.data.shape == om[pw.path].view_shape  # the matrix view is what is packed
+    calls = _count_kernel_calls(monkeypatch)
+    y = jax.jit(lambda p, x: export.apply_packed(fn, p, x))(packed, x)
+    # every packed weight's matmul/conv ran through the sparse path (each is used once here)
+    assert len(calls) == len(pws), (calls, [pw.path for pw in pws])
+    np.testing.assert_allclose(np.asarray(y), np.asarray(fn(pruned, x)), **TOL)
+
+
+def test_dense_general_contraction_axis_is_the_fan_in():
+    # the issue: a (d, H, Dh) kernel's contraction axis is 0 (not ndim-2 = 1)
+    fn, params, x = MAKERS["gqa"]()
+    om = jp.operator_map(fn, params, x)
+    pruned, masks = jp.prune(params, None, pattern="2:4", opmap=om)
+    packed = export.pack_params(pruned, masks, om, pattern="2:4")
+    q = packed["block_0"]["q"]["kernel"]
+    assert q.shape == (32, 4, 8) and q.data.shape == (32, 32) and om[q.path].fan_in == (0,)
+    np.testing.assert_array_equal(np.asarray(q.dense()), np.asarray(pruned["block_0"]["q"]["kernel"]))
+    o = packed["block_0"]["o"]["kernel"]  # (heads, head_dim, d): fan-in (0, 1)
+    assert o.data.shape == (32, 32) and om[o.path].fan_in == (0, 1)
+
+
+def test_kernel_kwargs_and_reference_impl_agree():
+    fn, params, x = MAKERS["torch"]()
+    om = jp.operator_map(fn, params, x)
+    pruned, masks = jp.prune(params, None, pattern="2:4", opmap=om)
+    packed = export.pack_params(pruned, masks, om, pattern="2:4")
+    run = lambda impl: jax.jit(lambda p, x: export.apply_packed(  # noqa: E731
+        fn, p, x, kernel_kwargs={"impl": impl}))(packed, x)
+    np.testing.assert_allclose(np.asarray(run("pallas")), np.asarray(run("reference")), **TOL)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        run("nope")
+
+
+def test_per_leaf_patterns_and_linen_module():
     model = MLP(features=(16, 8))
-    params = model.init(jax.random.key(0), jnp.zeros((1, 64)))["params"]
-    return model, params
-
-
-@pytest.mark.parametrize("pattern,fmt", [
-    ("2:4", formats.NMPacked),
-    (jp.Block(4, 8), formats.BlockSparse),
-    ("unstructured", formats.Bitmask),
-])
-def test_packed_model_equals_masked_model(model_and_params, pattern, fmt):
-    model, params = model_and_params
-    pruned, masks = jp.prune(params, 0.5, pattern=pattern)
-    packed = export.pack_params(pruned, masks, pattern)
-    assert isinstance(packed["Dense_0"]["kernel"], fmt)
-    assert isinstance(packed["Dense_0"]["bias"], jax.Array)  # unmasked leaves stay dense
-    x = jax.random.normal(jax.random.key(1), (5, 64))
-    y = jax.jit(lambda p, x: export.apply_packed(model, {"params": p}, x))(packed, x)
-    y_ref = model.apply({"params": pruned}, x)
-    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-5, atol=1e-5)
-
-
-def test_per_leaf_patterns(model_and_params):
-    model, params = model_and_params
-    pattern = jp.PerLeaf(rules=(("Dense_0", jp.NM(2, 4)),), default=jp.Block(8, 4))
-    pruned, masks = jp.prune(params, 0.5, pattern=pattern)
-    packed = export.pack_params(pruned, masks, pattern)
-    assert isinstance(packed["Dense_0"]["kernel"], formats.NMPacked)
-    assert isinstance(packed["Dense_1"]["kernel"], formats.BlockSparse)
     x = jax.random.normal(jax.random.key(2), (3, 64))
-    y = jax.jit(lambda p, x: export.apply_packed(model, {"params": p}, x))(packed, x)
-    np.testing.assert_allclose(np.asarray(y), np.asarray(model.apply({"params": pruned}, x)),
-                               rtol=1e-5, atol=1e-5)
+    params = model.init(jax.random.key(0), x)["params"]
+    om = jp.operator_map(model, params, x)
+    pattern = jp.PerLeaf(rules=(("Dense_0", jp.NM(2, 4)),), default=jp.Block(8, 4))
+    pruned, masks = jp.prune(params, 0.5, pattern=pattern, opmap=om)
+    packed = export.pack_params(pruned, masks, om, pattern=pattern)
+    assert isinstance(packed["Dense_0"]["kernel"].data, formats.NMPacked)
+    assert isinstance(packed["Dense_1"]["kernel"].data, formats.BlockSparse)
+    assert isinstance(packed["Dense_0"]["bias"], jax.Array)  # unmasked leaves stay dense
+    y = jax.jit(lambda p, x: export.apply_packed(model, p, x))(packed, x)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(model.apply({"params": pruned}, x)), **TOL)
 
 
-def test_pack_params_errors_name_the_leaf(model_and_params):
-    _, params = model_and_params
-    _, masks = jp.prune(params, 0.5)  # unstructured masks: not 2:4 valid
-    with pytest.raises(ValueError, match=r"leaf 'Dense_0/kernel'.*not 2:4 valid"):
-        export.pack_params(params, masks, "2:4")
-    _, masks = jp.prune(params, 0.5, pattern=jp.NM(2, 4, axis=1))
-    with pytest.raises(ValueError, match="contraction axis"):
-        export.pack_params(params, masks, jp.NM(2, 4, axis=1))
+def test_pack_params_errors_name_the_leaf():
+    fn, params, x = MAKERS["torch"]()
+    om = jp.operator_map(fn, params, x)
+    # masks made without the operator map: N:M along axis 0 = the *output* axis of (out, in)
+    _, bad = jp.prune(params, None, pattern="2:4",
+                      filter=filters.All(filters.Name("weight"), filters.MinNdim(2)))
+    with pytest.raises(ValueError, match=r"leaf 'fc1/weight'.*not 2:4 valid"):
+        export.pack_params(params, bad, om, pattern="2:4")
+    _, masks = jp.prune(params, None, pattern="2:4", opmap=om)
+    with pytest.raises(TypeError, match="opmap must be the model's operator map"):
+        export.pack_params(params, masks, "2:4", pattern="2:4")
     with pytest.raises(ValueError, match="does not match"):
-        export.pack_params(params, {"Dense_0": None}, "2:4")
+        export.pack_params(params, {"fc1": None}, om, pattern="2:4")
+    nv = jax.tree.map(lambda m: m, masks, is_leaf=lambda v: v is None)
+    nv["ln"]["weight"] = jnp.ones(32, bool)  # a norm scale has no matrix view
+    with pytest.raises(ValueError, match=r"leaf 'ln/weight'.*no matrix view"):
+        export.pack_params(params, nv, om, pattern="2:4")
+
+
+def test_apply_packed_refuses_weights_that_are_not_plain_layouts():
+    params = {"w": jax.random.normal(jax.random.key(0), (8, 4))}
+    x = jnp.ones((2, 8))
+    fn = lambda p, x: x @ (p["w"] * 2.0)  # noqa: E731  the matmul sees 2*w, not w
+    om = jp.operator_map(fn, params, x)
+    pruned, masks = jp.prune(params, None, pattern="2:4", opmap=om)
+    packed = export.pack_params(pruned, masks, om, pattern="2:4")
+    with pytest.raises(ValueError, match="'w' reaches its dot_general through ops other than"):
+        export.apply_packed(fn, packed, x)
+
+
+def test_tied_embedding_still_exact_when_packed():
+    # a weight both gathered and multiplied: the gather reads the dense reconstruction
+    params = {"e": jax.random.normal(jax.random.key(0), (16, 8))}
+    toks = jnp.array([[1, 5, 7]])
+    fn = lambda p, t: p["e"][t] @ p["e"].T  # noqa: E731
+    om = jp.operator_map(fn, params, toks)
+    pruned, masks = jp.prune(params, None, pattern="2:4", filter=filters.Name("e"), opmap=om)
+    packed = export.pack_params(pruned, masks, om, pattern="2:4")
+    y = jax.jit(lambda p, t: export.apply_packed(fn, p, t))(packed, toks)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(fn(pruned, toks)), **TOL)
 
 
 def test_packed_matmul_dispatch():
@@ -68,3 +165,20 @@ def test_packed_matmul_dispatch():
               formats.pack_bitmask(w, mask)):
         y = jax.jit(export.packed_matmul)(x, p)
         np.testing.assert_allclose(np.asarray(y), np.asarray(expect), rtol=1e-6)
+
+
+def test_jitted_layer_shared_by_two_weights(monkeypatch):
+    # one jitted function called with two weights of equal shape: jax shares its jaxpr (and its
+    # equations) between the call sites; each call must use its own packed weight
+    layer = jax.jit(lambda x, w: x @ w)
+    fn = lambda p, x: layer(jnp.tanh(layer(x, p["a"])), p["b"])  # noqa: E731
+    ks = jax.random.split(jax.random.key(0), 3)
+    params = {"a": jax.random.normal(ks[0], (8, 8)), "b": jax.random.normal(ks[1], (8, 8))}
+    x = jax.random.normal(ks[2], (2, 8))
+    om = jp.operator_map(fn, params, x)
+    pruned, masks = jp.prune(params, None, pattern="2:4", opmap=om)
+    packed = export.pack_params(pruned, masks, om, pattern="2:4")
+    calls = _count_kernel_calls(monkeypatch)
+    y = jax.jit(lambda p, x: export.apply_packed(fn, p, x))(packed, x)
+    assert calls == ["NMPacked", "NMPacked"]
+    np.testing.assert_allclose(np.asarray(y), np.asarray(fn(pruned, x)), **TOL)

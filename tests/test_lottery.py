@@ -51,12 +51,14 @@ def _make_train(loss, steps=6, rewind_step=None):
 
 def test_imp_round_sparsity_and_monotone_masks():
     _, params, loss = _setup()
-    frac, rounds = 0.3, 4
-    res = lt.imp(params, _make_train(loss, steps=3), rounds=rounds, fraction=frac)
+    target, rounds = 1 - 0.7**4, 4
+    res = lt.imp(params, _make_train(loss, steps=3), sparsity=target, rounds=rounds)
     assert len(res.rounds) == rounds + 1
     prev = None
     for r in res.rounds:
-        s = lt.imp_sparsity(frac, r.round)
+        s = lt.imp_sparsity(target, r.round, rounds)
+        # the same schedule as pruning 30% of the remaining weights per round
+        assert s == pytest.approx(1 - 0.7**r.round, abs=1e-12)
         for path, m in jp.masks.mask_leaves(r.masks):
             assert int((~m).sum()) == int(np.round(np.float32(s) * m.size)), (path, r.round)
             if prev is not None:
@@ -84,9 +86,33 @@ def test_imp_masks_numpy_oracle():
     np.testing.assert_array_equal(np.asarray(new).ravel(), exp)
 
 
+def test_imp_pruned_entry_with_huge_weight_stays_pruned():
+    w = jnp.array([[5.0, 1.0], [3.0, 2.0], [4.0, 0.5]])
+    m = jnp.array([[True, True], [True, True], [False, True]])
+    huge = w.at[2, 0].set(1e6)  # a train that ignored the mask: the pruned entry grew huge
+    new = lt.imp_masks({"kernel": huge}, {"kernel": m}, 0.5)["kernel"]
+    np.testing.assert_array_equal(new, [[True, False], [True, True], [False, False]])
+    # the whole driver: train returns dense params with huge values everywhere it pruned
+    def train(params, masks):
+        return jax.tree.map(lambda p, mm: jnp.where(mm, p, 1e6), params, masks)
+
+    init = {"kernel": jax.random.normal(jax.random.key(0), (8, 8))}
+    res = lt.imp(init, train, sparsity=0.9, rounds=3, filter=lambda p, x: True)
+    for a, b in zip(res.rounds, res.rounds[1:], strict=False):
+        assert not bool(jnp.any(b.masks["kernel"] & ~a.masks["kernel"])), "IMP revived a weight"
+    assert int((~res.rounds[-1].masks["kernel"]).sum()) == round(0.9 * 64)
+
+
+def test_imp_sparsity_equals_old_fraction_schedule():
+    # fraction f per round over R rounds == final sparsity 1 - (1 - f)^R
+    f, rounds = 0.2, 5
+    for r in range(rounds + 1):
+        assert lt.imp_sparsity(1 - (1 - f) ** rounds, r, rounds) == pytest.approx(1 - (1 - f) ** r)
+
+
 def test_rewind_to_init_restores_exact_values():
     _, params, loss = _setup()
-    res = lt.imp(params, _make_train(loss, steps=3), rounds=2, fraction=0.5)
+    res = lt.imp(params, _make_train(loss, steps=3), sparsity=0.75, rounds=2)
     for r in res.rounds[1:]:
         for (_, s), (_, i), (_, m) in zip(jp.masks.leaves_with_paths(r.start),
                                           jp.masks.leaves_with_paths(params),
@@ -107,7 +133,7 @@ def test_late_rewinding_uses_saved_step():
     ref_k = _make_train(loss, steps=k)(params, jp.init_masks(params)).params
     got = lt.get_rewind_point(ref.opt_state)
     jax.tree.map(np.testing.assert_array_equal, got, ref_k)
-    res = lt.imp(params, train, rounds=1, fraction=0.5, rewind_to=k)
+    res = lt.imp(params, train, sparsity=0.5, rounds=1, rewind_to=k)
     jax.tree.map(np.testing.assert_array_equal, res.rewind_params, ref_k)
     start, m = res.rounds[1].start, res.rounds[1].masks
     np.testing.assert_array_equal(
@@ -117,7 +143,7 @@ def test_late_rewinding_uses_saved_step():
 
 def test_lr_rewinding_keeps_trained_weights():
     _, params, loss = _setup()
-    res = lt.imp(params, _make_train(loss, steps=3), rounds=1, fraction=0.5, rewind_to="lr")
+    res = lt.imp(params, _make_train(loss, steps=3), sparsity=0.5, rounds=1, rewind_to="lr")
     r0, r1 = res.rounds
     np.testing.assert_array_equal(
         np.asarray(r1.start["Dense_0"]["kernel"]),
@@ -144,15 +170,20 @@ def test_rewind_point_exact_step_count_and_errors():
 def test_imp_rewind_beyond_training_raises():
     _, params, loss = _setup()
     with pytest.raises(ValueError, match="beyond the 3 steps trained"):
-        lt.imp(params, _make_train(loss, steps=3, rewind_step=10), rounds=1, rewind_to=10)
-    with pytest.raises(ValueError, match="fraction must be in"):
-        lt.imp(params, _make_train(loss), rounds=1, fraction=1.0)
+        lt.imp(params, _make_train(loss, steps=3, rewind_step=10), sparsity=0.2, rounds=1,
+               rewind_to=10)
+    with pytest.raises(ValueError, match=r"IMP sparsity must be a float in \(0, 1\), got 1.0"):
+        lt.imp(params, _make_train(loss), sparsity=1.0, rounds=1)
+    with pytest.raises(ValueError, match="needs an explicit sparsity"):
+        lt.imp(params, _make_train(loss), rounds=1)
+    with pytest.raises(ValueError, match="above what pattern 2:4 can reach"):
+        lt.imp(params, _make_train(loss), sparsity=0.8, rounds=2, pattern="2:4")
     with pytest.raises(ValueError, match="rounds must be"):
-        lt.imp(params, _make_train(loss), rounds=0)
+        lt.imp(params, _make_train(loss), sparsity=0.5, rounds=0)
     with pytest.raises(ValueError, match="rewind_to must be"):
-        lt.imp(params, _make_train(loss), rounds=1, rewind_to="start")
+        lt.imp(params, _make_train(loss), sparsity=0.5, rounds=1, rewind_to="start")
     with pytest.raises(ValueError, match="needs train to return"):
-        lt.imp(params, lambda p, m: p, rounds=1, rewind_to=2)
+        lt.imp(params, lambda p, m: p, sparsity=0.5, rounds=1, rewind_to=2)
 
 
 def test_nnx_imp_with_optimizer_rewind_point():
@@ -176,7 +207,7 @@ def test_nnx_imp_with_optimizer_rewind_point():
             step(m, opt)
         return lt.Trained(nnx.state(m, nnx.Param), nnx.as_pure(opt.opt_state))
 
-    res = lt.imp(init_state, train, rounds=2, fraction=0.5, rewind_to=1)
+    res = lt.imp(init_state, train, sparsity=0.75, rounds=2, rewind_to=1)
     assert [r.sparsity for r in res.rounds] == [0.0, 0.5, 0.75]
     for r in res.rounds[1:]:
         assert jp.total_sparsity(r.trained, r.masks) == pytest.approx(r.sparsity)

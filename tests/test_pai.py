@@ -62,7 +62,8 @@ def test_grasp_matches_finite_difference_hvp():
     np.testing.assert_allclose(s["l1"]["kernel"], W1 * hg1, rtol=1e-3, atol=1e-5)
     np.testing.assert_allclose(s["l2"]["kernel"], W2 * hg2, rtol=1e-3, atol=1e-5)
     # GraSP removes the highest S = -w*Hg, i.e. keeps the highest of our scores
-    m = pai.grasp(_loss, _params(), BATCH, 0.5)
+    pruned, m = pai.grasp(_loss, _params(), BATCH, 0.5)
+    jax.tree.map(np.testing.assert_array_equal, pruned, jp.apply_masks(_params(), m))
     all_s = np.concatenate([(W1 * hg1).ravel(), (W2 * hg2).ravel()])
     kept = np.concatenate([np.asarray(m["l1"]["kernel"]).ravel(),
                            np.asarray(m["l2"]["kernel"]).ravel()])
@@ -102,15 +103,33 @@ def test_synflow_non_homogeneous_layer_is_evaluated_as_given():
 def test_synflow_iterative_sparsity_and_monotone():
     params = {"l1": {"kernel": jax.random.normal(jax.random.key(0), (16, 12))},
               "l2": {"kernel": jax.random.normal(jax.random.key(1), (12, 8))}}
-    m = pai.synflow(_apply, params, (1, 16), 0.9, rounds=5)
+    pruned, m = pai.synflow(_apply, params, (1, 16), 0.9, rounds=5)
+    jax.tree.map(np.testing.assert_array_equal, pruned, jp.apply_masks(params, m))
     total = 16 * 12 + 12 * 8
     kept = sum(int(x.sum()) for _, x in jp.masks.mask_leaves(m))
     assert kept == total - round(0.9 * total)
     # one round equals the one-shot masks from the scores
-    m1 = pai.synflow(_apply, params, (1, 16), 0.5, rounds=1)
+    _, m1 = pai.synflow(_apply, params, (1, 16), 0.5, rounds=1)
     sc = pai.synflow_scores(_apply, params, (1, 16))
     m_ref = pai.masks_from_scores(jp.init_masks(params), sc, 0.5)
     jax.tree.map(np.testing.assert_array_equal, m1, m_ref)
+
+
+def test_synflow_keeps_pruned_entries_pruned():
+    """Iterative SynFlow: masks shrink monotonically round by round (keep_pruned), and the
+    result equals the rounds run by hand with the old "score -1" rule."""
+    params = {"l1": {"kernel": jax.random.normal(jax.random.key(0), (16, 12))},
+              "l2": {"kernel": jax.random.normal(jax.random.key(1), (12, 8))}}
+    _, m = pai.synflow(_apply, params, (1, 16), 0.8, rounds=3)
+    ref = jp.init_masks(params)
+    for k in range(1, 4):
+        sc = pai.synflow_scores(_apply, params, (1, 16), ref)
+        sc = jax.tree.map(lambda mm, s: jnp.where(mm, s, -1.0), ref, sc)
+        new = pai.masks_from_scores(ref, sc, 1 - 0.2 ** (k / 3))
+        assert all(not bool(jnp.any(a & ~b)) for a, b in
+                   zip(jax.tree.leaves(new), jax.tree.leaves(ref), strict=True))
+        ref = new
+    jax.tree.map(np.testing.assert_array_equal, m, ref)
 
 
 def test_layer_collapse_reported():
@@ -144,9 +163,11 @@ def test_snip_nnx_model_under_jit():
             np.testing.assert_allclose(s, np.abs(np.asarray(w) * np.asarray(gg)), rtol=1e-6)
         else:
             assert s is None
-    m = pai.snip(loss, params, (x, y), 0.8)
+    pruned, m = pai.snip(loss, params, (x, y), 0.8)
+    assert jp.total_sparsity(pruned, m) == pytest.approx(0.8, abs=1 / 66)
+    jax.tree.map(np.testing.assert_array_equal, pruned, jp.apply_masks(params, m))
     assert jp.total_sparsity(params, m) == pytest.approx(0.8, abs=1 / 66)
-    sf = pai.synflow(lambda p, xb: nnx.merge(graphdef, p)(xb), params, (1, 8), 0.8, rounds=3)
+    _, sf = pai.synflow(lambda p, xb: nnx.merge(graphdef, p)(xb), params, (1, 8), 0.8, rounds=3)
     assert jp.total_sparsity(params, sf) == pytest.approx(0.8, abs=1 / 66)
 
 
@@ -155,6 +176,10 @@ def test_bad_inputs():
         pai.synflow(_apply, _params(), (1, 5), 0.5, rounds=0)
     with pytest.raises(ValueError, match="must be in \\[0, 1\\)"):
         pai.snip(_loss, _params(), BATCH, 1.0)
+    with pytest.raises(ValueError, match="needs an explicit sparsity"):
+        pai.grasp(_loss, _params(), BATCH)
+    with pytest.raises(ValueError, match="above what pattern 2:4 can reach"):
+        pai.synflow(_apply, _params(), (1, 5), 0.75, pattern="2:4")
     bad = {"l1": {"kernel": jnp.full((5, 4), jnp.inf)}, "l2": {"kernel": jnp.ones((4, 3))}}
     with pytest.raises(ValueError, match="l1/kernel"):
         pai.masks_from_scores(jp.init_masks(bad), bad, 0.5)

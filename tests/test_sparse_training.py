@@ -185,6 +185,38 @@ def test_static_sparse_keeps_mask_and_erk():
     assert jp.get_masks(state) is state.masks
 
 
+def test_positional_sparsity_and_erk_default_everywhere():
+    params = _params()
+    ref = st.sparse_init(params, 0.8, allocation="erk")
+    for tx in (st.static_sparse(optax.sgd(0.1), 0.8),
+               st.sparse_training(optax.sgd(0.1), 0.8, method="static"),
+               st.set_training(optax.sgd(0.1), 0.8, total_steps=100),
+               st.rigl(optax.sgd(0.1), sparsity=0.8, total_steps=100)):
+        jax.tree.map(np.testing.assert_array_equal, tx.init(params).masks, ref)
+    with pytest.raises(ValueError, match="rigl needs a sparsity"):
+        st.rigl(optax.sgd(0.1), total_steps=100)
+
+
+def test_non_update_step_is_inner_step_plus_select():
+    """Between mask updates a SET step equals: masked grads -> inner update -> projection."""
+    params = _params()
+    inner = optax.adam(1e-2)
+    tx = st.set_training(optax.adam(1e-2), 0.7, update_period=50, end_step=1000)
+    state = tx.init(params)
+    masks = state.masks
+    x, y = _data()
+    p1, s1 = _make_step(tx)(params, state, x, y)
+    model = MLP(features=(16, 10))
+    g = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        model.apply({"params": p}, x), y).mean())(params)
+    u, istate = inner.update(jp.apply_masks(g, masks), inner.init(params), params)
+    ref = jp.apply_masks(optax.apply_updates(params, u), masks)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), p1, ref)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                 s1.inner_state, istate)
+    assert int(s1.count) == 1
+
+
 def test_set_with_uniform_and_key_differs():
     params = _params()
     a = st.set_training(optax.sgd(0.1), sparsity=0.5, total_steps=100, allocation="uniform",

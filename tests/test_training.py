@@ -179,7 +179,7 @@ def test_nm_training_keeps_valid_groups():
 def test_errors():
     with pytest.raises(ValueError, match="needs key="):
         jp.pruner(optax.sgd(0.1), schedule=SCHED, criterion="random")
-    tx = jp.pruner(optax.sgd(0.1), schedule=SCHED, pattern="2:4")
+    tx = jp.pruner(optax.sgd(0.1), schedule=S.Polynomial(0.5, 0, 60, freq=10), pattern="2:4")
     with pytest.raises(ValueError, match="'l/kernel'.*not divisible by m=4"):
         tx.init({"l": {"kernel": jnp.ones((6, 3))}})
     tx = jp.pruner(optax.sgd(0.1), schedule=SCHED)
@@ -188,3 +188,52 @@ def test_errors():
         tx.update({"l": {"kernel": jnp.ones((4, 4))}}, st)
     with pytest.raises(ValueError, match="expected one PruneState"):
         jp.get_masks(optax.adam(1e-3).init({"a": jnp.ones(2)}))
+
+
+def test_matches_hand_written_reference():
+    """The wrapper against a direct loop: inner adam, masks recomputed from |p + u| at the
+    schedule's steps through compute_masks, params masked after every step."""
+    params = MLP((32, 32, 4)).init(jax.random.key(0), X)["params"]
+    sched = S.Polynomial(0.7, 0, 12, freq=3)
+    tx = jp.pruner(optax.adam(1e-2), schedule=sched)
+    step = jax.jit(lambda p, s: tx.update(jax.grad(_loss_linen)(p), s, p))
+    inner = optax.adam(1e-2)
+    p, s = params, tx.init(params)
+    rp, rs, rm = params, inner.init(params), jp.init_masks(params)
+    for t in range(16):
+        u, s = step(p, s)
+        p = optax.apply_updates(p, u)
+        g = jax.grad(_loss_linen)(rp)
+        ru, rs = inner.update(g, rs, rp)
+        new = optax.apply_updates(rp, ru)
+        if bool(sched.should_update(t)):
+            rm = jp.compute_masks(rm, jp.criteria.magnitude(new, rm), sched.sparsity(t))
+        rp = jp.apply_masks(new, rm)
+        jp.masks.tree_map_masked(
+            lambda a, b: None if a is None else np.testing.assert_array_equal(a, b),
+            jp.get_masks(s), rm)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p, rp)
+    assert int(s.count) == 16
+
+
+def test_gradual_magnitude_vocabulary_and_unreachable_target():
+    tx = jp.gradual_magnitude(optax.sgd(0.1), sparsity=0.5, begin=0, end=4, freq=2, pattern="2:4")
+    assert jp.get_masks(tx.init({"k": {"kernel": jnp.ones((4, 4))}}))["k"]["kernel"].shape == (4, 4)
+    # a target the pattern cannot reach fails at construction, not silently at 0.5
+    with pytest.raises(ValueError, match="sparsity 0.9 is above what pattern 2:4 can reach"):
+        jp.gradual_magnitude(optax.sgd(0.1), 0.9, begin=0, end=10, pattern="2:4")
+    with pytest.raises(ValueError, match="above what pattern 1:4 can reach"):
+        jp.pruner(optax.sgd(0.1), schedule=S.Iterative((0, 5), (0.5, 0.8)), pattern="1:4")
+    with pytest.raises(TypeError):
+        jp.gradual_magnitude(optax.sgd(0.1), target=0.5, begin=0, end=10)  # old keyword
+
+
+def test_get_prune_state_nested_and_ambiguous():
+    params = {"l": {"kernel": jnp.ones((4, 4))}}
+    tx = jp.training.keep_rewind_point(
+        optax.chain(optax.clip(1.0), jp.pruner(optax.sgd(0.1), schedule=SCHED)), step=0)
+    assert jp.get_prune_state(tx.init(params)).masks["l"]["kernel"].shape == (4, 4)
+    assert int(jp.training.get_rewind_state(tx.init(params)).step) == 0
+    two = optax.chain(jp.pruner(schedule=SCHED), jp.pruner(schedule=SCHED))
+    with pytest.raises(ValueError, match=r"expected one PruneState .* found 2: at \[0\], \[1\]"):
+        jp.get_masks(two.init(params))

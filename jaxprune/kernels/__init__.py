@@ -4,8 +4,9 @@
 * :func:`nm_matmul`, :func:`block_sparse_matmul` — Pallas kernels (interpret mode on CPU,
   compiled on GPU/TPU, reference fallback with a warning), differentiable via ``custom_vjp``.
 * :mod:`~jaxprune.kernels.reference` — the ``jnp`` oracle.
-* :mod:`~jaxprune.kernels.export` — pruned params + masks → packed params, run unmodified Flax
-  models with the kernels (:func:`apply_packed`).
+* :mod:`~jaxprune.kernels.export` — pruned params + masks + operator map → packed matrix views
+  (:func:`pack_params`); run any traced model with the kernels at the operator level
+  (:func:`apply_packed`).
 
 >>> import jax.numpy as jnp
 >>> from jaxprune import kernels
@@ -16,7 +17,7 @@
 
 from jaxprune.kernels import formats, reference
 from jaxprune.kernels.block_sparse_matmul import block_sparse_matmul
-from jaxprune.kernels.export import apply_packed, dense_interceptor, pack_params, packed_matmul
+from jaxprune.kernels.export import PackedWeight, apply_packed, pack_params, packed_matmul
 from jaxprune.kernels.formats import (
     Bitmask,
     BlockSparse,
@@ -35,5 +36,5 @@ __all__ = [
     "NMPacked", "BlockSparse", "Bitmask", "pack_nm", "pack_block", "pack_bitmask", "unpack",
     "to_mask", "is_packed",
     "nm_matmul", "block_sparse_matmul",
-    "pack_params", "apply_packed", "packed_matmul", "dense_interceptor",
+    "PackedWeight", "pack_params", "apply_packed", "packed_matmul",
 ]

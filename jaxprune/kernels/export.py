@@ -1,22 +1,31 @@
-"""Inference export: pruned params + masks → packed params, and running Flax models on them.
+"""Inference export: pruned params + masks → packed params, and running any traced model on them.
 
-:func:`pack_params` turns every masked leaf into a packed format chosen by its pattern
-(:class:`~jaxprune.core.patterns.NM` → :class:`~jaxprune.kernels.formats.NMPacked`,
-:class:`~jaxprune.core.patterns.Block` → :class:`~jaxprune.kernels.formats.BlockSparse`, anything else →
-:class:`~jaxprune.kernels.formats.Bitmask`); unmasked leaves stay dense.
+:func:`pack_params` packs each pruned weight's **matrix view** — the ``(fan_in, out)`` matrix its
+matmul or conv actually multiplies, read off the operator map (:mod:`jaxprune.core.opmap`) — with
+the packers of :mod:`jaxprune.kernels.formats`: N:M along the fan-in rows
+(:class:`~jaxprune.kernels.formats.NMPacked`), blocks of the view
+(:class:`~jaxprune.kernels.formats.BlockSparse`), else a
+:class:`~jaxprune.kernels.formats.Bitmask`. Each packed leaf is a :class:`PackedWeight` that
+remembers its path and matrix view; unpruned leaves stay dense.
 
-:func:`apply_packed` runs an *unmodified* linen model on packed params: it intercepts
-``nn.Dense.__call__`` (``flax.linen.intercept_methods``) and, where the kernel param is packed,
-computes ``x @ W (+ b)`` with :func:`packed_matmul` (the Pallas kernels) instead.
+:func:`apply_packed` runs the *unmodified* model function on packed params at the operator level:
+it traces ``fn`` with dense-shaped abstract params, evaluates the jaxpr
+(:func:`jaxprune.core.evaluate.evaluate`) and replaces every ``dot_general`` /
+``conv_general_dilated`` whose weight is packed by the data rows
+(:func:`~jaxprune.core.evaluate.dot_rows`, :func:`~jaxprune.core.evaluate.conv_rows`) times the
+packed view (:func:`packed_matmul`: the Pallas kernels), reshaped to the layout the original
+equation produces. ``nn.Dense``, ``nn.DenseGeneral``, ``jnp.einsum`` params, nnx
+``LinearGeneral``/``Einsum``, PyTorch ``x @ W.T`` and convs all run packed.
 
 Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxprune as jp
-    >>> model = nn.Dense(8)
-    >>> params = model.init(jax.random.key(0), jnp.ones((1, 16)))["params"]
-    >>> pruned, masks = jp.prune(params, 0.5, pattern="2:4")
-    >>> packed = pack_params(pruned, masks, "2:4")
-    >>> x = jnp.ones((2, 16))
-    >>> y = jax.jit(lambda p, x: apply_packed(model, {"params": p}, x))(packed, x)
+    >>> model = nn.DenseGeneral((2, 4))                      # kernel (16, 2, 4)
+    >>> x = jnp.ones((3, 16))
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> om = jp.operator_map(model, params, x)
+    >>> pruned, masks = jp.prune(params, None, pattern="2:4", opmap=om)
+    >>> packed = pack_params(pruned, masks, om, pattern="2:4")
+    >>> y = jax.jit(lambda p, x: apply_packed(model, p, x))(packed, x)
     >>> bool(jnp.allclose(y, model.apply({"params": pruned}, x), atol=1e-5))
     True
 """
@@ -25,55 +34,129 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import struct
 
+from jaxprune.core import evaluate as ev
 from jaxprune.core import masks as mask_lib
+from jaxprune.core import opmap as om_lib
 from jaxprune.core import patterns as pat_lib
+from jaxprune.core import walker as wk
+from jaxprune.core.oprules import _regroup
 from jaxprune.kernels import formats as F
 from jaxprune.kernels import reference as ref
 from jaxprune.kernels.block_sparse_matmul import block_sparse_matmul
 from jaxprune.kernels.nm_matmul import nm_matmul
 
-__all__ = ["pack_params", "packed_matmul", "apply_packed", "dense_interceptor"]
+__all__ = ["PackedWeight", "pack_params", "packed_matmul", "apply_packed"]
 
 PyTree = Any
 
 
-def pack_params(params: PyTree, masks: PyTree, pattern: pat_lib.Pattern | str) -> PyTree:
-    """Packed copy of ``params``: each leaf with a mask becomes the format of its pattern.
+@struct.dataclass
+class PackedWeight:
+    """A pruned leaf packed through its matrix view: ``data`` (a packed format of the ``(fan_in,
+    out)`` view) and ``op`` (the leaf's :class:`~jaxprune.core.opmap.LeafOp`: path, shape, view).
 
-    ``pattern`` is what the masks were built with (a spec, a pattern or a
-    :class:`~jaxprune.core.patterns.PerLeaf`). N:M must run along the contraction axis (``ndim - 2``).
-    Raises ``ValueError`` naming the leaf path when a mask does not fit its pattern.
+    >>> from jaxprune.core.opmap import LeafOp
+    >>> lo = LeafOp("w", (4, 8), "matmul", fan_in=(1,), out=(0,))      # PyTorch (out, in)
+    >>> pw = PackedWeight(F.pack_bitmask(jnp.ones((8, 4)), jnp.ones((8, 4), bool)), lo)
+    >>> pw.path, pw.shape, pw.dense().shape
+    ('w', (4, 8), (4, 8))
+    """
+
+    data: F.NMPacked | F.BlockSparse | F.Bitmask
+    op: om_lib.LeafOp = struct.field(pytree_node=False)
+
+    @property
+    def path(self) -> str:
+        """The param path this leaf was packed from."""
+        return self.op.path
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The dense leaf's shape."""
+        return self.op.shape
+
+    @property
+    def dtype(self) -> Any:
+        """The weight's dtype."""
+        return self.data.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed arrays."""
+        return self.data.nbytes
+
+    def dense(self) -> jax.Array:
+        """The dense leaf (pruned entries zero); works under ``jit``."""
+        return self.op.from_view(F.unpack(self.data))
+
+
+def _pack_view(view: np.ndarray, mask: np.ndarray, pat: pat_lib.Pattern) -> F.Packed:
+    if isinstance(pat, pat_lib.NM):
+        return F.pack_nm(view, mask, pat.n, pat.m)  # groups of m rows of the fan-in
+    if isinstance(pat, pat_lib.Block):
+        return F.pack_block(view, mask, (pat.r, pat.c))
+    return F.pack_bitmask(view, mask)
+
+
+def pack_params(params: PyTree, masks: PyTree, opmap: om_lib.OperatorMap, *,
+                pattern: pat_lib.Pattern | str) -> PyTree:
+    """Packed copy of ``params``: each leaf with a mask becomes a :class:`PackedWeight`.
+
+    Args:
+      params: pruned params (the ones the masks were made for).
+      masks: the mask tree (``None`` leaves stay dense).
+      opmap: the operator map of the model (``jaxprune.operator_map(fn, params, x)``), the one the
+        masks were made with (``jaxprune.prune(..., opmap=om)``); it gives each weight's matrix view.
+      pattern: what the masks were built with (a spec, a pattern or a
+        :class:`~jaxprune.core.patterns.PerLeaf`): N:M → ``NMPacked`` (groups of ``m`` fan-in rows of
+        the view), block → ``BlockSparse`` (blocks of the view), anything else → ``Bitmask``.
+
+    Raises ``ValueError`` naming the leaf path when a mask does not fit its pattern on the view, or a
+    pruned leaf has no matrix view; ``TypeError`` when ``opmap`` is not an operator map.
 
     >>> import jaxprune as jp
-    >>> p, m = jp.prune({"kernel": jnp.ones((8, 4)), "bias": jnp.ones(4)}, 0.5, pattern="2:4")
-    >>> type(pack_params(p, m, "2:4")["kernel"]).__name__
-    'NMPacked'
+    >>> fn = lambda p, x: x @ p["w"].T + p["b"]                       # PyTorch layout (out, in)
+    >>> params = {"w": jnp.arange(32.).reshape(4, 8), "b": jnp.ones(4)}
+    >>> om = jp.operator_map(fn, params, jnp.ones((1, 8)))
+    >>> p, m = jp.prune(params, None, pattern="2:4", opmap=om)
+    >>> packed = pack_params(p, m, om, pattern="2:4")
+    >>> type(packed["w"].data).__name__, packed["w"].data.shape, type(packed["b"]).__name__
+    ('NMPacked', (8, 4), 'ArrayImpl')
     """
+    if not isinstance(opmap, om_lib.OperatorMap):
+        raise TypeError(
+            "jaxprune.kernels.pack_params(params, masks, opmap, pattern=...): opmap must be the "
+            f"model's operator map (jaxprune.operator_map(fn, params, x)), got {type(opmap).__name__}"
+        )
     mask_lib.check_masks(params, masks)
     pattern = pat_lib.parse(pattern)
 
     def one(path: str, w: Any, m: Any) -> Any:
         if m is None or w is None:
             return w
-        pat = pat_lib.for_path(pattern, path)
         try:
-            if isinstance(pat, pat_lib.NM):
-                ax = pat.resolve_axis(w.ndim)
-                if w.ndim < 2 or ax != w.ndim - 2:
-                    raise ValueError(
-                        f"N:M groups must run along the contraction axis {w.ndim - 2} to pack, "
-                        f"pattern has axis {ax}"
-                    )
-                return F.pack_nm(w, m, pat.n, pat.m)
-            if isinstance(pat, pat_lib.Block):
-                return F.pack_block(w, m, (pat.r, pat.c))
-            return F.pack_bitmask(w, m)
+            lo = opmap[path]
+        except KeyError:
+            raise ValueError(f"jaxprune.kernels.pack_params: leaf '{path}' is not in the operator "
+                             "map; build it from the same params") from None
+        if not lo.has_view or lo.shape != tuple(np.shape(w)):
+            raise ValueError(
+                f"jaxprune.kernels.pack_params: leaf '{path}' (shape {tuple(np.shape(w))}) has no "
+                f"matrix view in the operator map (role '{lo.role}', shape {lo.shape}); only matmul "
+                "and conv weights can be packed, leave it out of the masks"
+            )
+        try:
+            view = np.asarray(lo.to_view(F._concrete(w, "weight")))
+            mview = np.asarray(lo.to_view(F._concrete(m, "mask")))
+            return PackedWeight(_pack_view(view, mview, pat_lib.for_path(pattern, path)), lo)
         except (ValueError, TypeError) as e:
-            raise type(e)(f"jaxprune.kernels.pack_params: leaf '{path}': {e}") from e
+            raise type(e)(f"jaxprune.kernels.pack_params: leaf '{path}' (matrix view "
+                          f"{lo.view_shape}): {e}") from e
 
     return mask_lib.tree_map_with_path_masked(one, params, masks)
 
@@ -87,6 +170,8 @@ def packed_matmul(x: jax.Array, w: Any, **kwargs: Any) -> jax.Array:
     >>> packed_matmul(jnp.ones((1, 2)), jnp.ones((2, 3)))
     Array([[2., 2., 2.]], dtype=float32)
     """
+    if isinstance(w, PackedWeight):
+        w = w.data
     if isinstance(w, F.NMPacked):
         return nm_matmul(x, w, **kwargs)
     if isinstance(w, F.BlockSparse):
@@ -94,47 +179,188 @@ def packed_matmul(x: jax.Array, w: Any, **kwargs: Any) -> jax.Array:
     return ref.matmul_ref(x, w)
 
 
-def dense_interceptor(**kernel_kwargs: Any) -> Any:
-    """A ``flax.linen`` method interceptor running ``nn.Dense`` with packed kernels.
+# ------------------------------------------------------------------------------------------------
+# Which matmul operands are a packed weight itself, up to layout (reshape, transpose, dtype)
+# ------------------------------------------------------------------------------------------------
 
-    Dense layers whose ``kernel`` param is not packed run unchanged. Use with
-    ``nn.intercept_methods`` (or simply :func:`apply_packed`).
+_LAYOUT = {"convert_element_type", "copy", "copy_p", "sharding_constraint", "pvary", "mesh_cast",
+           "reshard"}
 
-    >>> with nn.intercept_methods(dense_interceptor()):
-    ...     pass
+
+def _layout_rules(seen: dict[int, list[list[Any]]]) -> dict[str, wk.Rule]:
+    """Values: ``None`` or ``(path, axes)`` — the array is leaf ``path`` in another layout, its axis
+    ``i`` being the param axes ``axes[i]`` flattened in row-major order."""
+    def same(e, ins):
+        return [ins[0]]
+
+    def transpose(e, ins):
+        v = ins[0]
+        return [None if v is None else (v[0], tuple(v[1][i] for i in e.params["permutation"]))]
+
+    def reshape(e, ins):
+        v = ins[0]
+        groups = None if v is None else _regroup(e.in_shapes[0], e.out_shapes[0])
+        if groups is None:
+            return [None]
+        out: list[tuple[int, ...]] = [() for _ in e.out_shapes[0]]
+        for gi, gj in groups:
+            ax = tuple(a for i in gi for a in v[1][i])
+            if len(gj) > 1 and len(ax) > 1:  # splitting a merged axis: give up on exactness
+                return [None]
+            for j in gj:
+                out[j] = ax if e.out_shapes[0][j] > 1 else ()
+        return [(v[0], tuple(out))]
+
+    def squeeze(e, ins):
+        v = ins[0]
+        if v is None:
+            return [None]
+        nd = len(e.in_shapes[0])
+        dims = {d % nd for d in e.params["dimensions"]}
+        return [(v[0], tuple(a for i, a in enumerate(v[1]) if i not in dims))]
+
+    def broadcast(e, ins):  # only adding size-1 axes keeps the values
+        v = ins[0]
+        oshape = e.out_shapes[0]
+        dims = e.params["broadcast_dimensions"]
+        if v is None or any(d > 1 for j, d in enumerate(oshape) if j not in dims) or \
+                any(e.in_shapes[0][i] != oshape[j] for i, j in enumerate(dims)):
+            return [None]
+        out: list[tuple[int, ...]] = [() for _ in oshape]
+        for i, j in enumerate(dims):
+            out[j] = v[1][i]
+        return [(v[0], tuple(out))]
+
+    def record(e, ins):  # per visit: a jitted function's jaxpr is shared by all its call sites
+        seen.setdefault(id(e.eqn), []).append(list(ins))
+        return [None]
+
+    rules: dict[str, wk.Rule] = {n: same for n in _LAYOUT}
+    rules.update(transpose=transpose, reshape=reshape, squeeze=squeeze, broadcast_in_dim=broadcast,
+                 expand_dims=lambda e, ins: reshape(e, ins), dot_general=record,
+                 conv_general_dilated=record)
+    return rules
+
+
+def _flat(axes: tuple[tuple[int, ...], ...], dims: Any) -> tuple[int, ...]:
+    out: list[int] = []
+    for d in dims:
+        for a in axes[d]:
+            if not out or out[-1] != a:
+                out.append(a)
+    return tuple(out)
+
+
+def _check_operand(eqn: Any, v: Any, opi: int, pw: PackedWeight) -> None:
+    lo, path = pw.op, pw.path
+    if v is None or v[0] != path:
+        raise ValueError(
+            f"jaxprune.kernels.apply_packed: packed weight '{path}' reaches its "
+            f"{eqn.primitive.name} through ops other than reshape/transpose/dtype conversion (or "
+            "combined with other arrays); it cannot run packed"
+        )
+    if lo.batch:
+        raise ValueError(f"jaxprune.kernels.apply_packed: '{path}' has batch axes {lo.batch} "
+                         "(stacked experts / scanned layers); batched packed weights are not supported")
+    if eqn.primitive.name == "dot_general":
+        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+        c = lc if opi == 0 else rc
+        nd = len(v[1])
+        fan, out = _flat(v[1], c), _flat(v[1], [i for i in range(nd) if i not in c])
+    else:
+        out_d, in_d, *sp = eqn.params["dimension_numbers"].rhs_spec
+        fan, out = _flat(v[1], [*sp, in_d]), _flat(v[1], [out_d])
+    if (fan, out) != (lo.fan_in, lo.out):
+        raise ValueError(
+            f"jaxprune.kernels.apply_packed: '{path}' is multiplied with fan-in axes {fan} and "
+            f"output axes {out} but was packed with fan-in {lo.fan_in} and outputs {lo.out}"
+        )
+
+
+def _packed_eqn(eqn: Any, ins: list[Any], opi: int, pw: PackedWeight, kw: dict) -> list[Any]:
+    """The outputs of a tapped equation, computed with the packed weight."""
+    out_aval = eqn.outvars[0].aval
+    dt = pw.dtype
+    if eqn.primitive.name == "dot_general":
+        rows, free = ev.dot_rows(eqn, ins[1 - opi], opi, pw.path)
+        (lc, rc), _ = eqn.params["dimension_numbers"]
+        c = lc if opi == 0 else rc
+        wshape = wk.shape_of(eqn.invars[opi])
+        wfree = tuple(d for i, d in enumerate(wshape) if i not in c)
+        y = packed_matmul(rows.astype(dt), pw.data, **kw).reshape(*free, *wfree)
+        if opi == 0:  # dot_general output: lhs (the weight) free dims first
+            nf = len(free)
+            y = jnp.transpose(y, [*range(nf, nf + len(wfree)), *range(nf)])
+    else:
+        rows, free = ev.conv_rows(eqn, ins[0], wk.shape_of(eqn.invars[1]), pw.path)
+        y = packed_matmul(rows.astype(dt), pw.data, **kw).reshape(*free, -1)
+        y = jnp.moveaxis(y, -1, eqn.params["dimension_numbers"].out_spec[1])
+    return [y.astype(out_aval.dtype)]
+
+
+def apply_packed(fn: Any, packed_params: PyTree, *args: Any, kernel_kwargs: dict | None = None
+                 ) -> Any:
+    """``fn(params, *args)`` with every packed weight's matmul/conv run by the sparse kernels.
+
+    ``fn`` is any JAX function of ``(params, *args)`` or a linen ``Module`` (applied as
+    ``module.apply({"params": params}, *args)``; nnx: ``lambda s, x: nnx.merge(graphdef, s)(x)``);
+    ``packed_params`` comes from :func:`pack_params`. Works under ``jax.jit`` (call it there: the
+    kernels run in interpret mode on CPU). ``kernel_kwargs`` go to the kernels (``impl``,
+    ``variant``, ``interpret``, ``tiles``); ``impl="pallas"`` lets kernel errors propagate.
+
+    Raises ``ValueError`` naming the weight when a packed weight reaches its matmul through anything
+    but layout ops, is batched, or is used inside ``scan``/``cond``/``while``.
+
+    >>> import jaxprune as jp
+    >>> fn = lambda p, x: jnp.einsum("bd,hd->bh", x, p["w"])        # w (out, in)
+    >>> params = {"w": jax.random.normal(jax.random.key(0), (4, 8))}
+    >>> om = jp.operator_map(fn, params, jnp.ones((2, 8)))
+    >>> p, m = jp.prune(params, None, pattern="2:4", opmap=om)
+    >>> packed = pack_params(p, m, om, pattern="2:4")
+    >>> y = jax.jit(lambda q, x: apply_packed(fn, q, x))(packed, jnp.ones((2, 8)))
+    >>> bool(jnp.allclose(y, fn(p, jnp.ones((2, 8))), atol=1e-5))
+    True
     """
+    is_pw = lambda x: isinstance(x, PackedWeight)  # noqa: E731
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if is_pw(x) else
+                            jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)),
+                            packed_params, is_leaf=is_pw)
+    packed = {x.path: x for x in jax.tree.leaves(packed_params, is_leaf=is_pw) if is_pw(x)}
+    closed, an, _ = om_lib.trace(fn, abstract, *args)
+    # packed leaves enter as their dense reconstruction: whatever else reads them (a tied embedding's
+    # gather) stays exact, and under jit XLA drops it where only replaced matmuls used it
+    leaves = jax.tree.leaves(jax.tree.map(lambda x: x.dense() if is_pw(x) else x, packed_params,
+                                          is_leaf=is_pw))
+    seen: dict[int, list[list[Any]]] = {}
+    walker = wk.Walker(_layout_rules(seen), data=lambda shape: None,
+                       sources=lambda v: [] if v is None else [v[0]],
+                       default=lambda e, ins: [None for _ in e.out_shapes])
+    walker.run(closed.jaxpr, [(p, tuple((i,) if d > 1 else () for i, d in enumerate(x.shape)))
+                              for p, x in mask_lib.leaves_with_paths(abstract)]
+               + [None] * (len(closed.jaxpr.invars) - len(leaves)), closed.consts)
+    kw = dict(kernel_kwargs or {})
 
-    def interceptor(next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
-        mod = context.module
-        if context.method_name != "__call__" or type(mod) is not nn.Dense:
-            return next_fun(*args, **kwargs)
-        if not mod.has_variable("params", "kernel"):
-            return next_fun(*args, **kwargs)
-        kernel = mod.get_variable("params", "kernel")
-        if not F.is_packed(kernel):
-            return next_fun(*args, **kwargs)
-        (x,) = args
-        bias = mod.get_variable("params", "bias") if mod.use_bias else None
-        dts = [x.dtype, kernel.dtype] + ([bias.dtype] if bias is not None else [])
-        dtype = mod.dtype if mod.dtype is not None else jnp.result_type(*dts)
-        y = packed_matmul(jnp.asarray(x, dtype), kernel, **kernel_kwargs).astype(dtype)
-        if bias is not None:
-            y = y + jnp.asarray(bias, dtype)
-        return y
+    visits: dict[int, int] = {}
 
-    return interceptor
+    def hook(eqn: Any, ins: list[Any], taps: list[tuple[int, str, bool]]) -> list[Any] | None:
+        # the layout walker visited the equations in the same order as evaluate does: its values
+        # for this visit say which param (if any) each operand is
+        i = visits[id(eqn)] = visits.get(id(eqn), -1) + 1
+        vals = seen.get(id(eqn), [])[i] if i < len(seen.get(id(eqn), [])) else [None, None]
+        hits = [(opi, v[0]) for opi, v in enumerate(vals[:2]) if v is not None and v[0] in packed]
+        if not hits:
+            lost = [p for opi, p, _ in taps if p in packed and vals[opi] is None]
+            if lost:
+                _check_operand(eqn, None, 0, packed[lost[0]])  # raises, naming the weight
+            return None
+        opi, path = hits[0]
+        if len(hits) > 1:
+            raise ValueError(f"jaxprune.kernels.apply_packed: packed weights {[p for _, p in hits]} "
+                             f"multiply each other in one {eqn.primitive.name}")
+        _check_operand(eqn, vals[opi], opi, packed[path])
+        return _packed_eqn(eqn, ins, opi, packed[path], kw)
 
-
-def apply_packed(model: nn.Module, variables: PyTree, *args: Any, kernel_kwargs: dict | None = None,
-                 **kwargs: Any) -> Any:
-    """``model.apply(variables, *args, **kwargs)`` with packed ``nn.Dense`` kernels run by kernels.
-
-    ``variables["params"]`` comes from :func:`pack_params`. ``kernel_kwargs`` go to the kernels.
-
-    >>> m = nn.Dense(2)
-    >>> v = m.init(jax.random.key(0), jnp.ones((1, 4)))
-    >>> apply_packed(m, v, jnp.ones((1, 4))).shape
-    (1, 2)
-    """
-    with nn.intercept_methods(dense_interceptor(**(kernel_kwargs or {}))):
-        return model.apply(variables, *args, **kwargs)
+    outs = ev.evaluate(closed.jaxpr, closed.consts, [*leaves, *jax.tree_util.tree_leaves(args)],
+                       an.taps, hook)
+    out_tree = jax.tree_util.tree_structure(jax.eval_shape(om_lib._as_fn(fn), abstract, *args))
+    return jax.tree_util.tree_unflatten(out_tree, outs)

@@ -1,14 +1,18 @@
-"""Calibration: observe a Flax model's linear/conv layers and record their input statistics.
+"""Calibration: record the input statistics of every matmul/conv weight of any model.
 
-Layers are found by *intercepting calls* (linen ``nn.intercept_methods`` on ``Dense``,
-``DenseGeneral`` and ``Conv``; for nnx a temporary wrapper around ``nnx.Linear``/``nnx.Conv``
-``__call__``), so models we did not write work without naming their layers. Statistics are keyed by
-the path of the layer's kernel in the params tree (``jaxprune.core.masks.path_str``: ``"Dense_0/kernel"``).
+Calibration is operator-level (:mod:`jaxprune.oneshot.observe`): the model is traced, the operator
+map finds every ``dot_general`` / convolution that multiplies a parameter with data — ``nn.Dense``,
+``nn.DenseGeneral``, ``nn.Conv``, raw ``self.param`` weights in ``jnp.einsum``, nnx layers,
+PyTorch-layout ``x @ W.T`` — and the data operand is reduced to statistics *in that weight's matrix
+view*. Statistics are keyed by the weight's path in the params tree
+(``jaxprune.core.masks.path_str``: ``"Dense_0/kernel"``) and carry the view
+(:class:`~jaxprune.core.opmap.LeafOp`), so layer methods see the matrix actually multiplied.
 
-For every layer we stream, in float32, over all calibration tokens ``x`` (rows of the layer's
-fan-in view: a Dense input row, a flattened conv patch in kernel order ``(h, w, in)``):
-``gram = Σ xᵀx``, ``sum = Σ x``, ``sumsq = Σ x²`` and the token ``count``. From these
-:class:`LayerStats` derives column norms ``‖X_j‖₂`` (Wanda), means, variances and ``H = XᵀX / n``.
+For every weight we stream, in float32, over all calibration tokens ``x`` (rows of its fan-in: a
+Dense input row, an einsum operand with its contracted axes in the weight's order, a flattened conv
+patch in ``(*window, in)`` order): ``gram = Σ xᵀx``, ``sum = Σ x``, ``sumsq = Σ x²`` and the token
+``count`` (padding excluded with a token mask). From these :class:`LayerStats` derives column norms
+``‖X_j‖₂`` (Wanda), means, variances and ``H = XᵀX / n``.
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -22,21 +26,19 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
-from flax import nnx
 
 from jaxprune.core import patterns as pat_lib
 from jaxprune.core.masks import PyTree
 
-__all__ = ["LayerStats", "calibrate", "layer_inputs", "merge_stats", "as_matrix"]
+__all__ = [
+    "LayerStats", "calibrate", "layer_inputs", "merge_stats", "as_matrix", "from_matrix", "model_fn",
+]
 
 
 class LayerStats(NamedTuple):
@@ -50,6 +52,7 @@ class LayerStats(NamedTuple):
     sumsq: np.ndarray
     count: int
     fan_in: int
+    view: Any = None  # the weight's LeafOp (matrix view) when calibration traced it
 
     @property
     def norms(self) -> np.ndarray:
@@ -84,17 +87,21 @@ def merge_stats(a: LayerStats | None, b: LayerStats) -> LayerStats:
     if a is None:
         return b
     gram = None if a.gram is None or b.gram is None else a.gram + b.gram
-    return LayerStats(gram, a.sum + b.sum, a.sumsq + b.sumsq, a.count + b.count, a.fan_in)
+    return LayerStats(gram, a.sum + b.sum, a.sumsq + b.sumsq, a.count + b.count, a.fan_in,
+                      a.view if a.view is not None else b.view)
 
 
 def as_matrix(weight: Any, stats: LayerStats | int, name: str = "<layer>") -> jax.Array:
-    """The ``(fan_in, out)`` matrix view of a kernel (Dense ``(in, out)``, conv ``(h, w, in, out)``,
-    DenseGeneral ``(*in, *out)``). ``stats`` gives the fan-in (or pass it as an int); the shape
-    arithmetic is :func:`jaxprune.core.patterns.matrix_view`.
+    """The ``(fan_in, out)`` matrix a weight is multiplied as: the traced view of ``stats`` when
+    calibration recorded one (any layout: ``(out, in)`` PyTorch weights, DenseGeneral, einsum), else
+    the Flax layout with ``stats``' fan-in (or pass the fan-in as an int;
+    :func:`jaxprune.core.patterns.matrix_view`).
 
     >>> as_matrix(jnp.ones((3, 3, 2, 5)), 18).shape
     (18, 5)
     """
+    if isinstance(stats, LayerStats) and stats.view is not None:
+        return stats.view.to_view(weight)
     fan_in = stats if isinstance(stats, int) else stats.fan_in
     w = jnp.asarray(weight)
     try:
@@ -107,244 +114,20 @@ def as_matrix(weight: Any, stats: LayerStats | int, name: str = "<layer>") -> ja
     return w.reshape(view)
 
 
-# ----------------------------------------------------------------------------------------------
-# From a layer call to a (tokens, fan_in) matrix
-# ----------------------------------------------------------------------------------------------
+def from_matrix(w2: Any, stats: LayerStats | int | None, shape: tuple[int, ...]) -> jax.Array:
+    """Inverse of :func:`as_matrix`: the ``(fan_in, out)`` matrix back in the weight's layout.
 
-
-def _conv_padding(padding: Any, nd: int, name: str) -> Any:
-    if isinstance(padding, str):
-        if padding.upper() in ("SAME", "VALID"):
-            return padding.upper()
-        raise ValueError(
-            f"jaxprune: calibration of conv '{name}': padding {padding!r} is not supported "
-            "(use SAME, VALID or explicit pads)"
-        )
-    if isinstance(padding, int):
-        return [(padding, padding)] * nd
-    out = []
-    for p in padding:
-        out.append((p, p) if isinstance(p, int) else tuple(p))
-    return out
-
-
-def _conv_patches(x: jax.Array, mod: Any, kshape: tuple[int, ...], name: str) -> jax.Array:
-    """Rows of flattened patches in kernel order ``(*window, in)`` for a conv call."""
-    nd = len(kshape) - 2
-    if getattr(mod, "feature_group_count", 1) != 1:
-        raise ValueError(f"jaxprune: calibration of grouped conv '{name}' is not supported")
-
-    def tup(v: Any, default: int = 1) -> tuple[int, ...]:
-        if v is None:
-            return (default,) * nd
-        return (v,) * nd if isinstance(v, int) else tuple(v)
-
-    x = x.reshape((-1, *x.shape[-nd - 1:]))
-    fan_in = math.prod(kshape[:-1])
-    eye = jnp.eye(fan_in, dtype=jnp.float32).reshape(*kshape[:-1], fan_in)
-    dn = jax.lax.conv_dimension_numbers(
-        x.shape, eye.shape, _spec(nd)
-    )
-    y = jax.lax.conv_general_dilated(
-        x.astype(jnp.float32), eye, window_strides=tup(mod.strides),
-        padding=_conv_padding(mod.padding, nd, name), lhs_dilation=tup(mod.input_dilation),
-        rhs_dilation=tup(mod.kernel_dilation), dimension_numbers=dn,
-        precision=jax.lax.Precision.HIGHEST,
-    )
-    return y.reshape(-1, fan_in)
-
-
-def _spec(nd: int) -> tuple[str, str, str]:
-    sp = "DHW"[-nd:] if nd <= 3 else None
-    if sp is None:
-        raise ValueError(f"jaxprune: {nd}-d convolutions are not supported by calibration")
-    return ("N" + sp + "C", sp + "IO", "N" + sp + "C")
-
-
-def _rows(kind: str, mod: Any, x: jax.Array, kshape: tuple[int, ...], name: str) -> jax.Array:
-    if kind == "dense":
-        return x.reshape(-1, x.shape[-1])
-    if kind == "general":
-        axis = mod.axis if isinstance(mod.axis, tuple | list) else (mod.axis,)
-        if getattr(mod, "batch_dims", ()):
-            raise ValueError(f"jaxprune: DenseGeneral '{name}' with batch_dims is not supported")
-        axes = tuple(a % x.ndim for a in axis)
-        x = jnp.moveaxis(x, axes, tuple(range(x.ndim - len(axes), x.ndim)))
-        return x.reshape(-1, math.prod(x.shape[x.ndim - len(axes):]))
-    return _conv_patches(x, mod, kshape, name)
-
-
-def _partial(rows: jax.Array, gram: bool) -> dict[str, jax.Array]:
-    r = rows.astype(jnp.float32)
-    out = {
-        "sum": r.sum(0),
-        "sumsq": (r * r).sum(0),
-        "count": jnp.asarray(r.shape[0], jnp.int32),
-    }
-    if gram:
-        out["gram"] = jnp.matmul(r.T, r, precision=jax.lax.Precision.HIGHEST)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Interception
-# ----------------------------------------------------------------------------------------------
-
-_LINEN_KINDS: tuple[tuple[type, str], ...] = (
-    (nn.Dense, "dense"), (nn.DenseGeneral, "general"), (nn.Conv, "conv"),
-)
-
-
-def _linen_kind(mod: Any) -> str | None:
-    for cls, kind in _LINEN_KINDS:
-        if type(mod) is cls or isinstance(mod, cls):
-            return kind
-    return None
-
-
-def _linen_forward(model: nn.Module, gram: bool, method: Any, collect: str) -> Callable:
-    def run(params: PyTree, batch: Any) -> dict[str, dict[str, jax.Array]]:
-        found: dict[str, dict[str, jax.Array]] = {}
-
-        def interceptor(next_fun, args, kwargs, context):
-            mod = context.module
-            kind = _linen_kind(mod) if context.method_name == "__call__" else None
-            if kind is None or not args:
-                return next_fun(*args, **kwargs)
-            out = next_fun(*args, **kwargs)
-            path = "/".join(str(p) for p in mod.scope.path)
-            key = f"{path}/kernel" if path else "kernel"
-            kshape = tuple(mod.variables["params"]["kernel"].shape)
-            rows = _rows(kind, mod, args[0], kshape, key)
-            part = _partial(rows, gram)
-            if key in found:  # a layer called twice in one forward: add up
-                found[key] = jax.tree.map(jnp.add, found[key], part)
-            else:
-                found[key] = part
-            return out
-
-        variables = {collect: params}
-        with nn.intercept_methods(interceptor):
-            args = batch if isinstance(batch, tuple) else (batch,)
-            model.apply(variables, *args, method=method)
-        return found
-
-    return run
-
-
-def _nnx_forward(graphdef: Any, gram: bool) -> Callable:
-    def run(state: PyTree, batch: Any) -> dict[str, dict[str, jax.Array]]:
-        model = nnx.merge(graphdef, state)
-        where: dict[int, tuple[str, str]] = {}
-        for path, mod in nnx.iter_graph(model):
-            kind = ("dense" if isinstance(mod, nnx.Linear)
-                    else "general" if isinstance(mod, nnx.LinearGeneral)
-                    else "conv" if isinstance(mod, nnx.Conv) else None)
-            if kind is not None:
-                where[id(mod)] = ("/".join(str(p) for p in path), kind)
-        found: dict[str, dict[str, jax.Array]] = {}
-        originals = {cls: cls.__call__ for cls in (nnx.Linear, nnx.LinearGeneral, nnx.Conv)}
-
-        def wrap(cls: type) -> Callable:
-            orig = originals[cls]
-
-            def call(self, x, *a, **kw):
-                out = orig(self, x, *a, **kw)
-                info = where.get(id(self))
-                if info is not None:
-                    path, kind = info
-                    key = f"{path}/kernel" if path else "kernel"
-                    kshape = tuple(self.kernel.get_value().shape)
-                    part = _partial(_rows(kind, _NnxAttrs(self, kind), x, kshape, key), gram)
-                    found[key] = (jax.tree.map(jnp.add, found[key], part) if key in found
-                                  else part)
-                return out
-
-            return call
-
-        try:
-            for cls in originals:
-                cls.__call__ = wrap(cls)
-            args = batch if isinstance(batch, tuple) else (batch,)
-            model(*args)
-        finally:
-            for cls, f in originals.items():
-                cls.__call__ = f
-        return found
-
-    return run
-
-
-@dataclasses.dataclass
-class _NnxAttrs:
-    """Adapter giving nnx layers the attribute names of their linen twins."""
-
-    mod: Any
-    kind: str
-
-    def __getattr__(self, name: str) -> Any:
-        m = self.mod
-        if name == "axis":
-            return m.axis
-        if name == "batch_dims":
-            return tuple(getattr(m, "batch_axis", {}) or ())
-        if name == "feature_group_count":
-            return m.feature_group_count
-        if name in ("strides", "padding", "input_dilation", "kernel_dilation"):
-            return getattr(m, name)
-        raise AttributeError(name)
-
-
-def _check_batches(batches: list[Any]) -> None:
-    if not batches:
-        raise ValueError("jaxprune: calibration needs at least one batch; got zero batches")
-    ref = jax.tree.structure(batches[0])
-    ref_shapes = [tuple(np.shape(x))[1:] for x in jax.tree.leaves(batches[0])]
-    for i, b in enumerate(batches[1:], start=1):
-        if jax.tree.structure(b) != ref:
-            raise ValueError(
-                f"jaxprune: calibration batch {i} has structure {jax.tree.structure(b)}, "
-                f"batch 0 has {ref}"
-            )
-        shapes = [tuple(np.shape(x))[1:] for x in jax.tree.leaves(b)]
-        if shapes != ref_shapes:
-            raise ValueError(
-                f"jaxprune: calibration batch shape mismatch: batch {i} has per-example shapes "
-                f"{shapes}, batch 0 has {ref_shapes}"
-            )
-
-
-def layer_inputs(model: Any, params: PyTree | None, batch: Any, *, method: Any = None,
-                 collect: str = "params") -> dict[str, jax.Array]:
-    """The raw ``(tokens, fan_in)`` inputs of every intercepted layer for one batch (for tests and
-    reconstruction-error measurements; calibration itself never stores activations).
-
-    >>> import jax, jax.numpy as jnp
-    >>> from flax import linen as nn
-    >>> p = nn.Dense(2).init(jax.random.key(0), jnp.ones((1, 3)))["params"]
-    >>> layer_inputs(nn.Dense(2), p, jnp.ones((4, 3)))["kernel"].shape
-    (4, 3)
+    >>> from_matrix(jnp.ones((18, 5)), 18, (3, 3, 2, 5)).shape
+    (3, 3, 2, 5)
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError("jaxprune: layer_inputs supports linen modules")
-    found: dict[str, jax.Array] = {}
+    if isinstance(stats, LayerStats) and stats.view is not None:
+        return stats.view.from_view(w2)
+    return jnp.asarray(w2).reshape(shape)
 
-    def interceptor(next_fun, args, kwargs, context):
-        mod = context.module
-        kind = _linen_kind(mod) if context.method_name == "__call__" else None
-        out = next_fun(*args, **kwargs)
-        if kind is not None and args:
-            path = "/".join(str(p) for p in mod.scope.path)
-            key = f"{path}/kernel" if path else "kernel"
-            kshape = tuple(mod.variables["params"]["kernel"].shape)
-            r = _rows(kind, mod, args[0], kshape, key)
-            found[key] = jnp.concatenate([found[key], r]) if key in found else r
-        return out
 
-    with nn.intercept_methods(interceptor):
-        args = batch if isinstance(batch, tuple) else (batch,)
-        model.apply({collect: params}, *args, method=method)
-    return found
+# ----------------------------------------------------------------------------------------------
+# The calibrator
+# ----------------------------------------------------------------------------------------------
 
 
 def calibrate(
@@ -353,24 +136,31 @@ def calibrate(
     batches: Iterable[Any],
     *,
     gram: bool = True,
+    token_masks: Iterable[Any] | None = None,
     method: Any = None,
     collect: str = "params",
+    variables: PyTree | None = None,
     progress: bool = False,
 ) -> dict[str, LayerStats]:
-    """Run calibration batches through a Flax model; return ``{kernel path: LayerStats}``.
+    """Run calibration batches through a model; return ``{weight path: LayerStats}``.
 
     Args:
-      model: a linen ``Module`` (applied as ``model.apply({collect: params}, *batch)``) or an nnx
-        ``Module`` (``params`` ignored; called as ``model(*batch)``).
-      params: the linen params tree (stats keys are ``path_str`` paths into it).
-      batches: iterable of inputs; a tuple is unpacked into positional arguments.
+      model: a linen ``Module`` (applied as ``model.apply({collect: params, **variables}, *batch)``),
+        an nnx ``Module`` (``params`` ignored: its state is used) or any function
+        ``fn(params, *batch)``.
+      params: the params tree (stats keys are ``path_str`` paths into it).
+      batches: inputs; a tuple is unpacked into positional arguments. Shapes may vary (one
+        compilation per distinct shape, reused by later calls).
       gram: also accumulate ``XᵀX`` (needed by SparseGPT/OBS/DSnoT; Wanda needs only norms).
+      token_masks: one mask per batch (e.g. ``(batch, seq)``, 1 = real token): padding is
+        excluded from every statistic.
       method: linen method to call instead of ``__call__``.
+      collect: the linen collection holding ``params``.
+      variables: other linen collections the model reads (``batch_stats``...), passed as data.
+      progress: a progress bar over batches.
 
-    The forward pass is jitted once; only the per-layer partial sums leave it, and they are added in
-    float32 on the host, so memory holds one batch's activations plus the statistics.
-
-    Raises ``ValueError`` for zero batches or batches whose per-example shapes differ.
+    Raises ``ValueError`` for zero batches, masks that do not fit, or a model with no matmul/conv
+    weight applied to its inputs.
 
     >>> import jax, jax.numpy as jnp
     >>> from flax import linen as nn
@@ -378,33 +168,63 @@ def calibrate(
     >>> calibrate(m, p, [jnp.ones((4, 3))])["kernel"].norms
     array([2., 2., 2.], dtype=float32)
     """
-    batches = list(batches)
-    _check_batches(batches)
-    if isinstance(model, nnx.Module):
-        graphdef, state = nnx.split(model)
-        fwd = jax.jit(_nnx_forward(graphdef, gram))
-        tree = state
-    elif isinstance(model, nn.Module):
-        fwd = jax.jit(_linen_forward(model, gram, method, collect))
-        tree = params
-    else:
-        raise TypeError(f"jaxprune: calibrate needs a linen or nnx Module, got {type(model)}")
-    acc: dict[str, LayerStats] = {}
-    it = batches
-    if progress:
-        from tqdm.auto import tqdm
+    from jaxprune.oneshot.observe import model_fn, observe
 
-        it = tqdm(batches, desc="calibrate", leave=False)
-    for b in it:
-        parts = jax.device_get(fwd(tree, b))
-        for k, v in parts.items():
-            g = None if "gram" not in v else np.asarray(v["gram"], np.float32)
-            st = LayerStats(g, np.asarray(v["sum"], np.float32), np.asarray(v["sumsq"], np.float32),
-                            int(v["count"]), int(v["sum"].shape[0]))
-            acc[k] = merge_stats(acc.get(k), st)
-    if not acc:
-        raise ValueError(
-            "jaxprune: calibration found no Dense/DenseGeneral/Conv (or nnx Linear/Conv) layer calls "
-            "in the model's forward pass"
-        )
-    return acc
+    fn, tree = model_fn(model, params, method=method, collect=collect, variables=variables)
+    if variables:
+        batches = [(variables, *(b if isinstance(b, tuple) else (b,))) for b in batches]
+        fn = _without_flag(fn)
+    return observe(fn, tree, batches, gram=gram, token_masks=token_masks, progress=progress)
+
+
+def _without_flag(fn: Any) -> Any:
+    import dataclasses
+
+    return _VarsApply(dataclasses.replace(fn, with_variables=False), fn)
+
+
+class _VarsApply:
+    """``fn(params, variables, *args)`` for observe (hashable by the wrapped linen apply)."""
+
+    def __init__(self, plain: Any, full: Any):
+        self.plain, self.full = plain, full
+
+    def __call__(self, params: PyTree, *args: Any) -> Any:
+        return self.full(params, *args)
+
+    def __hash__(self) -> int:
+        return hash(("vars", self.plain))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _VarsApply) and self.plain == other.plain
+
+
+def model_fn(*args: Any, **kwargs: Any) -> Any:
+    """``(fn, params)`` for a linen / nnx module or a function (see
+    :func:`jaxprune.oneshot.observe.model_fn`).
+
+    >>> from flax import linen as nn
+    >>> fn, p = model_fn(nn.Dense(2), {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)})
+    >>> fn(p, jnp.ones((1, 3))).shape
+    (1, 2)
+    """
+    from jaxprune.oneshot.observe import model_fn as _model_fn
+
+    return _model_fn(*args, **kwargs)
+
+
+def layer_inputs(model: Any, params: PyTree | None, batch: Any, *, method: Any = None,
+                 collect: str = "params") -> dict[str, jax.Array]:
+    """The raw ``(tokens, fan_in)`` input rows of every matmul/conv weight for one batch (for
+    tests and reconstruction errors; calibration itself never stores activations).
+
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import linen as nn
+    >>> p = nn.Dense(2).init(jax.random.key(0), jnp.ones((1, 3)))["params"]
+    >>> layer_inputs(nn.Dense(2), p, jnp.ones((4, 3)))["kernel"].shape
+    (4, 3)
+    """
+    from jaxprune.oneshot.observe import model_fn, rows_of
+
+    fn, tree = model_fn(model, params, method=method, collect=collect)
+    return rows_of(fn, tree, batch)

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.core import patterns as pat_lib
-from jaxprune.oneshot.calibration import LayerStats, as_matrix
+from jaxprune.oneshot.calibration import LayerStats, as_matrix, from_matrix
 from jaxprune.oneshot.common import check_hessian
 from jaxprune.oneshot.methods import LayerMethod, get_method, register_method, resolve_layer_target
 from jaxprune.oneshot.sparsegpt import SparseGPT
@@ -199,12 +199,13 @@ class DSnoT(LayerMethod):
         pat = pat_lib.for_path(pat_lib.parse(pattern), name)
         nm_m = None
         if isinstance(pat, pat_lib.NM):
-            pat, _ = resolve_layer_target(None, pat, name, shape, stats.fan_in)
+            vshape = stats.view.view_shape if getattr(stats, "view", None) is not None else shape
+            pat, _ = resolve_layer_target(None, pat, name, vshape, as_matrix(weight, stats, name).shape[0])
             nm_m = pat.m
         wd = as_matrix(weight, stats, name).astype(jnp.float32)
         v = wd if values is None else as_matrix(values, stats, name).astype(jnp.float32)
         m0 = as_matrix(jnp.asarray(mask, bool), stats, name)
-        new = self._swap(wd, stats, m0, v, nm_m, name).reshape(shape)
+        new = from_matrix(self._swap(wd, stats, m0, v, nm_m, name), stats, shape)
         vals = jnp.asarray(weight if values is None else values)
         return jnp.where(new, vals, jnp.zeros((), vals.dtype)), new
 

@@ -39,7 +39,7 @@ import numpy as np
 from jaxprune.core import allocation as alloc_lib
 from jaxprune.core import patterns as pat_lib
 from jaxprune.core import pipeline
-from jaxprune.oneshot.calibration import LayerStats, as_matrix
+from jaxprune.oneshot.calibration import LayerStats, as_matrix, from_matrix
 
 __all__ = ["LayerMethod", "register_method", "get_method", "METHODS", "resolve_layer_target"]
 
@@ -142,13 +142,24 @@ class LayerMethod:
         [True, False, True, False]
         """
         shape = tuple(np.shape(weight))
-        fan_in = stats.fan_in if stats is not None else None
-        pat, s = resolve_layer_target(sparsity, pattern, name, shape, fan_in)
+        view = getattr(stats, "view", None)
+        if view is not None and tuple(view.shape) != shape:
+            raise ValueError(f"jaxprune: '{name}' has shape {shape} but was calibrated as "
+                             f"{tuple(view.shape)}")
+        fan_in = view.view_shape[0] if view is not None else (
+            stats.fan_in if stats is not None else None)
+        pat, s = resolve_layer_target(sparsity, pattern, name,
+                                      view.view_shape if view is not None else shape, fan_in)
         self.check_stats(stats, name)
-        w2 = as_matrix(weight, _matrix_shape(shape, fan_in, name)[0], name)
+        if view is not None:  # the matrix actually multiplied (any layout), from calibration
+            w2 = as_matrix(weight, stats, name)
+        else:
+            w2 = as_matrix(weight, _matrix_shape(shape, fan_in, name)[0], name)
         q2, m2 = self.prune_matrix(w2, stats, s, pat, name=name)
         dtype = jnp.asarray(weight).dtype
-        return jnp.asarray(q2).reshape(shape).astype(dtype), jnp.asarray(m2).reshape(shape)
+        back = stats if view is not None else None
+        return (from_matrix(q2, back, shape).astype(dtype),
+                from_matrix(jnp.asarray(m2), back, shape))
 
     def check_stats(self, stats: LayerStats | None, name: str) -> None:
         """Raise ``ValueError`` naming the layer if ``stats`` lack what ``needs`` declares.

@@ -28,20 +28,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend import core as jcore
 
+from jaxprune.core import evaluate as ev
 from jaxprune.core import opmap as om_lib
-from jaxprune.core import walker as wk
 from jaxprune.core.masks import PyTree
 
-__all__ = ["observe", "model_fn", "as_params_fn"]
+__all__ = ["observe", "model_fn", "rows_of"]
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -51,8 +49,12 @@ class _LinenApply:
     module: Any
     method: Any = None
     collect: str = "params"
+    with_variables: bool = False  # the first argument holds the other collections
 
     def __call__(self, params: PyTree, *args: Any) -> Any:
+        if self.with_variables:
+            others, *args = args
+            return self.module.apply({self.collect: params, **others}, *args, method=self.method)
         return self.module.apply({self.collect: params}, *args, method=self.method)
 
 
@@ -77,9 +79,11 @@ class _NnxApply:
 
 
 def model_fn(model: Any, params: PyTree | None = None, *, method: Any = None,
-             collect: str = "params") -> tuple[Callable[..., Any], PyTree]:
+             collect: str = "params", variables: PyTree | None = None
+             ) -> tuple[Callable[..., Any], PyTree]:
     """``(fn, params)`` with ``fn(params, *args)`` the forward pass of a linen module, an nnx module
-    (``params`` ignored: its state is split off) or a plain function (returned as is).
+    (``params`` ignored: its state is split off) or a plain function (returned as is). With linen
+    ``variables`` (other collections, e.g. ``batch_stats``), ``fn(params, variables, *args)``.
 
     >>> from flax import linen as nn
     >>> f, p = model_fn(nn.Dense(2), {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)})
@@ -93,51 +97,15 @@ def model_fn(model: Any, params: PyTree | None = None, *, method: Any = None,
         graphdef, state = nnx.split(model)
         return _NnxApply(graphdef), state
     if isinstance(model, nn.Module):
-        return _LinenApply(model, method, collect), params
+        return _LinenApply(model, method, collect, bool(variables)), params
     if callable(model):
         return model, params
     raise TypeError(f"jaxprune: expected a linen/nnx Module or a function, got {type(model)}")
 
 
-as_params_fn = model_fn
 
-
-def _rows_dot(eqn: Any, x: jax.Array, opi: int, path: str) -> tuple[jax.Array, tuple[int, ...]]:
-    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    cx, bx = (rc, rb) if opi == 0 else (lc, lb)  # the data operand's contracting / batch dims
-    if bx:
-        raise ValueError(
-            f"jaxprune: calibration of '{path}': the weight is a batched matmul operand (stacked "
-            "experts or heads as einsum batch axes); per-batch statistics are not supported yet"
-        )
-    free = [i for i in range(x.ndim) if i not in cx]
-    t = jnp.transpose(x, [*free, *cx])
-    k = math.prod(x.shape[i] for i in cx)
-    return t.reshape(-1, k), tuple(x.shape[i] for i in free)
-
-
-def _rows_conv(eqn: Any, x: jax.Array, w_shape: tuple[int, ...], path: str
-               ) -> tuple[jax.Array, tuple[int, ...]]:
-    p = eqn.params
-    if p.get("feature_group_count", 1) != 1 or p.get("batch_group_count", 1) != 1:
-        raise ValueError(f"jaxprune: calibration of grouped conv '{path}' is not supported")
-    dn = p["dimension_numbers"]
-    out_d, in_d, *sp = dn.rhs_spec
-    window = tuple(w_shape[d] for d in sp)
-    cin = w_shape[in_d]
-    k = cin * math.prod(window)
-    # identity kernel: output feature f = flat(*window, in) index
-    eye = jnp.eye(k, dtype=jnp.float32).reshape(k, *window, cin)
-    canon = jnp.moveaxis(eye, -1, 1)  # (out=k, in, *window)
-    kern = jnp.moveaxis(canon, tuple(range(canon.ndim)), (out_d, in_d, *sp))
-    y = jax.lax.conv_general_dilated(
-        x.astype(jnp.float32), kern, window_strides=p["window_strides"], padding=p["padding"],
-        lhs_dilation=p["lhs_dilation"], rhs_dilation=p["rhs_dilation"], dimension_numbers=dn,
-        precision=_HI,
-    )
-    f = dn.out_spec[1]
-    y = jnp.moveaxis(y, f, -1)
-    return y.reshape(-1, k), tuple(y.shape[:-1])
+_rows_dot = ev.dot_rows  # the data operand as fan-in rows (shared with export)
+_rows_conv = ev.conv_rows
 
 
 def _weights(mask: jax.Array | None, free: tuple[int, ...], path: str) -> jax.Array | None:
@@ -163,33 +131,9 @@ def _partial(rows: jax.Array, w: jax.Array | None, gram: bool) -> dict[str, jax.
     return out
 
 
-def _has_taps(jaxpr: Any, taps: dict) -> bool:
-    for e in jaxpr.eqns:
-        if id(e) in taps:
-            return True
-        for v in e.params.values():
-            subs = v if isinstance(v, tuple) else (v,)
-            for s in subs:
-                j = s.jaxpr if isinstance(s, jcore.ClosedJaxpr) else s
-                if isinstance(j, jcore.Jaxpr) and _has_taps(j, taps):
-                    return True
-    return False
-
-
-def _eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], taps: dict, out: dict,
-          gram: bool, mask: jax.Array | None) -> list[Any]:
-    env: dict[Any, Any] = {}
-
-    def read(v: Any) -> Any:
-        return v.val if isinstance(v, jcore.Literal) else env[v]
-
-    for v, c in zip(jaxpr.constvars, consts, strict=True):
-        env[v] = c
-    for v, a in zip(jaxpr.invars, args, strict=True):
-        env[v] = a
-    for eqn in jaxpr.eqns:
-        ins = [read(v) for v in eqn.invars]
-        for opi, path, scanned in taps.get(id(eqn), ()):
+def _observer(out: dict, gram: bool, mask: jax.Array | None) -> Any:
+    def hook(eqn: Any, ins: list[Any], taps: list[tuple[int, str, bool]]) -> None:
+        for opi, path, scanned in taps:
             if scanned:
                 raise ValueError(
                     f"jaxprune: calibration of '{path}': the weight is scanned over (stacked "
@@ -198,44 +142,14 @@ def _eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], taps: dict, ou
             if eqn.primitive.name == "dot_general":
                 rows, free = _rows_dot(eqn, ins[1 - opi], opi, path)
             else:
-                rows, free = _rows_conv(eqn, ins[0], tuple(ins[1].shape), path)
                 if mask is not None:
                     raise ValueError(f"jaxprune: a token mask cannot apply to conv '{path}'")
+                rows, free = _rows_conv(eqn, ins[0], tuple(ins[1].shape), path)
             part = _partial(rows, _weights(mask, free, path), gram)
             out[path] = jax.tree.map(jnp.add, out[path], part) if path in out else part
-        sub = wk.sub_jaxpr(eqn)
-        if sub is not None and _has_taps(sub[0], taps):
-            outs = _eval(sub[0], sub[1], ins, taps, out, gram, mask)
-        else:
-            if sub is None and _has_taps_in_params(eqn, taps):
-                raise ValueError(
-                    f"jaxprune: calibration cannot observe weights inside '{eqn.primitive.name}' "
-                    "(scan / cond / while bodies); unroll that part of the model"
-                )
-            outs = _bind(eqn, ins)
-            if not eqn.primitive.multiple_results:
-                outs = [outs]
-        for v, o in zip(eqn.outvars, outs, strict=True):
-            env[v] = o
-    return [read(v) for v in jaxpr.outvars]
+        return None
 
-
-def _bind(eqn: Any, ins: list[Any]) -> Any:
-    bp = eqn.primitive.get_bind_params(eqn.params)
-    if isinstance(bp, tuple):  # older jax: (subfuns, params)
-        subfuns, bp = bp
-        return eqn.primitive.bind(*subfuns, *ins, **bp)
-    with eqn.ctx.manager:
-        return eqn.primitive.bind(*ins, **bp)
-
-
-def _has_taps_in_params(eqn: Any, taps: dict) -> bool:
-    for v in eqn.params.values():
-        for s in (v if isinstance(v, tuple) else (v,)):
-            j = s.jaxpr if isinstance(s, jcore.ClosedJaxpr) else s
-            if isinstance(j, jcore.Jaxpr) and _has_taps(j, taps):
-                return True
-    return False
+    return hook
 
 
 @functools.lru_cache(maxsize=64)
@@ -246,8 +160,8 @@ def _program(fn: Callable[..., Any], treedef: Any, gram: bool) -> Callable[..., 
         params = treedef.unflatten(leaves)
         closed, an, _ = om_lib.trace(fn, params, *args)
         out: dict = {}
-        _eval(closed.jaxpr, closed.consts, [*leaves, *jax.tree_util.tree_leaves(args)], an.taps,
-              out, gram, mask)
+        ev.evaluate(closed.jaxpr, closed.consts, [*leaves, *jax.tree_util.tree_leaves(args)],
+                    an.taps, _observer(out, gram, mask))
         return out
 
     return jax.jit(run)
@@ -280,6 +194,8 @@ def observe(
     from jaxprune.oneshot.calibration import LayerStats, merge_stats
 
     batches = list(batches)
+    if getattr(fn, "with_variables", False):
+        raise TypeError("jaxprune: pass the other collections with calibrate(..., variables=)")
     if not batches:
         raise ValueError("jaxprune: calibration needs at least one batch; got zero batches")
     masks = [None] * len(batches) if token_masks is None else list(token_masks)
@@ -300,9 +216,16 @@ def observe(
 
         it = tqdm(it, total=len(batches), desc="calibrate", leave=False)
     acc: dict[str, Any] = {}
-    for b, m in it:
+    for i, (b, m) in enumerate(it):
         args = b if isinstance(b, tuple) else (b,)
-        parts = jax.device_get(prog(leaves, args, None if m is None else jnp.asarray(m)))
+        try:
+            parts = jax.device_get(prog(leaves, args, None if m is None else jnp.asarray(m)))
+        except TypeError as e:
+            raise TypeError(_batch_error(i, args, e)) from e
+        except Exception as e:  # the model's own error (e.g. flax's ScopeParamShapeError)
+            if str(e).startswith("jaxprune:"):
+                raise
+            raise ValueError(_batch_error(i, args, e)) from e
         for k, v in parts.items():
             g = None if "gram" not in v else np.asarray(v["gram"], np.float32)
             st = LayerStats(g, np.asarray(v["sum"], np.float32), np.asarray(v["sumsq"], np.float32),
@@ -313,4 +236,57 @@ def observe(
             "jaxprune: calibration found no matmul or conv that multiplies a parameter with the "
             "inputs; check that fn(params, *batch) uses params"
         )
-    return acc
+    om = _operator_map(fn, params, batches[0] if isinstance(batches[0], tuple) else (batches[0],))
+    return {k: v._replace(view=om[k]) for k, v in acc.items()}
+
+
+def _batch_error(i: int, args: tuple, e: Exception) -> str:
+    shapes = [tuple(np.shape(x)) for x in jax.tree_util.tree_leaves(args)]
+    return (f"jaxprune: calibration batch {i} (input shapes {shapes}) failed in the model: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def _operator_map(fn: Callable[..., Any], params: PyTree, args: tuple) -> om_lib.OperatorMap:
+    """The operator map, traced once per (function, shapes) and cached."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    avals = tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in leaves)
+    a_leaves, a_def = jax.tree_util.tree_flatten(args)
+    a_avals = tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in a_leaves)
+    try:
+        return _cached_map(fn, treedef, avals, a_def, a_avals)
+    except TypeError as e:
+        if "unhashable" not in str(e):
+            raise
+        return om_lib.operator_map(fn, params, *args)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_map(fn: Any, treedef: Any, avals: tuple, a_def: Any, a_avals: tuple) -> om_lib.OperatorMap:
+    params = treedef.unflatten([jax.ShapeDtypeStruct(s, d) for s, d in avals])
+    args = a_def.unflatten([jax.ShapeDtypeStruct(s, d) for s, d in a_avals])
+    return om_lib.operator_map(fn, params, *args)
+
+
+def rows_of(fn: Callable[..., Any], params: PyTree, batch: Any) -> dict[str, jax.Array]:
+    """The raw ``(tokens, fan_in)`` input rows of every matmul/conv weight for one batch.
+
+    >>> rows_of(lambda p, x: x @ p["w"], {"w": jnp.ones((3, 2))}, jnp.ones((4, 3)))["w"].shape
+    (4, 3)
+    """
+    args = batch if isinstance(batch, tuple) else (batch,)
+    leaves, _ = jax.tree_util.tree_flatten(params)
+    closed, an, _ = om_lib.trace(fn, params, *args)
+    found: dict[str, jax.Array] = {}
+
+    def hook(eqn: Any, ins: list[Any], taps: list) -> None:
+        for opi, path, _ in taps:
+            if eqn.primitive.name == "dot_general":
+                r, _ = _rows_dot(eqn, ins[1 - opi], opi, path)
+            else:
+                r, _ = _rows_conv(eqn, ins[0], tuple(ins[1].shape), path)
+            found[path] = jnp.concatenate([found[path], r]) if path in found else r
+        return None
+
+    ev.evaluate(closed.jaxpr, closed.consts, [*leaves, *jax.tree_util.tree_leaves(args)],
+                an.taps, hook)
+    return found

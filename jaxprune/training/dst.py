@@ -8,7 +8,7 @@ or where the dense gradient is largest (RigL, Evci et al. 2020). The drop fracti
 a cosine from ``drop_fraction`` to 0 at ``end_step`` (default 75% of ``total_steps``).
 
 Behaviour, per step (everything inside one jitted update; mask updates are a ``lax.cond`` so
-non-update steps do not recompile):
+non-update steps do not recompile and add only one fused select to the inner update):
 
 1. The inner optimizer receives the gradients *masked* (``g * m``), like RigL's masked-weight
    parametrisation, so inactive weights accumulate no optimizer state.
@@ -20,14 +20,15 @@ non-update steps do not recompile):
 3. The returned updates go through :func:`jaxprune.training.project`, so after
    ``optax.apply_updates`` the params are exactly zero off-mask — on the very first step too.
 
-State is :class:`jaxprune.training.PruneState` (``count``, ``masks``, ``inner_state``,
+All three are built on the shared wrapper skeleton (:func:`jaxprune.training.wrapper.masked`);
+the state is :class:`jaxprune.training.PruneState` (``count``, ``masks``, ``inner_state``,
 ``movement=None``), so :func:`jaxprune.training.get_masks` finds the masks.
 
 Example:
     >>> import jax, jax.numpy as jnp, optax, jaxprune as jp
     >>> from jaxprune.training.dst import rigl
     >>> params = {"a": {"kernel": jnp.ones((16, 8))}, "b": {"kernel": jnp.ones((8, 4))}}
-    >>> tx = rigl(optax.adam(1e-2), sparsity=0.75, total_steps=400, update_period=10)
+    >>> tx = rigl(optax.adam(1e-2), 0.75, total_steps=400, update_period=10)
     >>> state = tx.init(params)
     >>> updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
     >>> params = optax.apply_updates(params, updates)
@@ -55,10 +56,10 @@ from jaxprune.core.masks import (
     init_masks,
     leaves_with_paths,
     tree_map_masked,
+    tree_map_with_path_masked,
 )
-from jaxprune.core.patterns import topk_mask
-from jaxprune.core.pipeline import compute_masks
-from jaxprune.training.wrapper import PruneState, get_masks, project
+from jaxprune.core.pipeline import compute_masks, leaf_mask
+from jaxprune.training.wrapper import MaskUpdate, get_masks, masked, reset_inner_state
 
 __all__ = [
     "METHODS",
@@ -88,17 +89,16 @@ def cosine_drop_fraction(step: Any, drop_fraction: float, end_step: int) -> jax.
 
 
 def _drop_grow_leaf(
-    mask: jax.Array, weights: jax.Array, grow_scores: jax.Array, frac: jax.Array
+    mask: jax.Array, weights: jax.Array, grow_scores: jax.Array, frac: jax.Array, path: str
 ) -> tuple[jax.Array, jax.Array]:
-    flat_m = mask.reshape(-1)
-    n_active = jnp.sum(flat_m, dtype=jnp.int32)
+    n_active = jnp.sum(mask, dtype=jnp.int32)
     k = jnp.round(frac * n_active.astype(jnp.float32)).astype(jnp.int32)
-    drop_score = jnp.where(flat_m, jnp.abs(weights.reshape(-1)).astype(jnp.float32), -jnp.inf)
-    kept = topk_mask(drop_score, n_active - k)
-    grow_score = jnp.where(kept, -jnp.inf, grow_scores.reshape(-1).astype(jnp.float32))
-    grown = topk_mask(grow_score, k)
-    new = kept | grown
-    return new.reshape(mask.shape), (grown & ~flat_m).reshape(mask.shape)
+    # drop: keep the n_active - k largest |w| among the active entries
+    kept = leaf_mask(jnp.abs(weights).astype(jnp.float32), n_keep=n_active - k, keep_pruned=mask,
+                     path=path)
+    # grow: the k highest grow scores among the rest (just-dropped entries included)
+    grown = leaf_mask(grow_scores.astype(jnp.float32), n_keep=k, keep_pruned=~kept, path=path)
+    return kept | grown, grown & ~mask
 
 
 def drop_grow(
@@ -108,8 +108,9 @@ def drop_grow(
 
     Per pruned leaf with ``n`` active entries, ``k = round(drop_fraction · n)`` active entries with
     the smallest ``|w|`` are dropped, then the ``k`` entries with the highest ``grow_scores`` among
-    the rest (just-dropped ones included, as in RigL) are grown. Ties go to the lower flat index
-    (:func:`jaxprune.core.patterns.topk_mask`). ``grown`` marks entries active now but not before.
+    the rest (just-dropped ones included, as in RigL) are grown. Both selections are
+    :func:`jaxprune.core.pipeline.leaf_mask` with an exact ``n_keep`` and ``keep_pruned`` (ties go to
+    the lower flat index). ``grown`` marks entries active now but not before.
 
     >>> m = {"w": jnp.array([True, True, False, False])}
     >>> p = {"w": jnp.array([3., 1., 0., 0.])}
@@ -118,42 +119,14 @@ def drop_grow(
     (Array([ True, False,  True, False], dtype=bool), Array([False, False,  True, False], dtype=bool))
     """
     frac = jnp.asarray(drop_fraction, jnp.float32)
-    pairs = tree_map_masked(
-        lambda m, p, s: None if m is None else _drop_grow_leaf(m, p, s, frac),
+    pairs = tree_map_with_path_masked(
+        lambda path, m, p, s: None if m is None else _drop_grow_leaf(m, p, s, frac, path),
         masks, params, grow_scores,
     )
     is_pair = lambda x: x is None or isinstance(x, tuple)  # noqa: E731
     new = jax.tree.map(lambda x: None if x is None else x[0], pairs, is_leaf=is_pair)
     grown = jax.tree.map(lambda x: None if x is None else x[1], pairs, is_leaf=is_pair)
     return new, grown
-
-
-def reset_inner_state(
-    inner: optax.GradientTransformation, inner_state: optax.OptState, reset: PyTree
-) -> optax.OptState:
-    """Zero every per-parameter entry of ``inner_state`` where ``reset`` (a mask tree) is ``True``.
-
-    Uses :func:`optax.tree_utils.tree_map_params`, so it works for any optax optimizer whose state
-    holds parameter-shaped trees (momenta, second moments, ...); scalar state (counts, injected
-    hyperparameters) is untouched and optimizers without per-parameter state (plain ``sgd``) pass
-    through unchanged.
-
-    >>> tx = optax.sgd(0.1, momentum=0.9)
-    >>> st = tx.init({"w": jnp.ones(2)})
-    >>> st = optax.tree_utils.tree_map_params(tx, lambda x: x + 1, st)
-    >>> reset_inner_state(tx, st, {"w": jnp.array([True, False])})[0].trace["w"]
-    Array([0., 1.], dtype=float32)
-    """
-    flags = tree_map_masked(lambda r: False if r is None else r, reset)
-
-    def f(leaf: Any, r: Any) -> Any:
-        if r is False or leaf is None or not hasattr(leaf, "shape"):
-            return leaf
-        if tuple(leaf.shape) != tuple(r.shape):
-            return leaf
-        return jnp.where(r, jnp.zeros((), leaf.dtype), leaf)
-
-    return optax.tree_utils.tree_map_params(inner, f, inner_state, flags)
 
 
 def sparse_init(
@@ -183,7 +156,7 @@ def sparse_init(
 def mask_params(params: PyTree, opt_state: optax.OptState) -> PyTree:
     """``params`` zeroed off the masks held in ``opt_state`` (to start the forward pass sparse).
 
-    >>> tx = static_sparse(optax.sgd(0.1), sparsity=0.5, filter=lambda p, x: True)
+    >>> tx = static_sparse(optax.sgd(0.1), 0.5, filter=lambda p, x: True)
     >>> p = {"w": jnp.arange(1., 5.)}
     >>> int((mask_params(p, tx.init(p))["w"] == 0).sum())
     2
@@ -198,47 +171,50 @@ def _check_positive_int(name: str, v: Any) -> None:
 
 def sparse_training(
     inner: optax.GradientTransformation | None = None,
+    sparsity: float | None = None,
     *,
     method: str = "rigl",
-    sparsity: float | None = None,
     masks: PyTree | None = None,
     allocation: alloc_lib.Allocation | str = "erk",
+    filter: Filter | None = None,
     drop_fraction: float = 0.3,
     update_period: int = 100,
     end_step: int | None = None,
     total_steps: int | None = None,
-    filter: Filter | None = None,
     key: jax.Array | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Wrap ``inner`` so training is sparse from step 0 with ``method`` in ``static|set|rigl``.
 
     Args:
       inner: any optax optimizer (``None``: identity).
+      sparsity: global target in ``[0, 1)``; required unless ``masks`` is given.
       method: ``"static"`` (mask fixed), ``"set"`` (random regrowth) or ``"rigl"`` (regrowth by
         dense-gradient magnitude).
-      sparsity: global target in ``[0, 1)``; required unless ``masks`` is given.
       masks: explicit initial masks (bool leaves / ``None``) instead of a random draw; they must
         mirror the params (checked at init).
       allocation: per-leaf density of the random initial mask (``"erk"`` default, ``"uniform"``).
+      filter: which leaves are sparse (default: ``kernel`` leaves with ndim >= 2).
       drop_fraction: initial drop fraction in ``(0, 1)``, cosine-annealed to 0 at ``end_step``.
       update_period: steps between mask updates (``ΔT``), ``> 0``.
       end_step: last step with mask updates (default ``0.75 * total_steps``).
       total_steps: training length, used for the default ``end_step``.
-      filter: which leaves are sparse (default: ``kernel`` leaves with ndim >= 2).
       key: PRNG key for the initial mask and SET regrowth (default ``jax.random.key(0)``).
 
     Mask updates happen at ``count`` values ``ΔT, 2ΔT, ...`` below ``end_step`` (``count`` = the
     number of updates already applied).
 
-    >>> tx = sparse_training(optax.sgd(0.1, momentum=0.9), method="set", sparsity=0.9,
-    ...                      total_steps=1000)
+    >>> tx = sparse_training(optax.sgd(0.1, momentum=0.9), 0.9, method="set", total_steps=1000)
     """
     if method not in METHODS:
         raise ValueError(f"jaxprune: unknown sparse-training method '{method}'; valid: {METHODS}")
     if masks is None and sparsity is None:
-        raise ValueError("jaxprune: sparse_training needs sparsity= (or explicit masks=)")
+        raise ValueError(
+            f"jaxprune: {method} needs a sparsity (sparse_training/static_sparse: or masks=)"
+        )
     if sparsity is not None:
-        check_sparsity("<sparse_training sparsity>", sparsity)
+        if isinstance(sparsity, str):
+            raise ValueError(f"jaxprune: {method} sparsity must be a float, got {sparsity!r}")
+        check_sparsity(f"<{method} sparsity>", sparsity)
     alloc = alloc_lib.get(allocation)
     dynamic = method != "static"
     if dynamic:
@@ -259,9 +235,8 @@ def sparse_training(
             end_step = int(0.75 * total_steps)
         _check_positive_int("end_step", end_step)
     key = jax.random.key(0) if key is None else key
-    inner = optax.with_extra_args_support(optax.identity() if inner is None else inner)
 
-    def init_fn(params: PyTree) -> PruneState:
+    def init_dst_masks(params: PyTree) -> PyTree:
         if masks is not None:
             check_masks(params, masks)
             m0 = tree_map_masked(lambda m: None if m is None else jnp.asarray(m, bool), masks)
@@ -275,111 +250,83 @@ def sparse_training(
                     f"jaxprune: initial mask of '{path}' is empty; {method} cannot regrow a leaf "
                     "with no active weights (lower the sparsity or use allocation='erk')"
                 )
-        return PruneState(jnp.zeros([], jnp.int32), m0, inner.init(params), None)
+        return m0
 
-    def grow_scores(grads: PyTree, count: jax.Array, masks_: PyTree) -> PyTree:
+    if not dynamic:
+        return masked(inner, method="static_sparse", init_masks=init_dst_masks, mask_grads=True)
+
+    def should_update(count: jax.Array) -> jax.Array:
+        return (count > 0) & (count % update_period == 0) & (count < end_step)
+
+    def update_masks(u: MaskUpdate) -> tuple[PyTree, PyTree]:
         if method == "rigl":
-            return tree_map_masked(
-                lambda m, g: None if m is None else jnp.abs(g).astype(jnp.float32), masks_, grads
+            scores = tree_map_masked(
+                lambda m, g: None if m is None else jnp.abs(g).astype(jnp.float32), u.masks, u.grads
             )
-        return crit_lib.random(grads, masks_, key=jax.random.fold_in(key, count))
+        else:
+            scores = crit_lib.random(u.grads, u.masks, key=jax.random.fold_in(key, u.count))
+        frac = cosine_drop_fraction(u.count, drop_fraction, end_step)
+        return drop_grow(u.masks, u.new_params, scores, frac)
 
-    def update_fn(updates, state: PruneState, params=None, **extra):
-        if params is None:
-            raise ValueError(
-                "jaxprune: sparse training needs params: call tx.update(grads, state, params)"
-            )
-        grads = updates
-        masked_grads = apply_masks(grads, state.masks)
-        inner_updates, inner_state = inner.update(masked_grads, state.inner_state, params, **extra)
-        if not dynamic:
-            new_updates = project(inner_updates, params, state.masks)
-            return new_updates, PruneState(state.count + 1, state.masks, inner_state, None)
-
-        count = state.count
-        is_update = (count > 0) & (count % update_period == 0) & (count < end_step)
-        new_params = tree_map_masked(
-            lambda m, p, u: None if m is None else p + u, state.masks, params, inner_updates
-        )
-        no_grow = tree_map_masked(lambda m: None if m is None else jnp.zeros_like(m), state.masks)
-
-        def do_update(operand):
-            masks_, istate = operand
-            frac = cosine_drop_fraction(count, drop_fraction, end_step)
-            new_masks, grown = drop_grow(
-                masks_, new_params, grow_scores(grads, count, masks_), frac
-            )
-            return new_masks, reset_inner_state(inner, istate, grown), grown
-
-        def skip(operand):
-            masks_, istate = operand
-            return masks_, istate, no_grow
-
-        new_masks, inner_state, grown = jax.lax.cond(
-            is_update, do_update, skip, (state.masks, inner_state)
-        )
-        # Regrown weights start at exactly zero: treat them as off for this step's values.
-        value_masks = tree_map_masked(
-            lambda m, g: None if m is None else m & ~g, new_masks, grown
-        )
-        new_updates = project(inner_updates, params, value_masks)
-        return new_updates, PruneState(count + 1, new_masks, inner_state, None)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return masked(inner, method={"set": "set_training"}.get(method, method),
+                  init_masks=init_dst_masks, update_masks=update_masks,
+                  should_update=should_update, mask_grads=True, restart_grown=True)
 
 
 def static_sparse(
     inner: optax.GradientTransformation | None = None,
-    *,
     sparsity: float | None = None,
+    *,
     masks: PyTree | None = None,
-    allocation: alloc_lib.Allocation | str = "uniform",
+    allocation: alloc_lib.Allocation | str = "erk",
     filter: Filter | None = None,
     key: jax.Array | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """Static sparse training: a random (uniform or ERK) or given mask, fixed for all of training.
+    """Static sparse training: a random (ERK by default, or uniform) or given mask, fixed for all
+    of training.
 
-    >>> tx = static_sparse(optax.adam(1e-3), sparsity=0.9, allocation="erk")
+    >>> tx = static_sparse(optax.adam(1e-3), 0.9)
+    >>> tx = static_sparse(optax.adam(1e-3), masks={"w": jnp.array([True, False])})
     """
     return sparse_training(
-        inner, method="static", sparsity=sparsity, masks=masks, allocation=allocation,
-        filter=filter, key=key,
+        inner, sparsity, method="static", masks=masks, allocation=allocation, filter=filter,
+        key=key,
     )
 
 
 def set_training(
     inner: optax.GradientTransformation | None = None,
+    sparsity: float | None = None,
     *,
-    sparsity: float,
     allocation: alloc_lib.Allocation | str = "erk",
+    filter: Filter | None = None,
     drop_fraction: float = 0.3,
     update_period: int = 100,
     end_step: int | None = None,
     total_steps: int | None = None,
-    filter: Filter | None = None,
     key: jax.Array | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """SET (Mocanu et al. 2018): drop the smallest-magnitude weights, regrow at random.
 
-    >>> tx = set_training(optax.sgd(0.1), sparsity=0.8, total_steps=2000)
+    >>> tx = set_training(optax.sgd(0.1), 0.8, total_steps=2000)
     """
     return sparse_training(
-        inner, method="set", sparsity=sparsity, allocation=allocation,
+        inner, sparsity, method="set", allocation=allocation, filter=filter,
         drop_fraction=drop_fraction, update_period=update_period, end_step=end_step,
-        total_steps=total_steps, filter=filter, key=key,
+        total_steps=total_steps, key=key,
     )
 
 
 def rigl(
     inner: optax.GradientTransformation | None = None,
+    sparsity: float | None = None,
     *,
-    sparsity: float,
     allocation: alloc_lib.Allocation | str = "erk",
+    filter: Filter | None = None,
     drop_fraction: float = 0.3,
     update_period: int = 100,
     end_step: int | None = None,
     total_steps: int | None = None,
-    filter: Filter | None = None,
     key: jax.Array | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """RigL (Evci et al. 2020): drop smallest magnitude, regrow where the dense ``|grad|`` is largest.
@@ -387,10 +334,10 @@ def rigl(
     Defaults follow the paper: ERK initial distribution, drop fraction 0.3 cosine-annealed until
     75% of ``total_steps``, ``ΔT = 100``; regrown weights and their optimizer state start at zero.
 
-    >>> tx = rigl(optax.adamw(1e-3), sparsity=0.9, total_steps=10_000)
+    >>> tx = rigl(optax.adamw(1e-3), 0.9, total_steps=10_000)
     """
     return sparse_training(
-        inner, method="rigl", sparsity=sparsity, allocation=allocation,
+        inner, sparsity, method="rigl", allocation=allocation, filter=filter,
         drop_fraction=drop_fraction, update_period=update_period, end_step=end_step,
-        total_steps=total_steps, filter=filter, key=key,
+        total_steps=total_steps, key=key,
     )

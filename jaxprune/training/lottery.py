@@ -9,19 +9,21 @@ learning-rate schedule ("LR rewinding").
 * :func:`keep_rewind_point` wraps any optax optimizer and records the params at step ``k`` in its
   state (:class:`RewindState`), so the rewind point is saved and restored with the training state;
   :func:`get_rewind_point` reads it back (raising if training never reached step ``k``).
-* :func:`imp_masks` is one IMP pruning step (through :func:`jaxprune.core.pipeline.compute_masks`).
+* :func:`imp_masks` is one IMP pruning step (:func:`jaxprune.core.pipeline.compute_masks` with
+  ``keep_pruned=True``: a pruned weight never comes back, whatever its trained value).
 * :func:`rewind` restores the saved values on the surviving weights.
 * :func:`imp` is the functional driver: it calls *your* ``train(params, masks)`` each round.
 
-Round ``r`` (``r = 1..rounds``) has sparsity ``1 − (1 − fraction)^r`` on the pruned leaves
-(``round(s · size)`` entries per leaf with the default uniform allocation).
+``sparsity`` is the final target: round ``r`` (``r = 1..rounds``) has sparsity
+``1 − (1 − sparsity)^(r / rounds)`` on the pruned leaves (each round prunes the same share of the
+remaining weights; ``round(s · size)`` entries per leaf with the default uniform allocation).
 
 Example:
     >>> import jax.numpy as jnp
     >>> def train(params, masks):  # your training; here: "learning" doubles every weight
     ...     return jax.tree.map(lambda p: p * 2, params)
     >>> init = {"kernel": jnp.arange(1., 9.).reshape(4, 2)}
-    >>> res = imp(init, train, rounds=2, fraction=0.5, filter=lambda p, x: True)
+    >>> res = imp(init, train, sparsity=0.75, rounds=2, filter=lambda p, x: True)
     >>> [r.sparsity for r in res.rounds]
     [0.0, 0.5, 0.75]
     >>> res.ticket["kernel"]
@@ -42,6 +44,7 @@ import numpy as np
 import optax
 
 from jaxprune.core import allocation as alloc_lib
+from jaxprune.core import criteria as crit_lib
 from jaxprune.core import patterns as pat_lib
 from jaxprune.core.masks import (
     Filter,
@@ -51,9 +54,9 @@ from jaxprune.core.masks import (
     init_masks,
     leaves_with_paths,
     mask_leaves,
-    tree_map_masked,
 )
-from jaxprune.core.pipeline import compute_masks
+from jaxprune.core.pipeline import compute_masks, resolve_sparsity
+from jaxprune.training.wrapper import InnerStep, find_state, wrap
 
 __all__ = [
     "RewindState",
@@ -99,27 +102,19 @@ def keep_rewind_point(
     """
     if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
         raise ValueError(f"jaxprune: rewind step must be an int >= 0, got {step!r}")
-    inner = optax.with_extra_args_support(inner)
 
-    def init_fn(params: PyTree) -> RewindState:
-        copy = jax.tree.map(jnp.asarray, params)
-        return RewindState(jnp.zeros([], jnp.int32), jnp.asarray(step, jnp.int32),
-                           jnp.asarray(False), copy, inner.init(params))
+    def init(params: PyTree) -> dict[str, Any]:
+        return {"step": jnp.asarray(step, jnp.int32), "saved": jnp.asarray(False),
+                "params": jax.tree.map(jnp.asarray, params)}
 
-    def update_fn(updates, state: RewindState, params=None, **extra):
-        if params is None:
-            raise ValueError(
-                "jaxprune: keep_rewind_point needs params: call tx.update(grads, state, params)"
-            )
-        hit = state.count == state.step
-        saved_params = jax.tree.map(
-            lambda new, old: jnp.where(hit, new, old), params, state.params
-        )
-        upd, inner_state = inner.update(updates, state.inner_state, params, **extra)
-        return upd, RewindState(state.count + 1, state.step, state.saved | hit, saved_params,
-                                inner_state)
+    def update(s: InnerStep) -> tuple[PyTree, dict[str, Any], optax.OptState]:
+        hit = s.state.count == s.state.step
+        saved = jax.tree.map(lambda new, old: jnp.where(hit, new, old), s.params, s.state.params)
+        updates, inner_state = s.inner(s.grads)
+        return updates, {"saved": s.state.saved | hit, "params": saved}, inner_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return wrap(inner, method="keep_rewind_point", state_type=RewindState, init=init,
+                update=update)
 
 
 def get_rewind_state(opt_state: Any) -> RewindState:
@@ -128,17 +123,7 @@ def get_rewind_state(opt_state: Any) -> RewindState:
     >>> get_rewind_state(keep_rewind_point(optax.sgd(1.), 0).init({"w": jnp.ones(1)})).saved
     Array(False, dtype=bool)
     """
-    found = [
-        x for x in jax.tree_util.tree_leaves(
-            opt_state, is_leaf=lambda x: isinstance(x, RewindState))
-        if isinstance(x, RewindState)
-    ]
-    if len(found) != 1:
-        raise ValueError(
-            "jaxprune: expected one RewindState (from keep_rewind_point) in the optimizer state, "
-            f"found {len(found)}"
-        )
-    return found[0]
+    return find_state(opt_state, RewindState, " (from keep_rewind_point)")
 
 
 def get_rewind_point(opt_state: Any, params: PyTree | None = None) -> PyTree:
@@ -165,18 +150,14 @@ def get_rewind_point(opt_state: Any, params: PyTree | None = None) -> PyTree:
     )
 
 
-def imp_sparsity(fraction: float, r: int) -> float:
-    """Target sparsity of IMP round ``r``: ``1 − (1 − fraction)^r``.
+def imp_sparsity(sparsity: float, r: int, rounds: int) -> float:
+    """Sparsity of IMP round ``r`` of ``rounds`` towards the final ``sparsity``:
+    ``1 − (1 − sparsity)^(r / rounds)`` (round ``rounds`` reaches ``sparsity``).
 
-    >>> imp_sparsity(0.5, 2)
-    0.75
+    >>> imp_sparsity(0.75, 1, 2), imp_sparsity(0.75, 2, 2)
+    (0.5, 0.75)
     """
-    return float(1.0 - (1.0 - fraction) ** r)
-
-
-def _check_fraction(fraction: Any) -> None:
-    if not isinstance(fraction, int | float) or not (0.0 < fraction < 1.0):
-        raise ValueError(f"jaxprune: IMP fraction must be in (0, 1), got {fraction!r}")
+    return float(1.0 - (1.0 - sparsity) ** (r / rounds))
 
 
 def imp_masks(
@@ -189,18 +170,16 @@ def imp_masks(
 ) -> PyTree:
     """One IMP pruning step: magnitude masks at ``sparsity`` that never revive pruned weights.
 
-    Entries already off in ``masks`` score ``-1`` (below any ``|w|``), so they are pruned first.
+    Entries already off in ``masks`` stay off (``compute_masks(..., keep_pruned=True)``: they rank
+    below every live weight, whatever their trained value).
 
-    >>> imp_masks({"w": jnp.array([5., 1., 3., 2.])}, {"w": jnp.array([True, True, True, False])},
+    >>> imp_masks({"w": jnp.array([5., 1., 3., 9.])}, {"w": jnp.array([True, True, True, False])},
     ...           0.5)["w"]
     Array([ True, False,  True, False], dtype=bool)
     """
     check_masks(trained, masks)
-    scores = tree_map_masked(
-        lambda m, p: None if m is None else jnp.where(m, jnp.abs(p), -1.0).astype(jnp.float32),
-        masks, trained,
-    )
-    return compute_masks(masks, scores, sparsity, allocation, pattern)
+    scores = crit_lib.magnitude(trained, masks)
+    return compute_masks(masks, scores, sparsity, allocation, pattern, keep_pruned=True)
 
 
 def rewind(saved: PyTree, masks: PyTree) -> PyTree:
@@ -264,8 +243,8 @@ def imp(
     init_params: PyTree,
     train: Callable[[PyTree, PyTree], PyTree | Trained],
     *,
+    sparsity: float | None = None,
     rounds: int,
-    fraction: float = 0.2,
     rewind_to: int | str = "init",
     rewind_params: PyTree | None = None,
     allocation: alloc_lib.Allocation | str = "uniform",
@@ -280,8 +259,11 @@ def imp(
       train: trains from ``params`` keeping ``masks`` (e.g. with
         ``jaxprune.training.dst.static_sparse(opt, masks=masks)``) and returns the trained
         params, or :class:`Trained` ``(params, opt_state)``.
-      rounds: pruning rounds after the dense run (round ``r`` reaches ``1 − (1 − fraction)^r``).
-      fraction: share of the *remaining* weights pruned per round, in ``(0, 1)``.
+      sparsity: the final sparsity in ``(0, 1)``, reached by the last round (``None``: implied
+        by an N:M ``pattern``).
+      rounds: pruning rounds after the dense run; round ``r`` reaches
+        ``1 − (1 − sparsity)^(r / rounds)`` (:func:`imp_sparsity`): each round prunes the same
+        share ``1 − (1 − sparsity)^(1 / rounds)`` of the remaining weights.
       rewind_to: ``"init"`` (weights back to ``init_params``), an int ``k`` (late rewinding: the
         params at step ``k`` of the dense run, read from a :func:`keep_rewind_point` state in the
         :class:`Trained` it returned), or ``"lr"`` (learning-rate rewinding: surviving weights keep
@@ -292,13 +274,16 @@ def imp(
       filter: which leaves are pruned (default: ``kernel`` leaves with ndim >= 2).
       callback: called with every finished :class:`Round` (logging, checkpoints).
 
-    >>> res = imp({"kernel": jnp.ones((2, 2))}, lambda p, m: p, rounds=1, fraction=0.5)
+    >>> res = imp({"kernel": jnp.ones((2, 2))}, lambda p, m: p, sparsity=0.5, rounds=1)
     >>> res.rounds[1].sparsity
     0.5
     """
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"jaxprune: IMP rounds must be an int >= 1, got {rounds!r}")
-    _check_fraction(fraction)
+    if sparsity is not None and (isinstance(sparsity, bool) or not isinstance(sparsity, int | float)
+                                 or not 0.0 < sparsity < 1.0):
+        raise ValueError(f"jaxprune: IMP sparsity must be a float in (0, 1), got {sparsity!r}")
+    sparsity = float(resolve_sparsity(sparsity, pattern))
     if not (rewind_to in ("init", "lr") or (isinstance(rewind_to, int)
                                            and not isinstance(rewind_to, bool)
                                            and rewind_to >= 0)):
@@ -335,7 +320,7 @@ def imp(
     rewind_params = None if rewind_params is None else _like(rewind_params, init_params)
     check_masks(init_params, masks)
     for r in range(1, rounds + 1):
-        masks = imp_masks(trained, masks, imp_sparsity(fraction, r), allocation=allocation,
+        masks = imp_masks(trained, masks, imp_sparsity(sparsity, r, rounds), allocation=allocation,
                           pattern=pattern)
         start = apply_masks(trained, masks) if rewind_to == "lr" else rewind(rewind_params,
                                                                              masks)

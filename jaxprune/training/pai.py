@@ -4,7 +4,8 @@ Every ``*_scores`` function returns a score pytree with the convention of
 :mod:`jaxprune.core.criteria` (higher = kept), ``None`` where the mask is ``None``; the pruning helpers
 turn scores into masks with :func:`jaxprune.core.pipeline.compute_masks` (global allocation by default,
 as in the papers, with no per-layer floor — so whole layers can be pruned away: *layer collapse*,
-reported by :func:`collapsed_layers`).
+reported by :func:`collapsed_layers`). :func:`snip`, :func:`grasp` and :func:`synflow` return
+``(params, masks)`` like :func:`jaxprune.prune`: the params with the pruned entries zeroed.
 
 * **SNIP** (Lee et al. 2019): ``|g ⊙ w|`` on one batch (:data:`jaxprune.core.criteria.saliency`).
 * **GraSP** (Wang et al. 2020): the paper scores ``S = −w ⊙ (H g)`` and removes the *highest* ``S``;
@@ -46,17 +47,17 @@ import numpy as np
 from jaxprune.core import allocation as alloc_lib
 from jaxprune.core import criteria as crit_lib
 from jaxprune.core import patterns as pat_lib
-from jaxprune.core.allocation import check_sparsity
 from jaxprune.core.masks import (
     Filter,
     PyTree,
+    apply_masks,
     check_masks,
     init_masks,
     leaves_with_paths,
     mask_leaves,
     tree_map_masked,
 )
-from jaxprune.core.pipeline import compute_masks
+from jaxprune.core.pipeline import compute_masks, resolve_sparsity
 
 __all__ = [
     "snip_scores",
@@ -165,68 +166,84 @@ def masks_from_scores(
     *,
     allocation: alloc_lib.Allocation | str = DEFAULT_ALLOCATION,
     pattern: pat_lib.Pattern | str = "unstructured",
+    keep_pruned: bool = False,
 ) -> PyTree:
     """Masks at ``sparsity`` from ``scores`` via :func:`jaxprune.core.pipeline.compute_masks`.
 
     Whole leaves may be pruned (sparsity 1.0) when the allocation allows it (the default global
-    allocation has no floor). Raises ``ValueError`` naming the leaf for non-finite scores.
+    allocation has no floor). ``keep_pruned=True`` keeps the ``False`` entries of ``masks`` pruned.
+    Raises ``ValueError`` naming the leaf for non-finite scores.
 
     >>> m = masks_from_scores({"a": jnp.ones(2, bool), "b": jnp.ones(2, bool)},
     ...                       {"a": jnp.array([1., 2.]), "b": jnp.array([3., 4.])}, 0.5)
     >>> m["a"], m["b"]
     (Array([False, False], dtype=bool), Array([ True,  True], dtype=bool))
     """
-    check_sparsity("<target>", sparsity)
+    pat = pat_lib.parse(pattern)
+    sparsity = _check_sparsity(sparsity, pat)
     _check_finite_scores(scores)
     alloc = alloc_lib.get(allocation)
-    pat = pat_lib.parse(pattern)
-    return compute_masks(masks, scores, sparsity, alloc, pat)
+    return compute_masks(masks, scores, sparsity, alloc, pat, keep_pruned=keep_pruned)
 
 
-def snip(loss_fn: LossFn, params: PyTree, batch: Any, sparsity: float, *,
-         filter: Filter | None = None,
+def _check_sparsity(sparsity: Any, pattern: pat_lib.Pattern | str) -> float:
+    if isinstance(sparsity, str):
+        raise ValueError(f"jaxprune: sparsity must be a float, got {sparsity!r}")
+    return resolve_sparsity(sparsity, pattern)
+
+
+def snip(loss_fn: LossFn, params: PyTree, batch: Any, sparsity: float | None = None, *,
          allocation: alloc_lib.Allocation | str = DEFAULT_ALLOCATION,
-         pattern: pat_lib.Pattern | str = "unstructured") -> PyTree:
-    """SNIP masks at ``sparsity`` (global by default).
+         pattern: pat_lib.Pattern | str = "unstructured",
+         filter: Filter | None = None) -> tuple[PyTree, PyTree]:
+    """SNIP at ``sparsity`` (global by default): ``(params with pruned entries zeroed, masks)``.
 
     >>> p = {"kernel": jnp.array([[1., -2.], [0.5, 3.]])}
-    >>> snip(lambda p, b: jnp.sum(b @ p["kernel"]), p, jnp.ones((1, 2)), 0.5)["kernel"]
+    >>> pruned, m = snip(lambda p, b: jnp.sum(b @ p["kernel"]), p, jnp.ones((1, 2)), 0.5)
+    >>> m["kernel"]
     Array([[False,  True],
            [False,  True]], dtype=bool)
+    >>> pruned["kernel"]
+    Array([[ 0., -2.],
+           [ 0.,  3.]], dtype=float32)
     """
     masks = init_masks(params, filter)
     scores = snip_scores(loss_fn, params, batch, masks)
-    return masks_from_scores(masks, scores, sparsity, allocation=allocation, pattern=pattern)
+    masks = masks_from_scores(masks, scores, sparsity, allocation=allocation, pattern=pattern)
+    return apply_masks(params, masks), masks
 
 
-def grasp(loss_fn: LossFn, params: PyTree, batch: Any, sparsity: float, *,
-          filter: Filter | None = None,
+def grasp(loss_fn: LossFn, params: PyTree, batch: Any, sparsity: float | None = None, *,
           allocation: alloc_lib.Allocation | str = DEFAULT_ALLOCATION,
-          pattern: pat_lib.Pattern | str = "unstructured") -> PyTree:
-    """GraSP masks at ``sparsity``: keep the weights whose removal least reduces gradient flow.
+          pattern: pat_lib.Pattern | str = "unstructured",
+          filter: Filter | None = None) -> tuple[PyTree, PyTree]:
+    """GraSP at ``sparsity``: keep the weights whose removal least reduces gradient flow.
+    Returns ``(params with pruned entries zeroed, masks)``.
 
     >>> p = {"kernel": jnp.array([[1., -2.], [0.5, 3.]])}
-    >>> grasp(lambda p, b: jnp.sum(p["kernel"] ** 3), p, None, 0.5)["kernel"]
+    >>> grasp(lambda p, b: jnp.sum(p["kernel"] ** 3), p, None, 0.5)[1]["kernel"]
     Array([[False,  True],
            [False,  True]], dtype=bool)
     """
     masks = init_masks(params, filter)
     scores = grasp_scores(loss_fn, params, batch, masks)
-    return masks_from_scores(masks, scores, sparsity, allocation=allocation, pattern=pattern)
+    masks = masks_from_scores(masks, scores, sparsity, allocation=allocation, pattern=pattern)
+    return apply_masks(params, masks), masks
 
 
 def synflow(apply_fn: Callable[[PyTree, jax.Array], jax.Array], params: PyTree,
-            input_shape: Sequence[int], sparsity: float, *, rounds: int = 100,
-            filter: Filter | None = None,
+            input_shape: Sequence[int], sparsity: float | None = None, *, rounds: int = 100,
             allocation: alloc_lib.Allocation | str = DEFAULT_ALLOCATION,
             pattern: pat_lib.Pattern | str = "unstructured",
-            dtype: Any = jnp.float32) -> PyTree:
+            filter: Filter | None = None,
+            dtype: Any = jnp.float32) -> tuple[PyTree, PyTree]:
     """Iterative SynFlow: ``rounds`` score/prune rounds to density ``d^(k/K)``, ``k = 1..K``.
 
-    Already-pruned entries score ``-1`` so they stay pruned.
+    Entries pruned in a round stay pruned (``keep_pruned=True``). Returns ``(params with pruned
+    entries zeroed, masks)``.
 
     >>> ap = lambda p, x: x @ p["kernel"]
-    >>> synflow(ap, {"kernel": jnp.array([[2.], [-3.], [1.], [4.]])}, (1, 4), 0.5, rounds=2)["kernel"]
+    >>> synflow(ap, {"kernel": jnp.array([[2.], [-3.], [1.], [4.]])}, (1, 4), 0.5, rounds=2)[1]["kernel"]
     Array([[False],
            [ True],
            [False],
@@ -234,17 +251,16 @@ def synflow(apply_fn: Callable[[PyTree, jax.Array], jax.Array], params: PyTree,
     """
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"jaxprune: synflow rounds must be an int >= 1, got {rounds!r}")
-    check_sparsity("<target>", sparsity)
+    sparsity = _check_sparsity(sparsity, pattern)
     masks = init_masks(params, filter)
     score_fn = jax.jit(
         lambda p, m: synflow_scores(apply_fn, p, input_shape, m, dtype=dtype)
     )
     for k in range(1, rounds + 1):
         s_k = 1.0 - (1.0 - sparsity) ** (k / rounds)
-        sc = score_fn(params, masks)
-        sc = tree_map_masked(lambda m, s: None if m is None else jnp.where(m, s, -1.0), masks, sc)
-        masks = masks_from_scores(masks, sc, s_k, allocation=allocation, pattern=pattern)
-    return masks
+        masks = masks_from_scores(masks, score_fn(params, masks), s_k, allocation=allocation,
+                                  pattern=pattern, keep_pruned=True)
+    return apply_masks(params, masks), masks
 
 
 def collapsed_layers(masks: PyTree) -> list[str]:

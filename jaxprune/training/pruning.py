@@ -30,8 +30,8 @@ from jaxprune.core import criteria as crit_lib
 from jaxprune.core import patterns as pat_lib
 from jaxprune.core import schedules as sched_lib
 from jaxprune.core.masks import Filter, PyTree, init_masks, tree_map_masked
-from jaxprune.core.pipeline import compute_masks, validate_patterns
-from jaxprune.training.wrapper import PruneState, project
+from jaxprune.core.pipeline import compute_masks, resolve_sparsity, validate_patterns
+from jaxprune.training.wrapper import MaskUpdate, masked
 
 __all__ = ["pruner", "gradual_magnitude"]
 
@@ -50,20 +50,20 @@ def pruner(
 
     At steps where ``schedule.should_update(count)`` the masks are recomputed from the post-step
     params through the shared pipeline (criterion → allocation → pattern); on other steps the
-    masks are reused (a ``lax.cond``, so nothing recompiles). Criteria that need gradients see the
-    raw gradients given to this transform, so wrap the optimizer rather than chaining after it.
+    masks are reused (a ``lax.cond``, so nothing recompiles, and such a step adds only one fused
+    select to the inner update). Criteria that need gradients see the raw gradients given to this
+    transform, so wrap the optimizer rather than chaining after it.
 
     Args:
       inner: the optimizer to wrap (``None``: identity, for use as the last element of a chain).
-      schedule: when and how much to prune (:mod:`jaxprune.core.schedules`).
+      schedule: when and how much to prune (:mod:`jaxprune.core.schedules`); its final sparsity
+        must be reachable by ``pattern`` (checked here).
       criterion, allocation, pattern: the pipeline pieces (objects or names).
       filter: which leaves to prune (default: ``kernel`` leaves with ndim >= 2).
       key: PRNG key for the ``random`` criterion.
 
     >>> tx = pruner(optax.adam(1e-3), schedule=sched_lib.Polynomial(0.9, 0, 1000, freq=100))
     """
-    inner = optax.identity() if inner is None else inner
-    inner = optax.with_extra_args_support(inner)
     crit = crit_lib.get(criterion)
     alloc = alloc_lib.get(allocation)
     if not alloc.traceable:
@@ -72,77 +72,69 @@ def pruner(
             "inside a jitted training step; use it with jaxprune.prune / compute_masks"
         )
     pat = pat_lib.parse(pattern)
+    resolve_sparsity(schedule.final_sparsity(), pat)
     if "key" in crit.needs and key is None:
         raise ValueError(f"jaxprune: criterion '{crit.name}' needs key=; pass a PRNG key")
-    needs_movement = "movement" in crit.needs
+    for s in crit.needs:
+        if s not in ("grads", "key", "movement"):
+            raise ValueError(
+                f"jaxprune: criterion '{crit.name}' needs '{s}', which training cannot supply; "
+                "use jaxprune.prune with the signal instead"
+            )
 
-    def init_fn(params: PyTree) -> PruneState:
+    def init_pruner_masks(params: PyTree) -> PyTree:
         masks = init_masks(params, filter)
         validate_patterns(masks, pat)
-        movement = None
-        if needs_movement:
-            movement = tree_map_masked(
-                lambda m, p: None if m is None else jnp.zeros(p.shape, jnp.float32), masks, params
-            )
-        return PruneState(jnp.zeros([], jnp.int32), masks, inner.init(params), movement)
+        return masks
 
-    def update_fn(updates, state: PruneState, params=None, **extra):
-        if params is None:
-            raise ValueError("jaxprune: pruner needs params: call tx.update(grads, state, params)")
-        grads = updates
-        inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra)
-        movement = state.movement
-        if needs_movement:
-            movement = tree_map_masked(
+    def update_masks(u: MaskUpdate) -> PyTree:
+        signals: dict[str, Any] = {}
+        if "grads" in crit.needs:
+            signals["grads"] = u.grads
+        if "key" in crit.needs:
+            signals["key"] = jax.random.fold_in(key, u.count)
+        if "movement" in crit.needs:
+            signals["movement"] = u.aux
+        scores = crit(u.new_params, u.masks, **signals)
+        return compute_masks(u.masks, scores, schedule.sparsity(u.count), alloc, pat)
+
+    movement: dict[str, Any] = {}
+    if "movement" in crit.needs:
+        movement = {
+            "init_aux": lambda masks, params: tree_map_masked(
+                lambda m, p: None if m is None else jnp.zeros(p.shape, jnp.float32), masks, params),
+            "update_aux": lambda acc, grads, params: tree_map_masked(
                 lambda a, g, p: None if a is None else a - (g * p).astype(jnp.float32),
-                movement, grads, params,
-            )
-
-        def recompute(masks):
-            signals: dict[str, Any] = {}
-            if "grads" in crit.needs:
-                signals["grads"] = grads
-            if "key" in crit.needs:
-                signals["key"] = jax.random.fold_in(key, state.count)
-            if "movement" in crit.needs:
-                signals["movement"] = movement
-            for s in crit.needs:
-                if s not in signals:
-                    raise ValueError(
-                        f"jaxprune: criterion '{crit.name}' needs '{s}', which training cannot "
-                        "supply; use jaxprune.prune with the signal instead"
-                    )
-            # the post-step params, built only on steps that recompute the masks
-            new_params = tree_map_masked(
-                lambda m, p, u: None if m is None else p + u, masks, params, inner_updates
-            )
-            scores = crit(new_params, masks, **signals)
-            return compute_masks(masks, scores, schedule.sparsity(state.count), alloc, pat)
-
-        masks = jax.lax.cond(
-            schedule.should_update(state.count), recompute, lambda m: m, state.masks
-        )
-        new_updates = project(inner_updates, params, masks)
-        return new_updates, PruneState(state.count + 1, masks, inner_state, movement)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+                acc, grads, params),
+        }
+    return masked(inner, method="pruner", init_masks=init_pruner_masks, update_masks=update_masks,
+                  should_update=schedule.should_update, **movement)
 
 
 def gradual_magnitude(
     inner: optax.GradientTransformation | None,
-    target: float,
+    sparsity: float,
     begin: int,
     end: int,
     freq: int = 100,
     **kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:
-    """Zhu & Gupta gradual magnitude pruning: ``pruner`` with a :class:`Polynomial` schedule.
+    """Zhu & Gupta gradual magnitude pruning: ``pruner`` with a :class:`Polynomial` schedule to
+    ``sparsity`` (``kwargs``: ``criterion=``, ``allocation=``, ``pattern=``, ``filter=``, ``key=``).
 
     >>> tx = gradual_magnitude(optax.adam(1e-3), 0.9, begin=100, end=1000, freq=50)
+    >>> gradual_magnitude(optax.adam(1e-3), 0.9, begin=0, end=10, pattern="2:4")
+    Traceback (most recent call last):
+    ...
+    ValueError: jaxprune: sparsity 0.9 is above what pattern 2:4 can reach (0.5)
     """
+    if isinstance(sparsity, str):
+        raise ValueError(
+            f"jaxprune: gradual_magnitude sparsity must be a float, got {sparsity!r}"
+        )
     return pruner(
         inner,
-        schedule=sched_lib.Polynomial(target, begin, end, freq),
+        schedule=sched_lib.Polynomial(sparsity, begin, end, freq),
         criterion=kwargs.pop("criterion", "magnitude"),
         **kwargs,
     )

@@ -14,17 +14,17 @@ to chain *before* the optimizer.
 Example:
     >>> import jax, jax.numpy as jnp, optax
     >>> params = {"dense": {"kernel": jnp.array([[1., -4.], [3., 2.], [-2., 1.], [4., 3.]])}}
-    >>> loss = lambda p: jnp.sum(ste_params(p, "2:4")["dense"]["kernel"])
-    >>> ste_params(params, "2:4")["dense"]["kernel"][:, 0]
+    >>> loss = lambda p: jnp.sum(ste_params(p, pattern="2:4")["dense"]["kernel"])
+    >>> ste_params(params, pattern="2:4")["dense"]["kernel"][:, 0]
     Array([0., 3., 0., 4.], dtype=float32)
     >>> jax.grad(loss)(params)["dense"]["kernel"][:, 0]  # straight through: all ones
     Array([1., 1., 1., 1.], dtype=float32)
-    >>> tx = optax.chain(sr_ste(2e-4, "2:4"), optax.sgd(0.1))
+    >>> tx = optax.chain(sr_ste(2e-4, pattern="2:4"), optax.sgd(0.1))
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,36 +34,35 @@ from jaxprune.core import allocation as alloc_lib
 from jaxprune.core import criteria as crit_lib
 from jaxprune.core import patterns as pat_lib
 from jaxprune.core.masks import Filter, PyTree, apply_masks, init_masks, tree_map_masked
-from jaxprune.core.pipeline import compute_masks, validate_patterns
+from jaxprune.core.pipeline import compute_masks, resolve_sparsity, validate_patterns
 
-__all__ = ["ste_masks", "ste_params", "sparse_params", "sr_ste", "SRSTEState"]
+__all__ = ["ste_masks", "ste_params", "sparse_params", "sr_ste"]
 
 
-def _default_sparsity(pattern: pat_lib.Pattern, sparsity: float | None) -> float:
-    if sparsity is not None:
-        return sparsity
-    if isinstance(pattern, pat_lib.NM):
-        return pattern.max_sparsity()
-    raise ValueError(
-        f"jaxprune: pattern {pattern} needs an explicit sparsity= (only N:M patterns imply one)"
-    )
+def _resolve(sparsity: Any, pattern: pat_lib.Pattern | str) -> tuple[Any, pat_lib.Pattern]:
+    if isinstance(sparsity, str):
+        raise ValueError(
+            f"jaxprune: sparsity must be a float or None, got {sparsity!r}; pass a pattern as "
+            f"pattern={sparsity!r}"
+        )
+    pat = pat_lib.parse(pattern)
+    return resolve_sparsity(sparsity, pat), pat
 
 
 def ste_masks(
     params: PyTree,
-    pattern: pat_lib.Pattern | str = "2:4",
     sparsity: float | None = None,
     *,
+    pattern: pat_lib.Pattern | str = "2:4",
     allocation: alloc_lib.Allocation | str = "uniform",
     filter: Filter | None = None,
 ) -> PyTree:
-    """Magnitude masks of ``params`` for ``pattern`` at ``sparsity`` (N:M default: ``1 − n/m``).
+    """Magnitude masks of ``params`` at ``sparsity`` for ``pattern`` (N:M default: ``1 − n/m``).
 
-    >>> ste_masks({"kernel": jnp.array([[1.], [4.], [3.], [2.]])}, "2:4")["kernel"][:, 0]
+    >>> ste_masks({"kernel": jnp.array([[1.], [4.], [3.], [2.]])})["kernel"][:, 0]
     Array([False,  True,  True, False], dtype=bool)
     """
-    pat = pat_lib.parse(pattern)
-    s = _default_sparsity(pat, sparsity)
+    s, pat = _resolve(sparsity, pattern)
     masks = init_masks(params, filter)
     validate_patterns(masks, pat)
     sg = jax.lax.stop_gradient(params)
@@ -73,22 +72,22 @@ def ste_masks(
 
 def ste_params(
     params: PyTree,
-    pattern: pat_lib.Pattern | str = "2:4",
     sparsity: float | None = None,
     *,
+    pattern: pat_lib.Pattern | str = "2:4",
     allocation: alloc_lib.Allocation | str = "uniform",
     filter: Filter | None = None,
 ) -> PyTree:
     """Params whose value is the sparse ``m ⊙ w`` and whose gradient is the identity (STE).
 
-    Call it inside the loss: ``loss(ste_params(params, "2:4"), batch)``. Masks are recomputed from
-    ``|w|`` on every call, so pruned weights can come back when they grow.
+    Call it inside the loss: ``loss(ste_params(params, pattern="2:4"), batch)``. Masks are
+    recomputed from ``|w|`` on every call, so pruned weights can come back when they grow.
 
     >>> p = {"kernel": jnp.array([[1.], [4.], [3.], [2.]])}
-    >>> jax.grad(lambda p: jnp.sum(ste_params(p, "2:4")["kernel"] ** 2))(p)["kernel"][:, 0]
+    >>> jax.grad(lambda p: jnp.sum(ste_params(p)["kernel"] ** 2))(p)["kernel"][:, 0]
     Array([0., 8., 6., 0.], dtype=float32)
     """
-    masks = ste_masks(params, pattern, sparsity, allocation=allocation, filter=filter)
+    masks = ste_masks(params, sparsity, pattern=pattern, allocation=allocation, filter=filter)
     return tree_map_masked(
         lambda m, w: w if m is None else w + jax.lax.stop_gradient(jnp.where(m, w, 0.0) - w),
         masks, params,
@@ -97,40 +96,36 @@ def ste_params(
 
 def sparse_params(
     params: PyTree,
-    pattern: pat_lib.Pattern | str = "2:4",
     sparsity: float | None = None,
     *,
+    pattern: pat_lib.Pattern | str = "2:4",
     allocation: alloc_lib.Allocation | str = "uniform",
     filter: Filter | None = None,
 ) -> tuple[PyTree, PyTree]:
     """Export: ``(params with the pruned entries zeroed, masks)`` — the model STE trained.
 
-    >>> sp, m = sparse_params({"kernel": jnp.array([[1.], [4.], [3.], [2.]])}, "2:4")
+    >>> sp, m = sparse_params({"kernel": jnp.array([[1.], [4.], [3.], [2.]])}, pattern="2:4")
     >>> sp["kernel"][:, 0]
     Array([0., 4., 3., 0.], dtype=float32)
     """
-    masks = ste_masks(params, pattern, sparsity, allocation=allocation, filter=filter)
+    masks = ste_masks(params, sparsity, pattern=pattern, allocation=allocation, filter=filter)
     return apply_masks(params, masks), masks
-
-
-class SRSTEState(NamedTuple):
-    """State of :func:`sr_ste` (it needs none; kept for optax's NamedTuple convention)."""
 
 
 def sr_ste(
     decay: float,
-    pattern: pat_lib.Pattern | str = "2:4",
     sparsity: float | None = None,
     *,
+    pattern: pat_lib.Pattern | str = "2:4",
     allocation: alloc_lib.Allocation | str = "uniform",
     filter: Filter | None = None,
 ) -> optax.GradientTransformation:
     """SR-STE's sparse-refined term: add ``decay · (1 − m) ⊙ w`` to the gradients of pruned weights.
 
     ``m`` is recomputed from the current ``|w|``. Chain it before the optimizer, with gradients
-    taken through :func:`ste_params`: ``optax.chain(sr_ste(2e-4, "2:4"), optax.sgd(lr))``.
+    taken through :func:`ste_params`: ``optax.chain(sr_ste(2e-4, pattern="2:4"), optax.sgd(lr))``.
 
-    >>> tx = sr_ste(0.5, "2:4")
+    >>> tx = sr_ste(0.5, pattern="2:4")
     >>> p = {"kernel": jnp.array([[1.], [4.], [3.], [2.]])}
     >>> u, _ = tx.update(jax.tree.map(jnp.zeros_like, p), tx.init(p), p)
     >>> u["kernel"][:, 0]
@@ -138,17 +133,16 @@ def sr_ste(
     """
     if not (isinstance(decay, int | float) and decay >= 0.0):
         raise ValueError(f"jaxprune: sr_ste decay must be a float >= 0, got {decay!r}")
-    pat = pat_lib.parse(pattern)
-    _default_sparsity(pat, sparsity)
+    sparsity, pat = _resolve(sparsity, pattern)
 
-    def init_fn(params: PyTree) -> SRSTEState:
+    def init_fn(params: PyTree) -> optax.EmptyState:
         validate_patterns(init_masks(params, filter), pat)
-        return SRSTEState()
+        return optax.EmptyState()
 
-    def update_fn(updates: PyTree, state: SRSTEState, params: PyTree | None = None):
+    def update_fn(updates: PyTree, state: optax.EmptyState, params: PyTree | None = None):
         if params is None:
             raise ValueError("jaxprune: sr_ste needs params: call tx.update(grads, state, params)")
-        masks = ste_masks(params, pat, sparsity, allocation=allocation, filter=filter)
+        masks = ste_masks(params, sparsity, pattern=pat, allocation=allocation, filter=filter)
 
         def f(m: Any, g: Any, w: Any) -> Any:
             if m is None or g is None:

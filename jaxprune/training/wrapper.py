@@ -1,8 +1,12 @@
-"""The Optax wrapper skeleton shared by every training-time method.
+"""The one Optax wrapper skeleton shared by every training-time method.
 
-:func:`pruner`, dynamic sparse training and lottery rewinding all wrap an inner optax optimizer,
-keep a step counter and masks in a NamedTuple state, refuse to run without params, and project the
-returned updates so ``optax.apply_updates`` leaves params exactly zero where a mask is off.
+:func:`wrap` is the skeleton: it wraps an inner optax optimizer (``optax.with_extra_args_support``),
+keeps the step ``count`` (``optax.safe_int32_increment``), raises the one "needs params" error
+naming the method, and leaves a method only its own logic. :func:`masked` builds on it for the
+methods that hold masks (:func:`jaxprune.training.pruner`, static sparse / SET / RigL): a method
+supplies ``init_masks`` and ``update_masks``; the skeleton runs ``update_masks`` in the taken branch
+of one ``lax.cond`` and projects the updates so ``optax.apply_updates`` leaves params exactly zero
+where a mask is off. A step that does not update masks costs one fused select over the params.
 
 >>> import jax.numpy as jnp
 >>> project({"w": jnp.array([1., 1.])}, {"w": jnp.array([2., 3.])}, {"w": jnp.array([True, False])})
@@ -11,25 +15,204 @@ returned updates so ``optax.apply_updates`` leaves params exactly zero where a m
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jaxprune.core.masks import PyTree, tree_map_masked
+from jaxprune.core.masks import PyTree, apply_masks, tree_map_masked
 
-__all__ = ["PruneState", "project", "get_prune_state", "get_masks"]
+__all__ = [
+    "PruneState", "InnerStep", "MaskUpdate", "wrap", "masked", "reset_inner_state", "project",
+    "find_state", "get_prune_state", "get_masks",
+]
+
+S = TypeVar("S", bound=tuple)
 
 
 class PruneState(NamedTuple):
-    """State of :func:`pruner`: step ``count``, ``masks``, the wrapped optimizer's state and the
-    accumulated movement score (``None`` unless the criterion needs it)."""
+    """State of every mask-holding wrapper: step ``count``, ``masks``, the wrapped optimizer's
+    state and the accumulated movement score (``None`` unless the criterion needs it)."""
 
     count: jax.Array
     masks: PyTree
     inner_state: optax.OptState
     movement: PyTree | None
+
+
+class InnerStep(NamedTuple):
+    """What a method's update sees: the raw ``grads``, the ``params``, the previous ``state`` and
+    ``inner(grads) -> (updates, inner_state)``, the wrapped optimizer's update from that state."""
+
+    grads: PyTree
+    params: PyTree
+    state: Any
+    inner: Callable[[PyTree], tuple[PyTree, optax.OptState]]
+
+
+def wrap(
+    inner: optax.GradientTransformation | None,
+    *,
+    method: str,
+    state_type: type[S],
+    init: Callable[[PyTree], dict[str, Any]],
+    update: Callable[[InnerStep], tuple[PyTree, dict[str, Any], optax.OptState]],
+) -> optax.GradientTransformationExtraArgs:
+    """The skeleton: ``state_type`` (a NamedTuple with ``count`` and ``inner_state`` fields) holds
+    the counter and the inner state; ``init(params)`` gives the method's other fields and
+    ``update(step) -> (updates, fields, inner_state)`` its step.
+
+    >>> class Count(NamedTuple):
+    ...     count: jax.Array
+    ...     inner_state: optax.OptState
+    >>> def update(step):
+    ...     updates, inner_state = step.inner(step.grads)
+    ...     return updates, {}, inner_state
+    >>> tx = wrap(optax.sgd(1.0), method="demo", state_type=Count, init=lambda p: {}, update=update)
+    >>> u, st = tx.update({"w": jnp.ones(1)}, tx.init({"w": jnp.zeros(1)}), {"w": jnp.zeros(1)})
+    >>> int(st.count), u["w"]
+    (1, Array([-1.], dtype=float32))
+    """
+    inner = optax.with_extra_args_support(optax.identity() if inner is None else inner)
+
+    def init_fn(params: PyTree) -> S:
+        return state_type(count=jnp.zeros([], jnp.int32), inner_state=inner.init(params),
+                          **init(params))
+
+    def update_fn(updates: PyTree, state: S, params: PyTree | None = None, **extra: Any):
+        if params is None:
+            raise ValueError(
+                f"jaxprune: {method} needs params: call tx.update(grads, state, params)"
+            )
+        step = InnerStep(updates, params, state,
+                         lambda g: inner.update(g, state.inner_state, params, **extra))
+        new_updates, fields, inner_state = update(step)
+        return new_updates, state._replace(count=optax.safe_int32_increment(state.count),
+                                           inner_state=inner_state, **fields)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class MaskUpdate(NamedTuple):
+    """What ``update_masks`` sees on a mask-update step: the step ``count``, current ``masks``, raw
+    ``grads``, ``params``, the post-step ``new_params`` (``p + u`` on pruned leaves) and the
+    method's ``aux`` state (e.g. movement)."""
+
+    count: jax.Array
+    masks: PyTree
+    grads: PyTree
+    params: PyTree
+    new_params: PyTree
+    aux: Any
+
+
+def masked(
+    inner: optax.GradientTransformation | None,
+    *,
+    method: str,
+    init_masks: Callable[[PyTree], PyTree],
+    update_masks: Callable[[MaskUpdate], Any] | None = None,
+    should_update: Callable[[jax.Array], jax.Array] | None = None,
+    mask_grads: bool = False,
+    restart_grown: bool = False,
+    init_aux: Callable[[PyTree, PyTree], Any] | None = None,
+    update_aux: Callable[[Any, PyTree, PyTree], Any] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """A mask-holding wrapper (state :class:`PruneState`) from a method's mask logic.
+
+    Args:
+      inner: the optimizer to wrap (``None``: identity).
+      method: its name, for errors.
+      init_masks: ``params -> masks`` (bool leaves / ``None``).
+      update_masks: ``MaskUpdate -> masks`` (with ``restart_grown``: ``-> (masks, grown)``), run
+        only where ``should_update(count)`` (``None``: masks fixed).
+      mask_grads: give the inner optimizer ``g * m`` instead of ``g``.
+      restart_grown: entries marked ``grown`` start at exactly ``0.0`` with zeroed inner optimizer
+        state (:func:`reset_inner_state`).
+      init_aux, update_aux: ``(masks, params) -> aux`` and ``(aux, grads, params) -> aux`` for a
+        per-step accumulated signal (stored in ``PruneState.movement``).
+
+    On a step without a mask update nothing but the projection ``where(m, u, -p)`` is added to
+    the inner optimizer's fused update (and a copy of the bool masks into the new state): the mask
+    update, its scores, the post-step params and the inner update they need are computed inside
+    the taken branch of the ``lax.cond`` only.
+
+    >>> tx = masked(optax.sgd(1.0), method="demo", init_masks=lambda p: {"w": p["w"] > 1})
+    >>> p = {"w": jnp.array([1., 2.])}
+    >>> u, st = tx.update({"w": jnp.ones(2)}, tx.init(p), p)
+    >>> optax.apply_updates(p, u)["w"]
+    Array([0., 1.], dtype=float32)
+    """
+    raw_inner = optax.identity() if inner is None else inner
+
+    def init(params: PyTree) -> dict[str, Any]:
+        masks = init_masks(params)
+        return {"masks": masks, "movement": None if init_aux is None else init_aux(masks, params)}
+
+    def update(step: InnerStep) -> tuple[PyTree, dict[str, Any], optax.OptState]:
+        state, grads, params = step.state, step.grads, step.params
+        old = state.masks
+        inner_updates, inner_state = step.inner(apply_masks(grads, old) if mask_grads else grads)
+        aux = state.movement if update_aux is None else update_aux(state.movement, grads, params)
+        masks, value_masks = old, old
+        if update_masks is not None:
+            def do_update(masks_: PyTree) -> Any:
+                # the inner update is recomputed here rather than passed in: an operand of the
+                # cond would have to be materialised on every step
+                u, _ = step.inner(apply_masks(grads, masks_) if mask_grads else grads)
+                new_params = tree_map_masked(
+                    lambda m, p, d: None if m is None else p + d, masks_, params, u
+                )
+                return update_masks(MaskUpdate(state.count, masks_, grads, params, new_params, aux))
+
+            def keep(masks_: PyTree) -> Any:
+                if not restart_grown:
+                    return masks_
+                return masks_, tree_map_masked(
+                    lambda m: None if m is None else jnp.zeros_like(m), masks_)
+
+            out = jax.lax.cond(should_update(state.count), do_update, keep, old)
+            if restart_grown:
+                masks, grown = out
+                inner_state = reset_inner_state(raw_inner, inner_state, grown)
+                value_masks = tree_map_masked(
+                    lambda m, g: None if m is None else m & ~g, masks, grown)
+            else:
+                masks = value_masks = out
+        new_updates = project(inner_updates, params, value_masks)
+        return new_updates, {"masks": masks, "movement": aux}, inner_state
+
+    return wrap(inner, method=method, state_type=PruneState, init=init, update=update)
+
+
+def reset_inner_state(
+    inner: optax.GradientTransformation, inner_state: optax.OptState, reset: PyTree
+) -> optax.OptState:
+    """Zero every per-parameter entry of ``inner_state`` where ``reset`` (a mask tree) is ``True``.
+
+    Uses :func:`optax.tree_utils.tree_map_params`, so it works for any optax optimizer whose state
+    holds parameter-shaped trees (momenta, second moments, ...); scalar state (counts, injected
+    hyperparameters) is untouched and optimizers without per-parameter state (plain ``sgd``) pass
+    through unchanged.
+
+    >>> tx = optax.sgd(0.1, momentum=0.9)
+    >>> st = tx.init({"w": jnp.ones(2)})
+    >>> st = optax.tree_utils.tree_map_params(tx, lambda x: x + 1, st)
+    >>> reset_inner_state(tx, st, {"w": jnp.array([True, False])})[0].trace["w"]
+    Array([0., 1.], dtype=float32)
+    """
+    flags = tree_map_masked(lambda r: False if r is None else r, reset)
+
+    def f(leaf: Any, r: Any) -> Any:
+        if r is False or leaf is None or not hasattr(leaf, "shape"):
+            return leaf
+        if tuple(leaf.shape) != tuple(r.shape):
+            return leaf
+        return jnp.where(r, jnp.zeros((), leaf.dtype), leaf)
+
+    return optax.tree_utils.tree_map_params(inner, f, inner_state, flags)
 
 
 def project(updates: PyTree, params: PyTree, masks: PyTree) -> PyTree:
@@ -46,18 +229,39 @@ def project(updates: PyTree, params: PyTree, masks: PyTree) -> PyTree:
     return tree_map_masked(f, masks, updates, params)
 
 
+def find_state(opt_state: Any, state_type: type[S], what: str = "") -> S:
+    """The single ``state_type`` NamedTuple inside any (nested) optax state, e.g. under ``chain``
+    (found with :func:`optax.tree_utils.tree_get_all_with_path`).
+
+    Raises ``ValueError`` if there is none or more than one.
+
+    >>> st = optax.chain(optax.clip(1.), optax.adam(1e-3)).init({"w": jnp.ones(1)})
+    >>> find_state(st, optax.ScaleByAdamState).mu
+    {'w': Array([0.], dtype=float32)}
+    """
+    found = optax.tree_utils.tree_get_all_with_path(
+        opt_state, state_type.__name__, filtering=lambda _, v: isinstance(v, state_type)
+    )
+    if len(found) != 1:
+        where = "" if not found else ": at " + ", ".join(
+            jax.tree_util.keystr(p) or "<root>" for p, _ in found)
+        raise ValueError(
+            f"jaxprune: expected one {state_type.__name__}{what} in the optimizer state, found "
+            f"{len(found)}{where}"
+        )
+    return found[0][1]
+
+
 def get_prune_state(opt_state: optax.OptState) -> PruneState:
     """Find the :class:`PruneState` inside any (nested) optax state, e.g. under ``chain``.
 
     Raises ``ValueError`` if there is none or more than one.
+
+    >>> tx = optax.chain(optax.clip(1.0), jp.training.static_sparse(optax.sgd(0.1), 0.5))
+    >>> int(get_prune_state(tx.init({"kernel": jnp.ones((2, 2))})).count)
+    0
     """
-    found = [
-        x for x in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, PruneState))
-        if isinstance(x, PruneState)
-    ]
-    if len(found) != 1:
-        raise ValueError(f"jaxprune: expected one PruneState in the optimizer state, found {len(found)}")
-    return found[0]
+    return find_state(opt_state, PruneState)
 
 
 def _is_wrapper(x: Any) -> bool:

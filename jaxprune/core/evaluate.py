@@ -1,0 +1,167 @@
+"""Evaluate a jaxpr equation by equation, letting a hook observe or replace chosen equations.
+
+The operator map (:func:`jaxprune.core.opmap.trace`) marks every matmul/conv that multiplies a
+parameter with data (its ``taps``). Two families act on exactly those equations while the model
+runs: op-level calibration (:mod:`jaxprune.oneshot.observe`) reads their data operand, and export
+(:mod:`jaxprune.kernels.export`) replaces them with packed sparse kernels. Both run the model
+through :func:`evaluate` — jax's own primitives, equation by equation (inside ``jit`` everything is
+staged into one program), recursing into ``jit``/``custom_jvp``/``custom_vjp``/``remat`` bodies
+that contain a tap. A tap inside ``scan``/``cond``/``while`` is refused with a clear error.
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxprune.core import opmap
+    >>> closed, an, _ = opmap.trace(lambda p, x: jnp.tanh(x @ p["w"]), {"w": jnp.eye(2)}, jnp.ones((1, 2)))
+    >>> seen = []
+    >>> def hook(eqn, ins, taps):
+    ...     seen.append([path for _, path, _ in taps]); return None   # observe only
+    >>> out = evaluate(closed.jaxpr, closed.consts, [jnp.eye(2), jnp.ones((1, 2))], an.taps, hook)
+    >>> seen, out[0].shape
+    ([['w']], (1, 2))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.extend import core as jcore
+
+from jaxprune.core import walker as wk
+
+__all__ = ["evaluate", "Hook", "has_taps", "dot_rows", "conv_rows"]
+
+# hook(eqn, input values, [(operand index, param path, scanned)]) -> output values, or None to run
+# the equation as it is
+Hook = Callable[[Any, list[Any], list[tuple[int, str, bool]]], "list[Any] | None"]
+
+
+def _subjaxprs(eqn: Any) -> list[Any]:
+    out = []
+    for v in eqn.params.values():
+        for s in (v if isinstance(v, tuple | list) else (v,)):
+            j = s.jaxpr if isinstance(s, jcore.ClosedJaxpr) else s
+            if isinstance(j, jcore.Jaxpr):
+                out.append(j)
+    return out
+
+
+def has_taps(jaxpr: Any, taps: dict) -> bool:
+    """Whether ``jaxpr`` or any sub-jaxpr holds a tapped equation."""
+    return any(id(e) in taps or any(has_taps(j, taps) for j in _subjaxprs(e)) for e in jaxpr.eqns)
+
+
+def _bind(eqn: Any, ins: list[Any]) -> list[Any]:
+    bp = eqn.primitive.get_bind_params(eqn.params)
+    if isinstance(bp, tuple):  # older jax: (subfuns, params)
+        subfuns, bp = bp
+        out = eqn.primitive.bind(*subfuns, *ins, **bp)
+    else:
+        with eqn.ctx.manager:
+            out = eqn.primitive.bind(*ins, **bp)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def evaluate(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], taps: dict, hook: Hook
+             ) -> list[Any]:
+    """Run ``jaxpr`` on ``args``; at every tapped equation call ``hook`` (its non-``None`` result
+    replaces the equation's outputs). Returns the jaxpr's outputs."""
+    env: dict[Any, Any] = {}
+
+    def read(v: Any) -> Any:
+        return v.val if isinstance(v, jcore.Literal) else env[v]
+
+    for v, c in zip(jaxpr.constvars, consts, strict=True):
+        env[v] = c
+    for v, a in zip(jaxpr.invars, args, strict=True):
+        env[v] = a
+    for eqn in jaxpr.eqns:
+        ins = [read(v) for v in eqn.invars]
+        outs = None
+        if id(eqn) in taps:
+            outs = hook(eqn, ins, taps[id(eqn)])
+        if outs is None:
+            sub = wk.sub_jaxpr(eqn)
+            if sub is not None and has_taps(sub[0], taps):
+                outs = evaluate(sub[0], sub[1], ins, taps, hook)
+            else:
+                if sub is None and any(has_taps(j, taps) for j in _subjaxprs(eqn)):
+                    raise ValueError(
+                        f"jaxprune: weights used inside '{eqn.primitive.name}' (a scan / cond / "
+                        "while body) cannot be observed or replaced; unroll that part of the model"
+                    )
+                outs = _bind(eqn, ins)
+        for v, o in zip(eqn.outvars, outs, strict=True):
+            env[v] = o
+    return [read(v) for v in jaxpr.outvars]
+
+
+# ------------------------------------------------------------------------------------------------
+# The data operand of a tapped equation as rows of the weight's fan-in (op-level calibration reads
+# them; export multiplies them with a packed matrix view).
+# ------------------------------------------------------------------------------------------------
+
+
+def dot_rows(eqn: Any, x: jax.Array, opi: int, path: str) -> tuple[jax.Array, tuple[int, ...]]:
+    """``(rows, free)``: the data operand ``x`` of a ``dot_general`` whose operand ``opi`` is the
+    weight ``path``, as ``(tokens, fan_in)`` rows (its contracted axes last, in the weight's
+    contraction order) and the shape of its free axes (``tokens = prod(free)``).
+
+    >>> import jax, jax.numpy as jnp
+    >>> eqn = jax.make_jaxpr(lambda x, w: jnp.einsum("btd,dk->btk", x, w))(
+    ...     jnp.ones((2, 3, 4)), jnp.ones((4, 5))).jaxpr.eqns[0]
+    >>> rows, free = dot_rows(eqn, jnp.ones((2, 3, 4)), 1, "w")
+    >>> rows.shape, free
+    ((6, 4), (2, 3))
+    """
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    cx, bx = (rc, rb) if opi == 0 else (lc, lb)  # the data operand's contracting / batch dims
+    if bx:
+        raise ValueError(
+            f"jaxprune: '{path}' is a batched matmul operand (stacked experts or heads as einsum "
+            "batch axes); op-level calibration and export do not support batched weights yet"
+        )
+    free = [i for i in range(x.ndim) if i not in cx]
+    t = jnp.transpose(x, [*free, *cx])
+    k = math.prod(x.shape[i] for i in cx)
+    return t.reshape(-1, k), tuple(x.shape[i] for i in free)
+
+
+def conv_rows(eqn: Any, x: jax.Array, w_shape: tuple[int, ...], path: str
+              ) -> tuple[jax.Array, tuple[int, ...]]:
+    """``(rows, free)``: the input ``x`` of a ``conv_general_dilated`` with kernel ``path`` (shape
+    ``w_shape``) as ``(positions, fan_in)`` patch rows in ``(*window, in)`` order (an identity-kernel
+    conv, in float32), and the output shape without its feature axis, feature axis moved last.
+
+    >>> import jax, jax.numpy as jnp
+    >>> conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "VALID",
+    ...                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    >>> eqn = jax.make_jaxpr(conv)(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 5))).jaxpr.eqns[0]
+    >>> rows, free = conv_rows(eqn, jnp.ones((1, 4, 4, 2)), (3, 3, 2, 5), "w")
+    >>> rows.shape, free
+    ((4, 18), (1, 2, 2))
+    """
+    p = eqn.params
+    if p.get("feature_group_count", 1) != 1 or p.get("batch_group_count", 1) != 1:
+        raise ValueError(f"jaxprune: grouped conv '{path}' is not supported by op-level calibration "
+                         "and export")
+    dn = p["dimension_numbers"]
+    out_d, in_d, *sp = dn.rhs_spec
+    window = tuple(w_shape[d] for d in sp)
+    cin = w_shape[in_d]
+    k = cin * math.prod(window)
+    # identity kernel: output feature f = flat(*window, in) index
+    eye = jnp.eye(k, dtype=jnp.float32).reshape(k, *window, cin)
+    canon = jnp.moveaxis(eye, -1, 1)  # (out=k, in, *window)
+    kern = jnp.moveaxis(canon, tuple(range(canon.ndim)), (out_d, in_d, *sp))
+    y = jax.lax.conv_general_dilated(
+        x.astype(jnp.float32), kern, window_strides=p["window_strides"], padding=p["padding"],
+        lhs_dilation=p["lhs_dilation"], rhs_dilation=p["rhs_dilation"], dimension_numbers=dn,
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    f = dn.out_spec[1]
+    y = jnp.moveaxis(y, f, -1)
+    return y.reshape(-1, k), tuple(y.shape[:-1])
