@@ -14,8 +14,6 @@ the JSON too. The target from the issue is ≤ 1.15× dense (SET on the digits M
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import statistics
@@ -30,7 +28,8 @@ from jaxprune.training.dst import rigl, set_training, static_sparse
 from jaxprune.zoo.loops import cross_entropy
 from jaxprune.zoo.models import CNN, MLP
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+from . import _common
+
 METHODS = ("dense", "static", "set", "rigl")
 
 
@@ -117,8 +116,7 @@ def bench(model, params, x, y, *, sparsity: float, period: int, periods: int,
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print a table, write ``results/bench_dst_overhead.json``."""
-    ap = argparse.ArgumentParser(prog="jaxprune run bench_dst_overhead", description=__doc__)
-    ap.add_argument("--quick", action="store_true")
+    ap = _common.parser("jaxprune run bench_dst_overhead", __doc__)
     ap.add_argument("--model", choices=["cnn", "mlp"], default="cnn")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--width", type=int, default=1, help="multiply the model's widths")
@@ -165,11 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     for m, v in res.items():
         print(f"{m:8s} {1e3 * v['median_cpu_s_per_step']:12.3f} {v['median_paired_ratio']:8.3f} "
               f"{v['wall_median_paired_ratio']:13.3f}")
-    out = args.out or RESULTS / (
-        "bench_dst_overhead_quick.json" if args.quick else
-        f"bench_dst_overhead{'' if args.model == 'cnn' else '_' + args.model}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    name = f"bench_dst_overhead{'' if args.model == 'cnn' else '_' + args.model}.json"
+    out = _common.write_json(args.out or _common.output_path(args, name), report)
     print(f"wrote {out}")
     return 0
 

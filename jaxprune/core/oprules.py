@@ -128,6 +128,10 @@ class _Analysis:
         self.uses: dict[str, list[Use]] = {p: [] for p in paths}
         # id(eqn) -> [(operand index, param path, scanned)] for every matmul/conv with a param operand
         self.taps: dict[int, list[tuple[int, str, bool]]] = {}
+        # matmul/conv equations visited more than once (a jitted function shared by several
+        # weights): their taps mix calls, so calibration must refuse them
+        self.seen: set[int] = set()
+        self.shared: set[int] = set()
 
     def record(self, prov: Prov, kind: str, primitive: str, **kw: Any) -> None:
         for p in prov.axes:
@@ -336,7 +340,14 @@ def _tap(an: _Analysis, eqn: Any, opi: int, v: Prov) -> None:
         an.taps.setdefault(id(eqn), []).append((opi, p, bool(v.scanned.get(p))))
 
 
+def _visit(an: _Analysis, eqn: Any) -> None:
+    if id(eqn) in an.seen:
+        an.shared.add(id(eqn))
+    an.seen.add(id(eqn))
+
+
 def _dot_general(an: _Analysis, eqn: Any, ins: list[Any]) -> list[Any]:
+    _visit(an, eqn)
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     for opi, (v, c, b, x) in enumerate(((ins[0], lc, lb, eqn.invars[0]),
                                         (ins[1], rc, rb, eqn.invars[1]))):
@@ -350,6 +361,7 @@ def _dot_general(an: _Analysis, eqn: Any, ins: list[Any]) -> list[Any]:
 
 
 def _conv(an: _Analysis, eqn: Any, ins: list[Any]) -> list[Any]:
+    _visit(an, eqn)
     p = eqn.params
     dn = p["dimension_numbers"]
     rhs = ins[1]

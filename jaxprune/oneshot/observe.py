@@ -131,8 +131,15 @@ def _partial(rows: jax.Array, w: jax.Array | None, gram: bool) -> dict[str, jax.
     return out
 
 
-def _observer(out: dict, gram: bool, mask: jax.Array | None) -> Any:
+def _observer(out: dict, gram: bool, mask: jax.Array | None, shared: set[int] = frozenset()) -> Any:
     def hook(eqn: Any, ins: list[Any], taps: list[tuple[int, str, bool]]) -> None:
+        if id(eqn) in shared and len({p for _, p, _ in taps}) > 1:
+            raise ValueError(
+                "jaxprune: calibration cannot separate the weights "
+                f"{sorted({p for _, p, _ in taps})}: they go through one jitted function that "
+                "jax traced once (the same equation serves every call); remove that inner "
+                "jax.jit / nn.jit around the layer to calibrate it"
+            )
         for opi, path, scanned in taps:
             if scanned:
                 raise ValueError(
@@ -161,7 +168,7 @@ def _program(fn: Callable[..., Any], treedef: Any, gram: bool) -> Callable[..., 
         closed, an, _ = om_lib.trace(fn, params, *args)
         out: dict = {}
         ev.evaluate(closed.jaxpr, closed.consts, [*leaves, *jax.tree_util.tree_leaves(args)],
-                    an.taps, _observer(out, gram, mask))
+                    an.taps, _observer(out, gram, mask, an.shared))
         return out
 
     return jax.jit(run)
