@@ -161,3 +161,32 @@ def test_opmap_is_hashable_and_static_under_jit():
     f = jax.jit(lambda s, sp: jp.compute_masks(masks, s, sp, pattern="2:4", opmap=om))
     m = f(scores, 0.5)
     assert oracle.nm_ok(np.asarray(m["fc1"]["weight"]), 2, 4)  # (out, in): in is last
+
+
+def test_bad_arguments_are_named():
+    params = {"kernel": jnp.ones((8, 4))}
+    with pytest.raises(ValueError, match="pass a pattern as pattern='2:4'"):
+        jp.prune(params, "2:4")
+    with pytest.raises(TypeError, match="opmap must be a jaxprune.OperatorMap"):
+        jp.prune(params, 0.5, opmap="not a map")
+    other = jp.operator_map(lambda q, x: x @ q["kernel"], {"kernel": jnp.ones((4, 8))}, jnp.ones((1, 4)))
+    with pytest.raises(ValueError, match="trace the operator map from the same params"):
+        jp.prune(params, pattern="2:4", opmap=other)
+
+
+def test_calibration_reads_other_collections_as_data():
+    from flax import linen as nn
+
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(4)(nn.BatchNorm(use_running_average=True)(x))
+
+    m = M()
+    v = m.init(jax.random.key(0), jnp.ones((2, 3)))
+    x = jax.random.normal(jax.random.key(1), (5, 3))
+    st = jp.oneshot.calibrate(m, v["params"], [x], variables={"batch_stats": v["batch_stats"]})
+    bn = v["params"]["BatchNorm_0"]
+    stats = v["batch_stats"]["BatchNorm_0"]
+    h = (x - stats["mean"]) / jnp.sqrt(stats["var"] + 1e-5) * bn["scale"] + bn["bias"]
+    np.testing.assert_allclose(st["Dense_0/kernel"].gram, np.asarray(h.T @ h), rtol=1e-5, atol=1e-5)

@@ -236,7 +236,7 @@ def operator_map(fn: Any, params: PyTree, *args: Any) -> OperatorMap:
 
 
 def _build(an: _Analysis, leaves: list[tuple[str, Any]]) -> OperatorMap:
-    spatial = getattr(an, "spatial", {})
+    spatial = an.spatial
     return OperatorMap(tuple(
         _leaf_op(p, tuple(int(d) for d in np.shape(x)), an.uses[p], spatial.get(p, ()))
         for p, x in leaves

@@ -130,6 +130,7 @@ class _Analysis:
         self.taps: dict[int, list[tuple[int, str, bool]]] = {}
         # matmul/conv equations visited more than once (a jitted function shared by several
         # weights): their taps mix calls, so calibration must refuse them
+        self.spatial: dict[str, tuple[int, ...]] = {}  # conv weights: their window axes
         self.seen: set[int] = set()
         self.shared: set[int] = set()
 
@@ -331,7 +332,6 @@ def _record_matmul(an: _Analysis, prov: Prov, kind: str, prim: str, fan_dims: Se
         an.uses[p].append(Use(kind, prim, fan, out, bat, groups))
         if spatial_dims:
             an.uses[p][-1] = dataclasses.replace(an.uses[p][-1], kind="conv")
-            an.spatial = getattr(an, "spatial", {})
             an.spatial[p] = _axes_of(m, spatial_dims)
 
 

@@ -39,6 +39,7 @@ import numpy as np
 from jaxprune.core import allocation as alloc_lib
 from jaxprune.core import criteria as crit_lib
 from jaxprune.core import filters as filt_lib
+from jaxprune.core import opmap as om_lib
 from jaxprune.core import patterns as pat_lib
 from jaxprune.core.masks import (
     Filter,
@@ -57,6 +58,14 @@ __all__ = [
 
 def _concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
+
+
+def _check_opmap(opmap: Any) -> None:
+    if opmap is not None and not isinstance(opmap, om_lib.OperatorMap):
+        raise TypeError(
+            f"jaxprune: opmap must be a jaxprune.OperatorMap (from jp.operator_map(fn, params, x)) "
+            f"or None, got {type(opmap).__name__}"
+        )
 
 
 def _view(opmap: Any, path: str) -> Any:
@@ -139,6 +148,11 @@ def resolve_sparsity(sparsity: Any, pattern: pat_lib.Pattern | str) -> Any:
     ...
     ValueError: jaxprune: sparsity 0.9 is above what pattern 2:4 can reach (0.5)
     """
+    if isinstance(sparsity, str):
+        raise ValueError(
+            f"jaxprune: sparsity must be a float or None, got {sparsity!r}; pass a pattern as "
+            f"pattern={sparsity!r}"
+        )
     pat = pat_lib.parse(pattern)
     if sparsity is None:
         if isinstance(pat, pat_lib.NM):
@@ -165,6 +179,7 @@ def default_filter(opmap: Any = None) -> Filter:
     >>> default_filter(om)("weight", jnp.ones((3, 2)))
     True
     """
+    _check_opmap(opmap)
     if opmap is None:
         return filt_lib.default()
     return filt_lib.PathIn(frozenset(opmap.weights()))
@@ -210,6 +225,7 @@ def compute_masks(
     ...               0.5, keep_pruned=True)["w"]
     Array([False, False,  True,  True], dtype=bool)
     """
+    _check_opmap(opmap)
     allocation = alloc_lib.get(allocation)
     pattern = pat_lib.parse(pattern)
     leaves = jax.tree_util.tree_leaves((masks, scores, sparsity))
@@ -304,6 +320,7 @@ def leaf_mask(
     >>> leaf_mask(jnp.array([[4.], [1.], [3.], [2.]]), pattern="2:4")[:, 0]
     Array([ True, False,  True, False], dtype=bool)
     """
+    _check_opmap(opmap)
     pat = pat_lib.parse(pattern)
     scores = jnp.asarray(scores)
     shape = tuple(scores.shape)

@@ -200,9 +200,10 @@ def load_packed(directory: str | os.PathLike, template: PyTree | None = None) ->
     """Params of a checkpoint written by :func:`save_sparse`, pruned leaves left packed.
 
     Pruned leaves are :class:`~jaxprune.kernels.formats.NMPacked` / ``BlockSparse`` / ``Bitmask``
-    (as :func:`jaxprune.kernels.export.pack_params` makes them, so
-    :func:`jaxprune.kernels.apply_packed` runs on the result), the others dense arrays. See
-    :func:`load_sparse` for ``template``.
+    of the Flax-layout leaf (``kernels.formats.unpack`` restores it exactly), the others dense
+    arrays. To run packed, re-pack with :func:`jaxprune.kernels.export.pack_params` and an
+    operator map (it packs each weight's traced matrix view). See :func:`load_sparse` for
+    ``template``.
 
     >>> import tempfile, jaxprune as jp
     >>> d = tempfile.mkdtemp() + "/s"

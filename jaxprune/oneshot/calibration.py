@@ -37,7 +37,7 @@ from jaxprune.core import patterns as pat_lib
 from jaxprune.core.masks import PyTree
 
 __all__ = [
-    "LayerStats", "calibrate", "layer_inputs", "merge_stats", "as_matrix", "from_matrix", "model_fn",
+    "LayerStats", "calibrate", "layer_inputs", "merge_stats", "as_matrix", "from_matrix",
 ]
 
 
@@ -173,44 +173,7 @@ def calibrate(
     fn, tree = model_fn(model, params, method=method, collect=collect, variables=variables)
     if variables:
         batches = [(variables, *(b if isinstance(b, tuple) else (b,))) for b in batches]
-        fn = _without_flag(fn)
     return observe(fn, tree, batches, gram=gram, token_masks=token_masks, progress=progress)
-
-
-def _without_flag(fn: Any) -> Any:
-    import dataclasses
-
-    return _VarsApply(dataclasses.replace(fn, with_variables=False), fn)
-
-
-class _VarsApply:
-    """``fn(params, variables, *args)`` for observe (hashable by the wrapped linen apply)."""
-
-    def __init__(self, plain: Any, full: Any):
-        self.plain, self.full = plain, full
-
-    def __call__(self, params: PyTree, *args: Any) -> Any:
-        return self.full(params, *args)
-
-    def __hash__(self) -> int:
-        return hash(("vars", self.plain))
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _VarsApply) and self.plain == other.plain
-
-
-def model_fn(*args: Any, **kwargs: Any) -> Any:
-    """``(fn, params)`` for a linen / nnx module or a function (see
-    :func:`jaxprune.oneshot.observe.model_fn`).
-
-    >>> from flax import linen as nn
-    >>> fn, p = model_fn(nn.Dense(2), {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)})
-    >>> fn(p, jnp.ones((1, 3))).shape
-    (1, 2)
-    """
-    from jaxprune.oneshot.observe import model_fn as _model_fn
-
-    return _model_fn(*args, **kwargs)
 
 
 def layer_inputs(model: Any, params: PyTree | None, batch: Any, *, method: Any = None,

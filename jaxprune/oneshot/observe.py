@@ -201,8 +201,6 @@ def observe(
     from jaxprune.oneshot.calibration import LayerStats, merge_stats
 
     batches = list(batches)
-    if getattr(fn, "with_variables", False):
-        raise TypeError("jaxprune: pass the other collections with calibrate(..., variables=)")
     if not batches:
         raise ValueError("jaxprune: calibration needs at least one batch; got zero batches")
     masks = [None] * len(batches) if token_masks is None else list(token_masks)

@@ -40,11 +40,6 @@ __all__ = ["ste_masks", "ste_params", "sparse_params", "sr_ste"]
 
 
 def _resolve(sparsity: Any, pattern: pat_lib.Pattern | str) -> tuple[Any, pat_lib.Pattern]:
-    if isinstance(sparsity, str):
-        raise ValueError(
-            f"jaxprune: sparsity must be a float or None, got {sparsity!r}; pass a pattern as "
-            f"pattern={sparsity!r}"
-        )
     pat = pat_lib.parse(pattern)
     return resolve_sparsity(sparsity, pat), pat
 
