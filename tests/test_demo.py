@@ -131,7 +131,7 @@ def test_plan_and_schedule():
     ]
     s = demo.polynomial_for(0.8, 800)
     assert s.begin == 80 and s.end == 560 and s.final_sparsity() == 0.8
-    assert float(s.sparsity(800)) == pytest.approx(0.8)
+    assert float(s.sparsity_at(800)) == pytest.approx(0.8)
 
 
 def test_criteria_choices_are_trainable_criteria():

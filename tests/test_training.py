@@ -207,7 +207,7 @@ def test_matches_hand_written_reference():
         ru, rs = inner.update(g, rs, rp)
         new = optax.apply_updates(rp, ru)
         if bool(sched.should_update(t)):
-            rm = jp.compute_masks(rm, jp.criteria.magnitude(new, rm), sched.sparsity(t))
+            rm = jp.compute_masks(rm, jp.criteria.magnitude(new, rm), sched.sparsity_at(t))
         rp = jp.apply_masks(new, rm)
         jp.masks.tree_map_masked(
             lambda a, b: None if a is None else np.testing.assert_array_equal(a, b),

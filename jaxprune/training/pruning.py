@@ -96,7 +96,7 @@ def pruner(
         if "movement" in crit.needs:
             signals["movement"] = u.aux
         scores = crit(u.new_params, u.masks, **signals)
-        return compute_masks(u.masks, scores, schedule.sparsity(u.count), alloc, pat)
+        return compute_masks(u.masks, scores, schedule.sparsity_at(u.count), alloc, pat)
 
     movement: dict[str, Any] = {}
     if "movement" in crit.needs:

@@ -168,7 +168,7 @@ def polynomial_for(target: float, steps: int) -> sched_lib.Polynomial:
     """The demo's schedule: ramp from 10% to 70% of ``steps`` with ~15 mask updates.
 
     >>> polynomial_for(0.9, 1000)
-    Polynomial(target=0.9, begin=100, end=700, freq=40, initial=0.0, power=3.0)
+    Polynomial(sparsity=0.9, begin=100, end=700, freq=40, initial=0.0, power=3.0)
     """
     begin = max(1, int(0.1 * steps))
     end = max(begin + 1, int(0.7 * steps))
