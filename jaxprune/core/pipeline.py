@@ -53,6 +53,7 @@ from jaxprune.core.masks import (
 
 __all__ = [
     "compute_masks", "leaf_mask", "prune", "resolve_sparsity", "validate_patterns", "default_filter",
+    "check_opmap",
 ]
 
 
@@ -60,7 +61,11 @@ def _concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _check_opmap(opmap: Any) -> None:
+def check_opmap(opmap: Any) -> None:
+    """Refuse anything but an :class:`~jaxprune.core.opmap.OperatorMap` or ``None`` as ``opmap=``.
+
+    >>> check_opmap(None)
+    """
     if opmap is not None and not isinstance(opmap, om_lib.OperatorMap):
         raise TypeError(
             f"jaxprune: opmap must be a jaxprune.OperatorMap (from jp.operator_map(fn, params, x)) "
@@ -179,7 +184,7 @@ def default_filter(opmap: Any = None) -> Filter:
     >>> default_filter(om)("weight", jnp.ones((3, 2)))
     True
     """
-    _check_opmap(opmap)
+    check_opmap(opmap)
     if opmap is None:
         return filt_lib.default()
     return filt_lib.PathIn(frozenset(opmap.weights()))
@@ -225,7 +230,7 @@ def compute_masks(
     ...               0.5, keep_pruned=True)["w"]
     Array([False, False,  True,  True], dtype=bool)
     """
-    _check_opmap(opmap)
+    check_opmap(opmap)
     allocation = alloc_lib.get(allocation)
     pattern = pat_lib.parse(pattern)
     leaves = jax.tree_util.tree_leaves((masks, scores, sparsity))
@@ -320,7 +325,7 @@ def leaf_mask(
     >>> leaf_mask(jnp.array([[4.], [1.], [3.], [2.]]), pattern="2:4")[:, 0]
     Array([ True, False,  True, False], dtype=bool)
     """
-    _check_opmap(opmap)
+    check_opmap(opmap)
     pat = pat_lib.parse(pattern)
     scores = jnp.asarray(scores)
     shape = tuple(scores.shape)

@@ -58,7 +58,7 @@ from jaxprune.core.masks import (
     tree_map_masked,
     tree_map_with_path_masked,
 )
-from jaxprune.core.pipeline import compute_masks, leaf_mask
+from jaxprune.core.pipeline import check_opmap, compute_masks, default_filter, leaf_mask
 from jaxprune.training.wrapper import MaskUpdate, get_masks, masked, reset_inner_state
 
 __all__ = [
@@ -136,6 +136,7 @@ def sparse_init(
     allocation: alloc_lib.Allocation | str = "erk",
     filter: Filter | None = None,
     key: jax.Array | None = None,
+    opmap: Any = None,
 ) -> PyTree:
     """Random masks at ``sparsity`` with per-leaf densities from ``allocation`` (ERK by default).
 
@@ -148,9 +149,10 @@ def sparse_init(
     """
     check_sparsity("<sparse_init sparsity>", sparsity)
     key = jax.random.key(0) if key is None else key
-    masks = init_masks(params, filter)
+    check_opmap(opmap)
+    masks = init_masks(params, default_filter(opmap) if filter is None else filter)
     scores = crit_lib.random(params, masks, key=key)
-    return compute_masks(masks, scores, sparsity, allocation, "unstructured")
+    return compute_masks(masks, scores, sparsity, allocation, "unstructured", opmap=opmap)
 
 
 def mask_params(params: PyTree, opt_state: optax.OptState) -> PyTree:
@@ -182,6 +184,7 @@ def sparse_training(
     end_step: int | None = None,
     total_steps: int | None = None,
     key: jax.Array | None = None,
+    opmap: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Wrap ``inner`` so training is sparse from step 0 with ``method`` in ``static|set|rigl``.
 
@@ -199,6 +202,8 @@ def sparse_training(
       end_step: last step with mask updates (default ``0.75 * total_steps``).
       total_steps: training length, used for the default ``end_step``.
       key: PRNG key for the initial mask and SET regrowth (default ``jax.random.key(0)``).
+      opmap: the model's operator map (:func:`jaxprune.operator_map`): the default filter takes
+        its matmul/conv weights and ERK uses their true fan-in and fan-out.
 
     Mask updates happen at ``count`` values ``ΔT, 2ΔT, ...`` below ``end_step`` (``count`` = the
     number of updates already applied).
@@ -216,6 +221,7 @@ def sparse_training(
             raise ValueError(f"jaxprune: {method} sparsity must be a float, got {sparsity!r}")
         check_sparsity(f"<{method} sparsity>", sparsity)
     alloc = alloc_lib.get(allocation)
+    check_opmap(opmap)
     dynamic = method != "static"
     if dynamic:
         if not (isinstance(drop_fraction, int | float) and 0.0 < drop_fraction < 1.0) or (
@@ -241,7 +247,7 @@ def sparse_training(
             check_masks(params, masks)
             m0 = tree_map_masked(lambda m: None if m is None else jnp.asarray(m, bool), masks)
         else:
-            m0 = sparse_init(params, sparsity, allocation=alloc, filter=filter, key=key)
+            m0 = sparse_init(params, sparsity, allocation=alloc, filter=filter, key=key, opmap=opmap)
         for path, m in leaves_with_paths(m0):
             if m is None or not m.size or not dynamic or isinstance(m, jax.core.Tracer):
                 continue  # under jit (e.g. sharded init) the check cannot run; eager init checks
@@ -281,6 +287,7 @@ def static_sparse(
     allocation: alloc_lib.Allocation | str = "erk",
     filter: Filter | None = None,
     key: jax.Array | None = None,
+    opmap: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Static sparse training: a random (ERK by default, or uniform) or given mask, fixed for all
     of training.
@@ -290,7 +297,7 @@ def static_sparse(
     """
     return sparse_training(
         inner, sparsity, method="static", masks=masks, allocation=allocation, filter=filter,
-        key=key,
+        key=key, opmap=opmap,
     )
 
 
@@ -305,6 +312,7 @@ def set_training(
     end_step: int | None = None,
     total_steps: int | None = None,
     key: jax.Array | None = None,
+    opmap: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """SET (Mocanu et al. 2018): drop the smallest-magnitude weights, regrow at random.
 
@@ -313,7 +321,7 @@ def set_training(
     return sparse_training(
         inner, sparsity, method="set", allocation=allocation, filter=filter,
         drop_fraction=drop_fraction, update_period=update_period, end_step=end_step,
-        total_steps=total_steps, key=key,
+        total_steps=total_steps, key=key, opmap=opmap,
     )
 
 
@@ -328,6 +336,7 @@ def rigl(
     end_step: int | None = None,
     total_steps: int | None = None,
     key: jax.Array | None = None,
+    opmap: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """RigL (Evci et al. 2020): drop smallest magnitude, regrow where the dense ``|grad|`` is largest.
 
@@ -339,5 +348,5 @@ def rigl(
     return sparse_training(
         inner, sparsity, method="rigl", allocation=allocation, filter=filter,
         drop_fraction=drop_fraction, update_period=update_period, end_step=end_step,
-        total_steps=total_steps, key=key,
+        total_steps=total_steps, key=key, opmap=opmap,
     )

@@ -30,7 +30,13 @@ from jaxprune.core import criteria as crit_lib
 from jaxprune.core import patterns as pat_lib
 from jaxprune.core import schedules as sched_lib
 from jaxprune.core.masks import Filter, PyTree, init_masks, tree_map_masked
-from jaxprune.core.pipeline import compute_masks, resolve_sparsity, validate_patterns
+from jaxprune.core.pipeline import (
+    check_opmap,
+    compute_masks,
+    default_filter,
+    resolve_sparsity,
+    validate_patterns,
+)
 from jaxprune.training.wrapper import MaskUpdate, masked
 
 __all__ = ["pruner", "gradual_magnitude"]
@@ -45,6 +51,7 @@ def pruner(
     pattern: pat_lib.Pattern | str = "unstructured",
     filter: Filter | None = None,
     key: jax.Array | None = None,
+    opmap: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Wrap ``inner`` (any optax optimizer) so training prunes by ``schedule`` and stays sparse.
 
@@ -59,8 +66,11 @@ def pruner(
       schedule: when and how much to prune (:mod:`jaxprune.core.schedules`); its final sparsity
         must be reachable by ``pattern`` (checked here).
       criterion, allocation, pattern: the pipeline pieces (objects or names).
-      filter: which leaves to prune (default: ``kernel`` leaves with ndim >= 2).
+      filter: which leaves to prune (default: the matmul/conv weights of ``opmap``; without one,
+        ``kernel`` leaves with ndim >= 2).
       key: PRNG key for the ``random`` criterion.
+      opmap: the model's operator map (:func:`jaxprune.operator_map`): N:M groups and blocks act
+        on each leaf's true matrix view and ERK uses true fan-in/fan-out.
 
     >>> tx = pruner(optax.adam(1e-3), schedule=sched_lib.Polynomial(0.9, 0, 1000, freq=100))
     """
@@ -73,6 +83,8 @@ def pruner(
         )
     pat = pat_lib.parse(pattern)
     resolve_sparsity(schedule.final_sparsity(), pat)
+    check_opmap(opmap)
+    filt = default_filter(opmap) if filter is None else filter
     if "key" in crit.needs and key is None:
         raise ValueError(f"jaxprune: criterion '{crit.name}' needs key=; pass a PRNG key")
     for s in crit.needs:
@@ -83,8 +95,8 @@ def pruner(
             )
 
     def init_pruner_masks(params: PyTree) -> PyTree:
-        masks = init_masks(params, filter)
-        validate_patterns(masks, pat)
+        masks = init_masks(params, filt)
+        validate_patterns(masks, pat, opmap)
         return masks
 
     def update_masks(u: MaskUpdate) -> PyTree:
@@ -96,7 +108,7 @@ def pruner(
         if "movement" in crit.needs:
             signals["movement"] = u.aux
         scores = crit(u.new_params, u.masks, **signals)
-        return compute_masks(u.masks, scores, schedule.sparsity_at(u.count), alloc, pat)
+        return compute_masks(u.masks, scores, schedule.sparsity_at(u.count), alloc, pat, opmap=opmap)
 
     movement: dict[str, Any] = {}
     if "movement" in crit.needs:
@@ -120,7 +132,8 @@ def gradual_magnitude(
     **kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:
     """Zhu & Gupta gradual magnitude pruning: ``pruner`` with a :class:`Polynomial` schedule to
-    ``sparsity`` (``kwargs``: ``criterion=``, ``allocation=``, ``pattern=``, ``filter=``, ``key=``).
+    ``sparsity`` (``kwargs``: ``criterion=``, ``allocation=``, ``pattern=``, ``filter=``, ``key=``,
+    ``opmap=``).
 
     >>> tx = gradual_magnitude(optax.adam(1e-3), 0.9, begin=100, end=1000, freq=50)
     >>> gradual_magnitude(optax.adam(1e-3), 0.9, begin=0, end=10, pattern="2:4")

@@ -34,7 +34,13 @@ from jaxprune.core import allocation as alloc_lib
 from jaxprune.core import criteria as crit_lib
 from jaxprune.core import patterns as pat_lib
 from jaxprune.core.masks import Filter, PyTree, apply_masks, init_masks, tree_map_masked
-from jaxprune.core.pipeline import compute_masks, resolve_sparsity, validate_patterns
+from jaxprune.core.pipeline import (
+    check_opmap,
+    compute_masks,
+    default_filter,
+    resolve_sparsity,
+    validate_patterns,
+)
 
 __all__ = ["ste_masks", "ste_params", "sparse_params", "sr_ste"]
 
@@ -51,6 +57,7 @@ def ste_masks(
     pattern: pat_lib.Pattern | str = "2:4",
     allocation: alloc_lib.Allocation | str = "uniform",
     filter: Filter | None = None,
+    opmap: Any = None,
 ) -> PyTree:
     """Magnitude masks of ``params`` at ``sparsity`` for ``pattern`` (N:M default: ``1 − n/m``).
 
@@ -58,11 +65,12 @@ def ste_masks(
     Array([False,  True,  True, False], dtype=bool)
     """
     s, pat = _resolve(sparsity, pattern)
-    masks = init_masks(params, filter)
-    validate_patterns(masks, pat)
+    check_opmap(opmap)
+    masks = init_masks(params, default_filter(opmap) if filter is None else filter)
+    validate_patterns(masks, pat, opmap)
     sg = jax.lax.stop_gradient(params)
     scores = crit_lib.magnitude(sg, masks)
-    return compute_masks(masks, scores, s, allocation, pat)
+    return compute_masks(masks, scores, s, allocation, pat, opmap=opmap)
 
 
 def ste_params(
@@ -72,6 +80,7 @@ def ste_params(
     pattern: pat_lib.Pattern | str = "2:4",
     allocation: alloc_lib.Allocation | str = "uniform",
     filter: Filter | None = None,
+    opmap: Any = None,
 ) -> PyTree:
     """Params whose value is the sparse ``m ⊙ w`` and whose gradient is the identity (STE).
 
@@ -82,7 +91,8 @@ def ste_params(
     >>> jax.grad(lambda p: jnp.sum(ste_params(p)["kernel"] ** 2))(p)["kernel"][:, 0]
     Array([0., 8., 6., 0.], dtype=float32)
     """
-    masks = ste_masks(params, sparsity, pattern=pattern, allocation=allocation, filter=filter)
+    masks = ste_masks(params, sparsity, pattern=pattern, allocation=allocation, filter=filter,
+                      opmap=opmap)
     return tree_map_masked(
         lambda m, w: w if m is None else w + jax.lax.stop_gradient(jnp.where(m, w, 0.0) - w),
         masks, params,
@@ -96,6 +106,7 @@ def sparse_params(
     pattern: pat_lib.Pattern | str = "2:4",
     allocation: alloc_lib.Allocation | str = "uniform",
     filter: Filter | None = None,
+    opmap: Any = None,
 ) -> tuple[PyTree, PyTree]:
     """Export: ``(params with the pruned entries zeroed, masks)`` — the model STE trained.
 
@@ -103,7 +114,8 @@ def sparse_params(
     >>> sp["kernel"][:, 0]
     Array([0., 4., 3., 0.], dtype=float32)
     """
-    masks = ste_masks(params, sparsity, pattern=pattern, allocation=allocation, filter=filter)
+    masks = ste_masks(params, sparsity, pattern=pattern, allocation=allocation, filter=filter,
+                      opmap=opmap)
     return apply_masks(params, masks), masks
 
 
@@ -114,6 +126,7 @@ def sr_ste(
     pattern: pat_lib.Pattern | str = "2:4",
     allocation: alloc_lib.Allocation | str = "uniform",
     filter: Filter | None = None,
+    opmap: Any = None,
 ) -> optax.GradientTransformation:
     """SR-STE's sparse-refined term: add ``decay · (1 − m) ⊙ w`` to the gradients of pruned weights.
 
@@ -131,13 +144,15 @@ def sr_ste(
     sparsity, pat = _resolve(sparsity, pattern)
 
     def init_fn(params: PyTree) -> optax.EmptyState:
-        validate_patterns(init_masks(params, filter), pat)
+        validate_patterns(init_masks(params, default_filter(opmap) if filter is None else filter),
+                          pat, opmap)
         return optax.EmptyState()
 
     def update_fn(updates: PyTree, state: optax.EmptyState, params: PyTree | None = None):
         if params is None:
             raise ValueError("jaxprune: sr_ste needs params: call tx.update(grads, state, params)")
-        masks = ste_masks(params, sparsity, pattern=pat, allocation=allocation, filter=filter)
+        masks = ste_masks(params, sparsity, pattern=pat, allocation=allocation, filter=filter,
+                          opmap=opmap)
 
         def f(m: Any, g: Any, w: Any) -> Any:
             if m is None or g is None:
