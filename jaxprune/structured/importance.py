@@ -46,10 +46,10 @@ __all__ = [
     "group_scores",
     "Selection",
     "choose_units",
-    "METHODS",
+    "CRITERIA",
 ]
 
-METHODS = ("l1", "l2", "taylor", "wanda", "flap")
+CRITERIA = ("l1", "l2", "taylor", "wanda", "flap")
 
 
 def input_stats(
@@ -114,14 +114,14 @@ def _member_vectors(leaf_scores: Mapping[str, Any], g: Group) -> list[np.ndarray
 def group_scores(
     params: PyTree,
     groups: Sequence[Group],
-    method: str = "l2",
+    criterion: str = "l2",
     *,
     grads: PyTree | None = None,
     stats: Mapping[str, LayerStats] | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-unit importance ``{group name: float[size]}`` (higher = keep).
 
-    Methods: ``l1`` / ``l2`` (norm of all the group's slices), ``taylor`` (``|sum -g*w|`` over the
+    Criteria: ``l1`` / ``l2`` (norm of all the group's slices), ``taylor`` (``|sum -g*w|`` over the
     group, needs ``grads``), ``wanda`` (``sum |w| * ||x||`` over the group's consumer kernels, needs
     ``stats``), ``flap`` (``sum Var[x_j] * ||W[j]||^2`` over consumer kernels, needs ``stats``).
     ``stats`` maps kernel paths (the members' paths) to
@@ -132,29 +132,29 @@ def group_scores(
     >>> group_scores({"w": jnp.array([[3., 4.], [1., 0.]])}, [g], "l2")["h"].tolist()
     [5.0, 1.0]
     """
-    if method not in METHODS:
-        raise ValueError(f"jaxprune.structured.group_scores: unknown method '{method}'; "
-                         f"valid: {list(METHODS)}")
+    if criterion not in CRITERIA:
+        raise ValueError(f"jaxprune.structured.group_scores: unknown criterion '{criterion}'; "
+                         f"valid: {list(CRITERIA)}")
     leaves = {p: x for p, x in leaves_with_paths(params) if x is not None}
     touched = {m.path for g in groups for m in g.members}
     missing = sorted(touched - set(leaves))
     if missing:
         raise ValueError(f"jaxprune.structured.group_scores: group members {missing[:5]} are not "
                          "in params")
-    if method in ("l1", "l2"):
+    if criterion in ("l1", "l2"):
         mag = {p: np.asarray(criteria.magnitude({"w": leaves[p]})["w"]) for p in touched}
-        leaf = {p: v if method == "l1" else v**2 for p, v in mag.items()}
+        leaf = {p: v if criterion == "l1" else v**2 for p, v in mag.items()}
         out = {g.name: sum(_member_vectors(leaf, g)) for g in groups}
-        return {k: np.sqrt(v) if method == "l2" else v for k, v in out.items()}
-    if method == "taylor":
+        return {k: np.sqrt(v) if criterion == "l2" else v for k, v in out.items()}
+    if criterion == "taylor":
         if grads is None:
-            raise ValueError("jaxprune.structured.group_scores: method 'taylor' needs grads=")
+            raise ValueError("jaxprune.structured.group_scores: criterion 'taylor' needs grads=")
         gl = {p: x for p, x in leaves_with_paths(grads) if x is not None}
         leaf = {p: np.asarray(criteria.taylor({"w": leaves[p]}, grads={"w": gl[p]})["w"])
                 for p in touched if p in gl}
         return {g.name: np.abs(sum(_member_vectors(leaf, g))) for g in groups}
     if stats is None:
-        raise ValueError(f"jaxprune.structured.group_scores: method '{method}' needs stats= "
+        raise ValueError(f"jaxprune.structured.group_scores: criterion '{criterion}' needs stats= "
                          "(from input_stats or jaxprune.oneshot.calibrate)")
     if not any(m.path in stats for g in groups for m in g.members):
         raise ValueError(f"jaxprune.structured.group_scores: no group member is a key of stats "
@@ -172,7 +172,7 @@ def group_scores(
             if m.axis >= k:
                 continue  # only input (consumer) axes carry activation statistics
             wm = w.reshape(matrix_view(w.shape, st.fan_in))
-            if method == "wanda":
+            if criterion == "wanda":
                 s = criteria.wanda({"w": wm}, act_norms={"w": jnp.asarray(st.norms)})["w"]
                 s = np.asarray(s).reshape(w.shape)
             else:  # flap: fluctuation metric

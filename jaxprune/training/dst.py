@@ -62,7 +62,7 @@ from jaxprune.core.pipeline import check_opmap, compute_masks, default_filter, l
 from jaxprune.training.wrapper import MaskUpdate, get_masks, masked, reset_inner_state
 
 __all__ = [
-    "METHODS",
+    "SPARSE_TRAINING_METHODS",
     "sparse_training",
     "static_sparse",
     "set_training",
@@ -74,7 +74,7 @@ __all__ = [
     "mask_params",
 ]
 
-METHODS = ("static", "set", "rigl")
+SPARSE_TRAINING_METHODS = ("static", "set", "rigl")
 
 
 def cosine_drop_fraction(step: Any, drop_fraction: float, end_step: int) -> jax.Array:
@@ -210,8 +210,10 @@ def sparse_training(
 
     >>> tx = sparse_training(optax.sgd(0.1, momentum=0.9), 0.9, method="set", total_steps=1000)
     """
-    if method not in METHODS:
-        raise ValueError(f"jaxprune: unknown sparse-training method '{method}'; valid: {METHODS}")
+    if method not in SPARSE_TRAINING_METHODS:
+        raise ValueError(
+            f"jaxprune: unknown sparse-training method '{method}'; valid: {SPARSE_TRAINING_METHODS}"
+        )
     if masks is None and sparsity is None:
         raise ValueError(
             f"jaxprune: {method} needs a sparsity (sparse_training/static_sparse: or masks=)"
