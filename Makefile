@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test lint docs clean venv
+.PHONY: demo test lint docs clean venv gpu-check
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,6 +29,11 @@ test: lint
 docs: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e ".[docs]"
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# the prepared GPU check (docs/gpu.md): runs from a plain checkout on the GPU image (jax with CUDA,
+# flax, optax, orbax; no data packages, no network), with the venv's python when there is one
+gpu-check:
+	PYTHONPATH=. $$(test -x $(PY) && echo $(PY) || echo python3) -m experiments.gpu_check $(GPU_CHECK_ARGS)
 
 # committed results stay; smoke runs (--quick) write *_quick.* files, temporaries are .*.tmp
 clean:

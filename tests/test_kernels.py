@@ -175,19 +175,62 @@ def test_reference_impl_and_bad_inputs():
         block_sparse_matmul(jnp.ones((2, 8)), b)
 
 
-def test_compile_failure_falls_back_with_warning():
-    """A kernel that cannot compile (here: Pallas without interpret on CPU) warns, never crashes."""
+def test_compile_failure_raises_unless_fallback_is_asked_for(monkeypatch):
+    """A kernel that cannot compile (here: Pallas without interpret on CPU) raises a
+    KernelCompileError naming the way out; the reference runs only with ``fallback=True`` or
+    ``$JAXPRUNE_KERNEL_FALLBACK=1`` (and then with a warning), never silently."""
     w, mask = _nm_case(2, 4, 16, 8, seed=1)
     p = F.pack_nm(w, mask)
-    x = jnp.ones((3, 16))
-    _backend._COMPILE_OK.clear()
-    with pytest.warns(RuntimeWarning, match="falling back to the jnp reference"):
-        y = jax.jit(functools.partial(nm_matmul, interpret=False))(x, p)
-    np.testing.assert_allclose(np.asarray(y), np.asarray(ref.nm_matmul_ref(x, p)), rtol=1e-5)
     b = F.pack_block(w, np.ones_like(mask), (4, 4))
-    with pytest.warns(RuntimeWarning, match="falling back"):
-        yb = block_sparse_matmul(x, b, interpret=False, variant="gpu")
-    np.testing.assert_allclose(np.asarray(yb), np.asarray(x @ w), rtol=1e-5, atol=1e-5)
+    x = jnp.ones((3, 16))
+    monkeypatch.delenv(_backend.FALLBACK_ENV, raising=False)
+    _backend._COMPILE_OK.clear()
+    for _ in range(2):  # the second call hits the cache and still raises
+        with pytest.raises(_backend.KernelCompileError, match="fallback=True .*JAXPRUNE_KERNEL_FALLBACK"):
+            jax.jit(functools.partial(nm_matmul, interpret=False))(x, p)
+    with pytest.raises(_backend.KernelCompileError, match="block_sparse_matmul"):
+        block_sparse_matmul(x, b, interpret=False, variant="gpu")
+    with pytest.warns(RuntimeWarning, match="falling back to the jnp reference"):
+        _backend._COMPILE_OK.clear()
+        y = jax.jit(functools.partial(nm_matmul, interpret=False, fallback=True))(x, p)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref.nm_matmul_ref(x, p)), rtol=1e-5)
     with warnings.catch_warnings():  # cached: the second call does not re-try or re-warn
         warnings.simplefilter("error")
-        jax.jit(functools.partial(nm_matmul, interpret=False))(x, p)
+        jax.jit(functools.partial(nm_matmul, interpret=False, fallback=True))(x, p)
+    monkeypatch.setenv(_backend.FALLBACK_ENV, "1")
+    with pytest.warns(RuntimeWarning, match="falling back"):  # the env var allows it
+        yb = block_sparse_matmul(x, b, interpret=False, variant="gpu")
+    np.testing.assert_allclose(np.asarray(yb), np.asarray(x @ w), rtol=1e-5, atol=1e-5)
+    with pytest.raises(_backend.KernelCompileError):  # the argument wins over the env var
+        block_sparse_matmul(x, b, interpret=False, variant="gpu", fallback=False)
+    monkeypatch.setenv(_backend.FALLBACK_ENV, "maybe")
+    with pytest.raises(ValueError, match="JAXPRUNE_KERNEL_FALLBACK must be"):
+        nm_matmul(x, p)
+    _backend._COMPILE_OK.clear()
+
+
+def test_default_interpret_mode_on_cpu_needs_no_fallback(monkeypatch):
+    """On CPU the default runs the kernel in interpret mode: no compile check, no fallback."""
+    monkeypatch.delenv(_backend.FALLBACK_ENV, raising=False)
+    assert _backend.resolve("auto", "auto", None) == ("pallas", "tpu", True)
+    w, mask = _nm_case(2, 4, 16, 8, seed=2)
+    p = F.pack_nm(w, mask)
+    x = jnp.ones((2, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        y = jax.jit(nm_matmul)(x, p)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref.nm_matmul_ref(x, p)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gpu_variants_lower_to_triton_for_cuda(dtype):
+    """Cross-lowering on CPU: the GPU variants produce a Pallas Triton custom call for CUDA
+    (catches Triton lowering gaps before any GPU time; compiling Triton IR needs the GPU)."""
+    w, mask = _nm_case(2, 4, 128, 64, seed=5)
+    p = F.pack_nm(jnp.asarray(w, dtype), mask, 2, 4)
+    b = F.pack_block(jnp.asarray(w, dtype), np.ones_like(mask), (32, 32))
+    x = jnp.ones((3, 128), dtype)
+    for fn, wt in ((nm_matmul, p), (block_sparse_matmul, b)):
+        f = jax.jit(functools.partial(fn, impl="pallas", variant="gpu", interpret=False))
+        text = _backend.lower_for_cuda(f, x, wt)
+        assert "triton" in text

@@ -1,13 +1,16 @@
-"""Backend dispatch shared by the kernels: interpret on CPU, compile on GPU/TPU, fall back safely.
+"""Backend dispatch shared by the kernels: interpret on CPU, compile on GPU/TPU, never fall back silently.
 
 ``resolve(impl, variant, interpret)`` picks what runs:
 
 * ``impl="reference"`` — the ``jnp`` oracle (XLA).
 * ``impl="pallas"`` — the Pallas kernel; on CPU with ``interpret=True`` (always under ``jit``).
 * ``impl="auto"`` (default) — Pallas; on GPU/TPU the kernel for the given static configuration is
-  first compiled once on its own (``jax.jit(...).lower(...).compile()``, cached); if that fails
-  (unsupported dtype, tile shape, lowering gap on this jax version) a warning is emitted and the
-  reference runs instead. This check works even when the caller is itself being traced by ``jit``.
+  first compiled once on its own (``jax.jit(...).lower(...).compile()``, cached). If that fails
+  (unsupported dtype, tile shape, lowering gap on this jax version) a :class:`KernelCompileError`
+  is raised — a benchmark or a model that silently ran the dense reference would report wrong
+  numbers. The reference runs instead (with a ``RuntimeWarning``) only when asked for: the kernels'
+  ``fallback=True`` argument, or the environment variable ``JAXPRUNE_KERNEL_FALLBACK=1``. This check
+  works even when the caller is itself being traced by ``jit``.
 
 ``variant`` picks the kernel's structure: ``"tpu"`` (grid over the reduction, scalar-prefetched block
 indices via ``PrefetchScalarGridSpec``) or ``"gpu"`` (Triton-style: one program per output tile,
@@ -16,6 +19,7 @@ reduction loop inside the kernel). Default: ``"gpu"`` on GPU, ``"tpu"`` elsewher
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -24,7 +28,13 @@ import jax
 
 _IMPLS = ("auto", "pallas", "reference")
 _VARIANTS = ("auto", "tpu", "gpu")
-_COMPILE_OK: dict[Any, bool] = {}
+#: environment variable that allows the reference fallback when ``fallback=None`` (``1``/``true``/``yes``)
+FALLBACK_ENV = "JAXPRUNE_KERNEL_FALLBACK"
+_COMPILE_OK: dict[Any, bool | str] = {}  # key -> True, or the first line of the compile error
+
+
+class KernelCompileError(RuntimeError):
+    """A Pallas kernel does not compile for this backend/configuration and no fallback was asked for."""
 
 
 def platform() -> str:
@@ -53,24 +63,61 @@ def resolve(impl: str, variant: str, interpret: bool | None) -> tuple[str, str, 
     return impl, variant, bool(interpret)
 
 
-def compiles(key: Any, fn: Callable[..., Any], *abstract: Any) -> bool:
-    """Whether ``jax.jit(fn)`` compiles for ``abstract`` args (cached by ``key``); warns if not."""
-    if key in _COMPILE_OK:
-        return _COMPILE_OK[key]
-    try:
-        jax.jit(fn).lower(*abstract).compile()
-        ok = True
-    except Exception as e:  # noqa: BLE001 - any lowering/compile failure means: fall back
-        warnings.warn(
-            f"jaxprune.kernels: Pallas kernel {key[0]} does not compile on {platform()} for "
-            f"{key[1:]} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-            "falling back to the jnp reference",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        ok = False
-    _COMPILE_OK[key] = ok
-    return ok
+def fallback_allowed(fallback: bool | None) -> bool:
+    """Whether a kernel that does not compile may run the ``jnp`` reference instead.
+
+    ``fallback`` wins when given; ``None`` reads ``$JAXPRUNE_KERNEL_FALLBACK`` (default: no).
+
+    >>> fallback_allowed(True), fallback_allowed(False)
+    (True, False)
+    """
+    if fallback is not None:
+        return bool(fallback)
+    env = os.environ.get(FALLBACK_ENV, "").strip().lower()
+    if env in ("", "0", "false", "no"):
+        return False
+    if env in ("1", "true", "yes"):
+        return True
+    raise ValueError(f"jaxprune.kernels: ${FALLBACK_ENV} must be 1/true/yes or 0/false/no, got {env!r}")
+
+
+def compiles(key: Any, fn: Callable[..., Any], *abstract: Any, fallback: bool = False) -> bool:
+    """Whether ``jax.jit(fn)`` compiles for ``abstract`` args (cached by ``key``).
+
+    On failure: raises :class:`KernelCompileError` unless ``fallback`` (then warns once and
+    returns ``False``, so the caller runs the reference).
+
+    >>> compiles(("doc", 1), lambda x: x + 1, jax.ShapeDtypeStruct((2,), "float32"))
+    True
+    """
+    if key not in _COMPILE_OK:
+        try:
+            jax.jit(fn).lower(*abstract).compile()
+            _COMPILE_OK[key] = True
+        except Exception as e:  # noqa: BLE001 - any lowering/compile failure is reported below
+            _COMPILE_OK[key] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+            if fallback:
+                warnings.warn(f"jaxprune.kernels: {_describe(key)} ({_COMPILE_OK[key]}); "
+                              "falling back to the jnp reference", RuntimeWarning, stacklevel=3)
+                return False
+            raise KernelCompileError(_failure(key)) from e
+    ok = _COMPILE_OK[key]
+    if ok is True:
+        return True
+    if fallback:
+        return False
+    raise KernelCompileError(_failure(key))
+
+
+def _describe(key: Any) -> str:
+    return f"Pallas kernel {key[0]} does not compile on {platform()} (jax {jax.__version__}) for {key[1:]}"
+
+
+def _failure(key: Any) -> str:
+    return (f"jaxprune.kernels: {_describe(key)}: {_COMPILE_OK[key]}. Refusing to run the jnp "
+            f"reference silently; pass fallback=True (or set {FALLBACK_ENV}=1) to allow it, "
+            "impl='reference' to run it deliberately, or interpret=True to run the kernel in "
+            "Pallas interpret mode")
 
 
 def abstract(*xs: Any) -> list[jax.ShapeDtypeStruct]:
@@ -79,10 +126,46 @@ def abstract(*xs: Any) -> list[jax.ShapeDtypeStruct]:
 
 
 def triton_params() -> Any:
-    """Triton compiler params when available (selects the Triton lowering on GPU), else ``None``."""
+    """Triton compiler params for ``pallas_call`` on GPU.
+
+    They select the Triton lowering explicitly: since jax 0.10 a ``pallas_call`` without them
+    lowers to Mosaic GPU by default (``jax_pallas_use_mosaic_gpu``), which these Triton-style
+    kernels are not written for. Raises ``RuntimeError`` when this jax has no Pallas Triton backend.
+
+    >>> type(triton_params()).__name__
+    'CompilerParams'
+    """
+    try:
+        from jax.experimental.pallas import triton as plt
+    except ImportError as e:
+        raise RuntimeError(
+            f"jaxprune.kernels: jax {jax.__version__} has no jax.experimental.pallas.triton; the GPU "
+            "kernels need the Pallas Triton backend (use impl='reference' or interpret=True)"
+        ) from e
+    params = getattr(plt, "CompilerParams", None) or getattr(plt, "TritonCompilerParams", None)
+    if params is None:
+        raise RuntimeError(f"jaxprune.kernels: jax {jax.__version__}: jax.experimental.pallas.triton "
+                           "has no CompilerParams")
+    return params(num_warps=4, num_stages=2)
+
+
+def lower_for_cuda(fn: Callable[..., Any], *args: Any) -> str:
+    """StableHLO text of ``fn`` (a ``jax.jit`` function) lowered for CUDA — on any host, no GPU needed.
+
+    Runs the Pallas → Triton lowering of the ``"gpu"`` kernel variants (shape, dtype and primitive
+    support), so lowering gaps show up on CPU; compiling the Triton IR itself needs a GPU.
+
+    >>> import jax.numpy as jnp
+    >>> "stablehlo" in lower_for_cuda(jax.jit(lambda x: x + 1), jnp.ones(2))
+    True
+    """
+    from jax import export
+
     try:
         from jax.experimental.pallas import triton as plt
 
-        return plt.CompilerParams(num_warps=4, num_stages=2)
-    except Exception:  # noqa: BLE001
-        return None
+        target = getattr(plt, "CUSTOM_CALL_TARGET_NAME", "__gpu$xla.gpu.triton")
+    except ImportError:
+        target = "__gpu$xla.gpu.triton"
+    checks = [export.DisabledSafetyCheck.custom_call(target)]
+    return export.export(fn, platforms=["cuda"], disabled_checks=checks)(*args).mlir_module()

@@ -49,6 +49,7 @@ class _Cfg(NamedTuple):
     variant: str
     interpret: bool
     tm: int | None
+    fallback: bool = False
 
 
 def column_tables(w: F.BlockSparse) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -95,7 +96,8 @@ def _kernel_gpu(blk_ref, row_ref, cnt_ref, x_ref, b_ref, o_ref, *, ct, prec, p, 
         wb = b_ref[k].astype(ct)
         return acc + jnp.dot(xs, wb, precision=prec, preferred_element_type=jnp.float32)
 
-    o_ref[...] = jax.lax.fori_loop(0, cnt_ref[j], body, jnp.zeros(o_ref.shape, jnp.float32))
+    acc = jax.lax.fori_loop(0, cnt_ref[j], body, jnp.zeros(o_ref.shape, jnp.float32))
+    o_ref[...] = acc.astype(o_ref.dtype)
 
 
 def _pallas(x2, blocks, rows, cols, col_ptr, cfg: _Cfg):
@@ -113,7 +115,8 @@ def _pallas(x2, blocks, rows, cols, col_ptr, cfg: _Cfg):
     mp = -(-mrows // tm) * tm
     xp = jnp.pad(x2.astype(ct), ((0, mp - mrows), (0, 0)))
     blk, row, cnt = _tables(rows, col_ptr, p)
-    out_shape = jax.ShapeDtypeStruct((mp, nn), jnp.float32)
+    # "tpu" accumulates into the resident output tile (f32); "gpu" stores the result type directly
+    out_shape = jax.ShapeDtypeStruct((mp, nn), jnp.float32 if cfg.variant == "tpu" else ct)
     if cfg.variant == "tpu":
         from jax.experimental.pallas import tpu as pltpu
 
@@ -168,7 +171,8 @@ def _forward(x2, blocks, rows, cols, col_ptr, cfg: _Cfg):
         key = ("block_sparse_matmul", cfg, x2.shape, str(x2.dtype), str(blocks.dtype),
                blocks.shape[0])
         run = functools.partial(_pallas, cfg=cfg)
-        if not _backend.compiles(key, run, *_backend.abstract(x2, blocks, rows, cols, col_ptr)):
+        if not _backend.compiles(key, run, *_backend.abstract(x2, blocks, rows, cols, col_ptr),
+                                 fallback=cfg.fallback):
             return ref.block_sparse_matmul_ref(x2, _packed(blocks, rows, cols, col_ptr, cfg))
     return _pallas(x2, blocks, rows, cols, col_ptr, cfg)
 
@@ -212,17 +216,21 @@ def block_sparse_matmul(
     variant: str = "auto",
     interpret: bool | None = None,
     tm: int | None = None,
+    fallback: bool | None = None,
 ) -> jax.Array:
     """``x @ W`` for a block-sparse ``W`` (matrix view ``(K, N)``); ``x`` is ``(..., K)``.
 
     Args:
       x: activations ``(..., K)``.
       w: :class:`~jaxprune.kernels.formats.BlockSparse` weight.
-      impl: ``"auto"`` (kernel, reference fallback with a warning if it cannot compile),
-        ``"pallas"`` or ``"reference"``.
+      impl: ``"auto"`` (kernel, compiled once on its own first on GPU/TPU: if it cannot compile,
+        :class:`~jaxprune.kernels._backend.KernelCompileError`, or the reference with a warning
+        when ``fallback``), ``"pallas"`` (errors propagate) or ``"reference"``.
       variant: ``"auto"``, ``"tpu"`` (scalar prefetch) or ``"gpu"`` (in-kernel loop).
       interpret: force Pallas interpret mode (default: on CPU). Call under ``jax.jit``.
       tm: row tile (default: power of two >= 16, at most 128; ``M`` is zero-padded to it).
+      fallback: allow the reference when the kernel cannot compile (``None``: read
+        ``$JAXPRUNE_KERNEL_FALLBACK``, default no).
 
     Returns ``(..., N)``; differentiable wrt ``x`` and ``w.blocks``.
 
@@ -238,7 +246,8 @@ def block_sparse_matmul(
     k, nn = w.kn
     ref._check_x(x, k, "block_sparse_matmul")
     impl, variant, interp = _backend.resolve(impl, variant, interpret)
-    cfg = _Cfg(tuple(w.shape), tuple(w.block), w.max_per_col, impl, variant, interp, tm)
+    cfg = _Cfg(tuple(w.shape), tuple(w.block), w.max_per_col, impl, variant, interp, tm,
+               _backend.fallback_allowed(fallback))
     lead = x.shape[:-1]
     y = _bs_core(x.reshape(-1, k), w.blocks, w.rows, w.cols, w.col_ptr, cfg)
     return y.reshape(*lead, nn)

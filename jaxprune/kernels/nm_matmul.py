@@ -53,6 +53,7 @@ class _Cfg(NamedTuple):
     variant: str
     interpret: bool
     tiles: tuple[int, int, int] | None
+    fallback: bool = False
 
 
 def _first_divisor(total: int, candidates: tuple[int, ...]) -> int:
@@ -117,7 +118,7 @@ def _kernel_gpu(x_ref, v_ref, i_ref, o_ref, *, n, m, f, bits, ct, prec, th, step
         return acc
 
     acc = jax.lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape, jnp.float32))
-    o_ref[...] = acc
+    o_ref[...] = acc.astype(o_ref.dtype)
 
 
 def _pallas(x2: jax.Array, values: jax.Array, idx: jax.Array, cfg: _Cfg) -> jax.Array:
@@ -142,7 +143,9 @@ def _pallas(x2: jax.Array, values: jax.Array, idx: jax.Array, cfg: _Cfg) -> jax.
     xp = jnp.pad(x2.astype(ct), ((0, mp - mrows), (0, kp - k)))
     # column k = ((t*th + hl)*F + q)*m + p  ->  position t*tk + (q*m + p)*th + hl
     xp = xp.reshape(mp, steps, th, f, m).transpose(0, 1, 3, 4, 2).reshape(mp, kp)
-    out_shape = jax.ShapeDtypeStruct((mp, nn), jnp.float32)
+    # "tpu" accumulates into the resident output tile (f32); "gpu" accumulates in registers and
+    # stores the result type directly (no extra f32 pass over the output in HBM)
+    out_shape = jax.ShapeDtypeStruct((mp, nn), jnp.float32 if cfg.variant == "tpu" else ct)
     kw = dict(n=n, m=m, f=f, bits=bits, ct=ct, prec=prec)
     if cfg.variant == "tpu":
         params = None
@@ -193,7 +196,8 @@ def _forward(x2: jax.Array, values: jax.Array, idx: jax.Array, cfg: _Cfg) -> jax
     if cfg.impl == "auto":
         key = ("nm_matmul", cfg, x2.shape, str(x2.dtype), str(values.dtype))
         run = functools.partial(_pallas, cfg=cfg)
-        if not _backend.compiles(key, run, *_backend.abstract(x2, values, idx)):
+        if not _backend.compiles(key, run, *_backend.abstract(x2, values, idx),
+                                 fallback=cfg.fallback):
             return ref.nm_matmul_ref(x2, _packed(values, idx, cfg))
     return _pallas(x2, values, idx, cfg)
 
@@ -238,17 +242,21 @@ def nm_matmul(
     variant: str = "auto",
     interpret: bool | None = None,
     tiles: tuple[int, int, int] | None = None,
+    fallback: bool | None = None,
 ) -> jax.Array:
     """``x @ W`` for an N:M-packed ``W`` (matrix view ``(K, N)``); ``x`` is ``(..., K)``.
 
     Args:
       x: activations ``(..., K)``, float32/bfloat16/float16.
       w: :class:`~jaxprune.kernels.formats.NMPacked` weight.
-      impl: ``"auto"`` (kernel, falls back to the reference with a warning if it cannot compile),
-        ``"pallas"`` (kernel, errors propagate) or ``"reference"``.
+      impl: ``"auto"`` (kernel, compiled once on its own first on GPU/TPU: if it cannot compile,
+        :class:`~jaxprune.kernels._backend.KernelCompileError`, or the reference with a warning
+        when ``fallback``), ``"pallas"`` (kernel, errors propagate) or ``"reference"``.
       variant: ``"auto"``, ``"tpu"`` or ``"gpu"`` kernel structure.
       interpret: force Pallas interpret mode (default: on CPU). Call under ``jax.jit``.
       tiles: ``(tm, tn, th)`` override; see :func:`choose_tiles`.
+      fallback: allow the reference when the kernel cannot compile (``None``: read
+        ``$JAXPRUNE_KERNEL_FALLBACK``, default no).
 
     Returns ``(..., N)`` in ``result_type(x, w.values)``; differentiable wrt ``x`` and
     ``w.values``.
@@ -264,7 +272,8 @@ def nm_matmul(
     ref._check_x(x, k, "nm_matmul")
     impl, variant, interp = _backend.resolve(impl, variant, interpret)
     cfg = _Cfg(tuple(w.shape), w.n, w.m, impl, variant, interp,
-               None if tiles is None else tuple(int(t) for t in tiles))
+               None if tiles is None else tuple(int(t) for t in tiles),
+               _backend.fallback_allowed(fallback))
     lead = x.shape[:-1]
     y = _nm_core(x.reshape(-1, k), w.values, w.indices, cfg)
     return y.reshape(*lead, nn)

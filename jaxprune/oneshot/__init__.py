@@ -2,7 +2,8 @@
 
 Observe, then transform: :func:`calibrate` records per-layer input statistics of any Flax model;
 layer methods are values (:class:`LayerMethod`: :class:`SparseGPT`, :class:`OBS`, :class:`Wanda`,
-:class:`Magnitude`, :class:`DSnoT`) called as
+:class:`Magnitude`, :class:`DSnoT`; :class:`GPTQ` and ``SparseGPT(quant=QuantSpec(...))``
+quantize, jointly with pruning, returning dequantized weights) called as
 ``method(weight, stats, sparsity=None, *, pattern=..., name=...) -> (new_weight, mask)`` and
 declaring the statistics they need; :func:`get_method` finds one by name. :func:`prune_layers`
 and :func:`prune_sequential` prune a whole model and return ``(params, masks)``;
@@ -27,8 +28,9 @@ from jaxprune.oneshot.dsnot import DSnoT
 from jaxprune.oneshot.methods import METHODS, LayerMethod, get_method, register_method
 from jaxprune.oneshot.obs import OBS
 from jaxprune.oneshot.owl import OWL, owl_sparsities
+from jaxprune.oneshot.quant import QuantizedWeight, QuantSpec, qwix_rtn, rtn
 from jaxprune.oneshot.sequential import BlockSpec, prune_layers, prune_sequential
-from jaxprune.oneshot.sparsegpt import SparseGPT
+from jaxprune.oneshot.sparsegpt import GPTQ, SparseGPT
 from jaxprune.oneshot.wanda import Magnitude, PerOutput, Wanda
 
 __all__ = [
@@ -36,4 +38,5 @@ __all__ = [
     "METHODS", "LayerMethod", "get_method", "register_method",
     "SparseGPT", "OBS", "Wanda", "Magnitude", "DSnoT", "PerOutput",
     "OWL", "owl_sparsities", "BlockSpec", "prune_layers", "prune_sequential",
+    "GPTQ", "QuantSpec", "QuantizedWeight", "rtn", "qwix_rtn",
 ]

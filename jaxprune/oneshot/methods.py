@@ -20,7 +20,7 @@ registry (``"magnitude"``, ``"wanda"``, ``"sparsegpt"``, ``"obs"``, ``"magnitude
 Example:
     >>> from jaxprune import oneshot
     >>> oneshot.get_method("sparsegpt+dsnot")
-    DSnoT(base=SparseGPT(blocksize=128, percdamp=0.01), max_cycles=50, var_power=1.0)
+    DSnoT(base=SparseGPT(blocksize=128, percdamp=0.01, quant=None), max_cycles=50, var_power=1.0)
     >>> oneshot.get_method("sparsegpt").needs, oneshot.get_method("magnitude").needs
     (('gram',), ())
 """
@@ -141,6 +141,23 @@ class LayerMethod:
         >>> np.asarray(m)[:, 0].tolist()
         [True, False, True, False]
         """
+        w2, s, pat, back = self.matrix_target(weight, stats, sparsity, pattern, name)
+        q2, m2 = self.prune_matrix(w2, stats, s, pat, name=name)
+        return back(q2), back(jnp.asarray(m2))
+
+    def matrix_target(
+        self, weight: Any, stats: LayerStats | None, sparsity: float | None,
+        pattern: pat_lib.Pattern | str, name: str,
+    ) -> tuple[jax.Array, Any, pat_lib.Pattern, Any]:
+        """``(matrix, sparsity, pattern, back)``: the checked ``(fan_in, out)`` view of ``weight``
+        (the calibrated view when ``stats`` carry one), the resolved target, and ``back`` mapping a
+        matrix (values or mask) back to ``weight``'s shape (values: ``weight``'s dtype).
+
+        >>> from jaxprune.oneshot import Magnitude
+        >>> w2, s, pat, back = Magnitude().matrix_target(np.ones((3, 3, 4, 4)), None, 0.5, "2:4", "c")
+        >>> w2.shape, s, back(w2).shape
+        ((36, 4), 0.5, (3, 3, 4, 4))
+        """
         shape = tuple(np.shape(weight))
         view = getattr(stats, "view", None)
         if view is not None and tuple(view.shape) != shape:
@@ -155,11 +172,14 @@ class LayerMethod:
             w2 = as_matrix(weight, stats, name)
         else:
             w2 = as_matrix(weight, _matrix_shape(shape, fan_in, name)[0], name)
-        q2, m2 = self.prune_matrix(w2, stats, s, pat, name=name)
         dtype = jnp.asarray(weight).dtype
-        back = stats if view is not None else None
-        return (from_matrix(q2, back, shape).astype(dtype),
-                from_matrix(jnp.asarray(m2), back, shape))
+        back_stats = stats if view is not None else None
+
+        def back(a: jax.Array) -> jax.Array:
+            r = from_matrix(a, back_stats, shape)
+            return r if r.dtype == jnp.bool_ else r.astype(dtype)
+
+        return w2, s, pat, back
 
     def check_stats(self, stats: LayerStats | None, name: str) -> None:
         """Raise ``ValueError`` naming the layer if ``stats`` lack what ``needs`` declares.
@@ -201,7 +221,7 @@ def register_method(name: str, method: LayerMethod) -> LayerMethod:
 
     >>> from jaxprune.oneshot import SparseGPT
     >>> register_method("sparsegpt-b64", SparseGPT(blocksize=64))
-    SparseGPT(blocksize=64, percdamp=0.01)
+    SparseGPT(blocksize=64, percdamp=0.01, quant=None)
     >>> get_method("sparsegpt-b64").blocksize
     64
     """

@@ -47,13 +47,32 @@ from jaxprune.core import pipeline
 from jaxprune.oneshot.calibration import LayerStats
 from jaxprune.oneshot.common import damped_inverse_cholesky, prepare_hessian
 from jaxprune.oneshot.methods import LayerMethod, register_method
+from jaxprune.oneshot.quant import (
+    QuantizedWeight,
+    QuantSpec,
+    encode,
+    fake_quant,
+    grid_constants,
+    grid_params_traced,
+    row_params,
+)
 
-__all__ = ["SparseGPT"]
+__all__ = ["SparseGPT", "GPTQ"]
 
 
-@functools.partial(jax.jit, static_argnames=("blocksize", "nm"))
+@functools.partial(jax.jit, static_argnames=("blocksize", "nm", "quant", "prune"))
 def _sparsegpt_core(w: jax.Array, u: jax.Array, sparsity: jax.Array, blocksize: int,
-                    nm: pat_lib.NM | None) -> tuple[jax.Array, jax.Array]:
+                    nm: pat_lib.NM | None, quant: int | None = None, prune: bool = True,
+                    qc: jax.Array | None = None,
+                    qrows: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, ...]:
+    """The one column sweep: prune (``prune``), quantize (``quant``: the group size, 0 with
+    ``qrows``) or both, with compensation; ``qc``: :func:`~jaxprune.oneshot.quant.grid_constants`.
+
+    ``qrows``: static per-row grid params ``(scale, zero)`` (per channel / act-order groups);
+    otherwise each group's params come from its kept, current weights when the sweep reaches its
+    first row (N:M: the mask the group would get now). Returns ``(w, mask)`` and, with ``quant``,
+    the per-row params too.
+    """
     fin, out = w.shape
     bs = blocksize
     nb = math.ceil(fin / bs)
@@ -62,24 +81,33 @@ def _sparsegpt_core(w: jax.Array, u: jax.Array, sparsity: jax.Array, blocksize: 
     up = jnp.pad(u, ((0, pad), (0, pad)))
     up = up + jnp.diag(jnp.concatenate([jnp.zeros(fin), jnp.ones(pad)]).astype(u.dtype))
     rows = jnp.arange(bs)
+    if quant is not None:
+        if qrows is not None:
+            srows = jnp.pad(qrows[0], ((0, pad), (0, 0)), constant_values=1.0)
+            zrows = jnp.pad(qrows[1], ((0, pad), (0, 0)))
+        else:
+            srows, zrows = jnp.ones_like(wp), jnp.zeros_like(wp)
 
-    def block(b: jax.Array, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        wcur, mcur = carry
+    def block(b: jax.Array, carry: tuple) -> tuple:
+        wcur, mcur = carry[:2]
         i1 = b * bs
         w1 = jax.lax.dynamic_slice(wcur, (i1, 0), (bs, out))
         u1 = jax.lax.dynamic_slice(up, (i1, i1), (bs, bs))
         d = jnp.diag(u1)
         real = jnp.clip(fin - i1, 0, bs)
-        if nm is None:
+        if nm is None and prune:
             sc = (w1 / d[:, None]) ** 2
             sc = jnp.where((rows < real)[:, None], sc, jnp.inf)  # padding rows: always kept
             k_prune = jnp.round(sparsity * (real * out).astype(jnp.float32)).astype(jnp.int32)
             mask1 = pipeline.leaf_mask(sc, n_keep=bs * out - k_prune, path="<sparsegpt block>")
         else:
             mask1 = jnp.ones((bs, out), bool)
+        if quant is not None:
+            s1 = jax.lax.dynamic_slice(carry[2], (i1, 0), (bs, out))
+            z1 = jax.lax.dynamic_slice(carry[3], (i1, 0), (bs, out))
 
         def col(i: jax.Array, c: tuple) -> tuple:
-            w1, mask1, q1, e1 = c
+            w1, mask1, q1, e1 = c[:4]
             if nm is not None:
                 g = jax.lax.dynamic_slice(w1, (i, 0), (nm.m, out))
                 dg = jax.lax.dynamic_slice(d, (i,), (nm.m,))
@@ -89,29 +117,60 @@ def _sparsegpt_core(w: jax.Array, u: jax.Array, sparsity: jax.Array, blocksize: 
                                   jax.lax.dynamic_update_slice(mask1, gm, (i, 0)), mask1)
             wi = w1[i]
             q = jnp.where(mask1[i], wi, 0.0)
+            if quant is not None:
+                s1, z1 = c[4:]
+                if qrows is None:  # dynamic groups: params of the kept, updated rows of the group
+                    gs = quant
+
+                    def new_params(sz: tuple) -> tuple:
+                        grp = jax.lax.dynamic_slice(jnp.where(mask1, w1, 0.0), (i, 0), (gs, out))
+                        if nm is not None:  # the N:M mask the group's rows would get now
+                            dg = jax.lax.dynamic_slice(d, (i,), (gs,))
+                            grp = jnp.where(pipeline.leaf_mask((grp / dg[:, None]) ** 2, sparsity,
+                                                               pattern=nm, path="<gptq group>"),
+                                            grp, 0.0)
+                        s, z = grid_params_traced(grp, qc)
+                        upd = lambda a, v: jax.lax.dynamic_update_slice(  # noqa: E731
+                            a, jnp.broadcast_to(v, (gs, out)), (i, 0))
+                        return upd(sz[0], s), upd(sz[1], z)
+
+                    s1, z1 = jax.lax.cond(i % gs == 0, new_params, lambda sz: sz, (s1, z1))
+                q = fake_quant(q, s1[i], z1[i], qc[0])
             err = (wi - q) / d[i]
             w1 = w1 - jnp.outer(u1[i], err)
-            return w1, mask1, q1.at[i].set(q), e1.at[i].set(err)
+            new = (w1, mask1, q1.at[i].set(q), e1.at[i].set(err))
+            return new if quant is None else new + (s1, z1)
 
         z = jnp.zeros((bs, out), w.dtype)
-        _, mask1, q1, e1 = jax.lax.fori_loop(0, bs, col, (w1, mask1, z, z))
+        init = (w1, mask1, z, z) if quant is None else (w1, mask1, z, z, s1, z1)
+        res = jax.lax.fori_loop(0, bs, col, init)
+        mask1, q1, e1 = res[1:4]
         urows = jax.lax.dynamic_slice(up, (i1, 0), (bs, fin + pad))
         wcur = wcur - jnp.matmul(urows.T, e1, precision=jax.lax.Precision.HIGHEST)
         wcur = jax.lax.dynamic_update_slice(wcur, q1, (i1, 0))
         mcur = jax.lax.dynamic_update_slice(mcur, mask1, (i1, 0))
-        return wcur, mcur
+        if quant is None:
+            return wcur, mcur
+        return (wcur, mcur, jax.lax.dynamic_update_slice(carry[2], res[4], (i1, 0)),
+                jax.lax.dynamic_update_slice(carry[3], res[5], (i1, 0)))
 
-    wout, mout = jax.lax.fori_loop(0, nb, block, (wp, jnp.ones_like(wp, bool)))
-    return wout[:fin], mout[:fin]
+    init = (wp, jnp.ones_like(wp, bool))
+    if quant is not None:
+        init = init + (srows, zrows)
+    res = jax.lax.fori_loop(0, nb, block, init)
+    return tuple(r[:fin] for r in res)
 
 
 @dataclasses.dataclass(frozen=True)
 class SparseGPT(LayerMethod):
-    """SparseGPT layer method; needs ``("gram",)``.
+    """SparseGPT layer method; needs ``("gram",)``. With ``quant``: the joint sweep (prune, then put
+    the kept weights on the grid, compensating both errors); at sparsity 0 (unstructured): GPTQ.
 
     Args:
-      blocksize: lazy-update block (rounded down to a multiple of ``m`` for N:M).
+      blocksize: lazy-update block (rounded to a multiple of ``m`` for N:M and of the quantization
+        group size, at least one of each).
       percdamp: dampening as a fraction of ``mean(diag H)``.
+      quant: a :class:`~jaxprune.oneshot.quant.QuantSpec`, or ``None`` (prune only).
 
     >>> import numpy as np
     >>> from jaxprune.oneshot.calibration import LayerStats
@@ -125,6 +184,7 @@ class SparseGPT(LayerMethod):
     label: ClassVar[str] = "sparsegpt"
     blocksize: int = 128
     percdamp: float = 0.01
+    quant: QuantSpec | None = None
 
     def prune_matrix(self, w: jax.Array, stats: LayerStats | None, sparsity: Any,
                      pattern: pat_lib.Pattern, *, name: str = "<layer>"
@@ -137,18 +197,112 @@ class SparseGPT(LayerMethod):
         >>> m[:, 0].tolist()
         [False, True]
         """
+        return self._sweep(w, stats, sparsity, pattern, name)[:2]
+
+    def compress(self, weight: Any, stats: LayerStats | None, sparsity: float | None = None, *,
+                 pattern: pat_lib.Pattern | str = "unstructured", name: str = "<layer>"
+                 ) -> tuple[QuantizedWeight, jax.Array]:
+        """Like calling the method, but returns the integer codes + group scales of the result's
+        ``(fan_in, out)`` matrix view and the mask in that view (needs ``quant``).
+
+        ``compress(...)[0].dequantize()`` equals the matrix view of ``method(...)[0]``.
+
+        >>> st = LayerStats(np.eye(4, dtype=np.float32), np.zeros(4), np.ones(4), 1, 4)
+        >>> qw, m = GPTQ().compress(np.linspace(-1, 1, 8).reshape(4, 2), st)
+        >>> qw.codes.dtype, qw.scales.shape, qw.codes[:, 0].tolist(), bool(m.all())
+        (dtype('int8'), (1, 2), [-7, -3, 1, 5], True)
+        """
+        if self.quant is None:
+            raise ValueError(f"jaxprune: {self.label}.compress on '{name}' needs quant=QuantSpec(...)")
+        w2, s, pat, _ = self.matrix_target(weight, stats, self._default_sparsity(sparsity, pattern),
+                                           pattern, name)
+        wq, m, srows, zrows = self._sweep(w2, stats, s, pat, name)
+        return encode(wq, srows, zrows, self.quant), m
+
+    def _default_sparsity(self, sparsity: float | None, pattern: Any) -> float | None:
+        return sparsity
+
+    def _sweep(self, w: jax.Array, stats: LayerStats | None, sparsity: Any,
+               pattern: pat_lib.Pattern, name: str) -> tuple[jax.Array, ...]:
         self.check_stats(stats, name)
         w = jnp.asarray(w, jnp.float32)
         h, dead = prepare_hessian(stats.hessian, name)
         w = jnp.where(jnp.asarray(dead)[:, None], 0.0, w)
-        u = damped_inverse_cholesky(h, self.percdamp, name)
         bs = int(self.blocksize)
         nm = None
         if isinstance(pattern, pat_lib.NM):
             nm = pat_lib.NM(pattern.n, pattern.m)
             bs = max(nm.m, bs - bs % nm.m)
-        return _sparsegpt_core(w, u, jnp.asarray(sparsity, jnp.float32), bs, nm)
+        q = self.quant
+        if q is None:
+            u = damped_inverse_cholesky(h, self.percdamp, name)
+            return _sparsegpt_core(w, u, jnp.asarray(sparsity, jnp.float32), bs, nm)
+        prune = nm is not None or float(sparsity) > 0
+        if q.act_order and nm is not None:
+            raise ValueError(f"jaxprune: layer '{name}': act_order permutes the fan-in and cannot "
+                             f"keep {nm.n}:{nm.m} groups; use act_order=False with N:M")
+        unit = math.lcm(q.group_size or 1, nm.m if nm is not None else 1)
+        bs = max(unit, bs - bs % unit)
+        qrows = None
+        if q.group_size is None or q.act_order:  # static params, from the original weights
+            qrows = row_params(w, q)
+        perm = None
+        if q.act_order:
+            perm = np.argsort(-np.diag(h), kind="stable")
+            h = h[perm][:, perm]
+            w = w[perm]
+            qrows = (qrows[0][perm], qrows[1][perm])
+        u = damped_inverse_cholesky(h, self.percdamp, name)
+        out = _sparsegpt_core(w, u, jnp.asarray(sparsity, jnp.float32), bs, nm,
+                              0 if qrows is not None else q.group_size, prune, grid_constants(q),
+                              qrows)
+        if perm is not None:
+            inv = np.argsort(perm)
+            out = tuple(a[inv] for a in out)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTQ(SparseGPT):
+    """GPTQ (Frantar et al., 2023): quantization with OBS compensation, in the SparseGPT sweep.
+
+    ``GPTQ(quant=QuantSpec(bits, group_size, symmetric, act_order))(weight, stats)`` returns the
+    dequantized weight and an all-true mask; with ``sparsity``/``pattern`` it is the joint sweep
+    (the same as ``SparseGPT(quant=...)``). :meth:`compress` gives the integer codes and scales.
+
+    >>> import numpy as np
+    >>> from jaxprune.oneshot.calibration import LayerStats
+    >>> st = LayerStats(np.eye(4, dtype=np.float32), np.zeros(4), np.ones(4), 1, 4)
+    >>> w, m = GPTQ()(np.linspace(-1, 1, 8).reshape(4, 2), st)
+    >>> bool(m.all()), np.round(np.asarray(w)[:, 0] * 7, 4).tolist()
+    (True, [-7.0, -3.0, 1.0, 5.0])
+    """
+
+    label: ClassVar[str] = "gptq"
+    quant: QuantSpec | None = QuantSpec()
+
+    def __call__(self, weight: Any, stats: LayerStats | None, sparsity: float | None = None, *,
+                 pattern: pat_lib.Pattern | str = "unstructured", name: str = "<layer>"
+                 ) -> tuple[jax.Array, jax.Array]:
+        """Quantize (``sparsity=None`` with the unstructured pattern means 0) or prune + quantize.
+
+        >>> st = LayerStats(np.eye(4, dtype=np.float32), np.zeros(4), np.ones(4), 1, 4)
+        >>> w = np.array([[0.6, 1], [-1, 1], [0, 1], [0, 1]], np.float32)
+        >>> GPTQ()(w, st)[0][:2, 0].tolist()  # grid: k/7, |k| <= 7
+        [0.5714285969734192, -1.0]
+        """
+        return super().__call__(weight, stats, self._default_sparsity(sparsity, pattern),
+                                pattern=pattern, name=name)
+
+    def _default_sparsity(self, sparsity: float | None, pattern: Any) -> float | None:
+        if sparsity is None and not isinstance(pat_lib.parse(pattern), pat_lib.NM):
+            return 0.0
+        return sparsity
 
 
 register_method("sparsegpt", SparseGPT())
+register_method("gptq", GPTQ())
+register_method("gptq-int8", GPTQ(quant=QuantSpec(bits=8)))
+register_method("sparsegpt+int4", SparseGPT(quant=QuantSpec(bits=4)))
+register_method("sparsegpt+int8", SparseGPT(quant=QuantSpec(bits=8)))
 _ = np  # used by the doctests
