@@ -1,19 +1,30 @@
-"""Sparse pretraining of a tiny byte-level GPT with gradual magnitude pruning on a device mesh.
+"""Sparse pretraining of a tiny byte-level GPT (gradual magnitude pruning or RigL) on a device mesh.
 
 The corpus is the bytes of the Python standard library's ``*.py`` files (offline, deterministic
 order); the last 10% is held out. Batch ``i`` is a pure function of ``(seed, i)``, so a run
 interrupted at any step and restarted with ``--resume`` continues with exactly the same data,
 params, masks, optimizer state and PRNG key. Params, masks and Adam moments live on a
 ``data x model`` mesh (``--mesh 2,4``); pruning ramps to ``--sparsity`` with the Zhu & Gupta
-polynomial schedule through :func:`jaxprune.pruner`. Logs loss and tokens/s; checkpoints every
-``--ckpt-every`` steps (orbax, async); writes a compact sparse checkpoint at the end.
+polynomial schedule through :func:`jaxprune.pruner` (or RigL at constant ``--sparsity`` with
+``--method rigl``). Logs loss and tokens/s; checkpoints every ``--ckpt-every`` steps (orbax, async);
+writes a compact sparse checkpoint at the end.
+
+Multi-process: under ``jaxprune launch -n N [--devices-per-process D] -- <this command>`` every
+process joins one JAX job (:func:`jaxprune.io.distributed.initialize`); the default ``--mesh auto``
+is ``N x D`` (``data`` across processes, ``model`` inside one), params, masks and Adam moments are
+sharded over it, each process builds the same global batch (a pure function of the step) and
+feeds only its own rows (deterministic per-process slicing, no grain), and orbax writes each
+process's shards into the one checkpoint directory. A checkpoint resumes with any process count
+(2 -> 1, 1 -> 2). After every checkpoint the masks are checked to be identical on every process
+(:func:`jaxprune.io.distributed.assert_consistent`).
 
 Examples::
 
     python -m experiments.sparse_pretrain --quick                    # CPU, ~1 minute
     python -m experiments.sparse_pretrain --quick --cpu-devices 8 --mesh 2,4
     python -m experiments.sparse_pretrain --steps 2000 --ckpt-dir /tmp/run --resume
-    # multi-host (one process per host): add --distributed
+    jaxprune launch -n 2 --devices-per-process 2 -- python -m experiments.sparse_pretrain --quick
+    # multi-host (one process per host, cluster auto-detected by JAX): add --distributed
 """
 
 from __future__ import annotations
@@ -48,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune-end", type=float, default=0.7, help="ramp end, fraction of steps")
     p.add_argument("--prune-every", type=pos_int, default=None, help="mask update period (steps)")
     p.add_argument("--allocation", default="uniform", help="uniform | erk | global")
-    p.add_argument("--mesh", default="1,1", help="data,model mesh shape, e.g. 2,4")
+    p.add_argument("--method", choices=("gradual", "rigl"), default="gradual",
+                   help="gradual magnitude pruning (ramp) or RigL (constant --sparsity)")
+    p.add_argument("--mesh", default="auto",
+                   help="data,model mesh shape, e.g. 2,4; auto = processes x devices per process")
     p.add_argument("--cpu-devices", type=pos_int, default=None,
                    help="number of virtual CPU devices (set before JAX starts)")
     p.add_argument("--seed", type=_common.nonnegative_int, default=0)
@@ -59,7 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--stop-after", type=pos_int, default=None,
                    help="exit after this step (simulates an interrupted run)")
+    p.add_argument("--crash-after", type=pos_int, default=None,
+                   help="fault injection: the last process exits abruptly (code 13) once the "
+                        "checkpoint of this step is on disk")
+    p.add_argument("--dump-state", default=None,
+                   help="write the final params and masks (full arrays) to this .npz")
     p.add_argument("--log-every", type=pos_int, default=None)
+    p.add_argument("--no-final-eval", action="store_true",
+                   help="skip the held-out loss and the compact checkpoint at the end")
     p.add_argument("--corpus-bytes", type=pos_int, default=4_000_000)
     p.add_argument("--out", default=None, help="write the final metrics as JSON here")
     p.add_argument("--distributed", action="store_true",
@@ -123,13 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import jax
 
-    if args.cpu_devices:
-        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    from jaxprune.io import distributed as dist
     from jaxprune.io import sharding as shd
 
-    if args.distributed or args.coordinator:
-        shd.initialize_distributed(args.coordinator, args.num_processes, args.process_id,
-                                   auto=True)
+    dist.initialize(args.coordinator, args.num_processes, args.process_id,
+                    local_cpu_devices=args.cpu_devices, auto=args.distributed)
     import optax
 
     import jaxprune as jp
@@ -137,10 +156,19 @@ def main(argv: list[str] | None = None) -> int:
     from jaxprune.io import compact
     from jaxprune.zoo.models.tiny_lm import TinyLM, lm_loss
 
-    data_ax, model_ax = (int(v) for v in args.mesh.split(","))
-    mesh = shd.make_mesh(data_ax, model_ax)
+    if args.mesh == "auto":
+        mesh = dist.global_mesh()
+    else:
+        shape = args.mesh.split(",")
+        if len(shape) != 2 or not all(v.strip().isdigit() and int(v) >= 1 for v in shape):
+            print(f"sparse_pretrain: --mesh must be 'auto' or data,model (two integers >= 1, "
+                  f"e.g. 2,4), got {args.mesh!r}")
+            return 2
+        mesh = dist.global_mesh(*(int(v) for v in shape))
+    data_ax = mesh.shape["data"]
     if args.batch % data_ax or args.batch % jax.process_count():
-        print(f"sparse_pretrain: --batch {args.batch} not divisible by data axis {data_ax}")
+        print(f"sparse_pretrain: --batch {args.batch} not divisible by data axis {data_ax} and "
+              f"{jax.process_count()} processes")
         return 2
     corpus = load_corpus(args.corpus_bytes)
     split = int(0.9 * corpus.size)
@@ -148,13 +176,20 @@ def main(argv: list[str] | None = None) -> int:
 
     model = TinyLM(d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
                    max_len=args.seq)
-    params = model.init(jax.random.key(args.seed), np.zeros((1, args.seq), np.int32))["params"]
+    # one compiled init (eager init compiles every op separately: ~3x slower for a tiny model)
+    params = jax.jit(model.init)(jax.random.key(args.seed), np.zeros((1, args.seq), np.int32))["params"]
     n_params = sum(x.size for x in jax.tree.leaves(params))
     begin = int(args.prune_begin * args.steps)
     end = max(begin + 1, int(args.prune_end * args.steps))
-    schedule = jp.Polynomial(args.sparsity, begin=begin, end=end, freq=args.prune_every)
-    tx = jp.pruner(optax.adamw(args.lr, weight_decay=0.0), schedule=schedule,
-                   allocation=args.allocation)
+    inner = optax.adamw(args.lr, weight_decay=0.0)
+    if args.method == "rigl":
+        from jaxprune.training.dst import rigl
+
+        tx = rigl(inner, args.sparsity, allocation=args.allocation, update_period=args.prune_every,
+                  total_steps=args.steps, key=jax.random.key(args.seed + 1))
+    else:
+        schedule = jp.Polynomial(args.sparsity, begin=begin, end=end, freq=args.prune_every)
+        tx = jp.pruner(inner, schedule=schedule, allocation=args.allocation)
     state, shardings = shd.init_train_state(params, tx, mesh, seed=args.seed)
     bsh = shd.batch_sharding(mesh)
 
@@ -166,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ckpt_dir = os.path.abspath(args.ckpt_dir)
     config = {k: v for k, v in vars(args).items()
-              if k not in ("resume", "stop_after", "out", "results_dir")}
+              if k not in ("resume", "stop_after", "out", "results_dir", "crash_after",
+                           "dump_state", "coordinator", "num_processes", "process_id",
+                           "cpu_devices")}
     mgr = ck.CheckpointManager(ckpt_dir, max_to_keep=args.keep)
     if args.resume and mgr.latest_step() is not None:
         state, saved_cfg = mgr.restore(state)
@@ -178,13 +215,13 @@ def main(argv: list[str] | None = None) -> int:
         mgr.close()
         return 2
 
-    per_proc = args.batch // jax.process_count()
     pid = jax.process_index()
-    rows = slice(pid * per_proc, (pid + 1) * per_proc)
+    rows = dist.process_rows(args.batch, bsh)
     start = int(state.step)
     last = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
     print(f"TinyLM d_model={args.d_model} layers={args.layers} params={n_params:,} "
-          f"mesh={dict(mesh.shape)} devices={jax.device_count()} ({jax.devices()[0].platform}) "
+          f"mesh={dict(mesh.shape)} devices={jax.device_count()} ({jax.devices()[0].platform}, "
+          f"{jax.process_count()} processes) "
           f"batch={args.batch}x{args.seq} steps {start}->{last} target sparsity {args.sparsity}")
     t_window, tok_window, rates = None, 0, []
     loss = float("nan")
@@ -205,40 +242,65 @@ def main(argv: list[str] | None = None) -> int:
             tps = tok_window / dt if dt > 0 and tok_window else float("nan")
             if tok_window:
                 rates.append(tps)
-            sp = jp.total_sparsity(state.params, jp.get_masks(state.opt_state))
+            # to_host: full values on every process (a gather only if params span processes)
+            sp = jp.total_sparsity(*dist.to_host((state.params, jp.get_masks(state.opt_state))))
             print(f"step {step:6d}  loss {loss:.4f}  sparsity {sp:.3f}  tokens/s {tps:,.0f}")
             t_window, tok_window = time.perf_counter(), 0
         if step % args.ckpt_every == 0 or step == last:
             mgr.save(step, state, config=config, force=step == last)
+            if jax.process_count() > 1:
+                dist.assert_consistent(jp.get_masks(state.opt_state), f"masks at step {step}")
+        if args.crash_after == step:
+            mgr.wait()
+            if pid == jax.process_count() - 1:
+                print(f"sparse_pretrain: --crash-after {step}: process {pid} exits abruptly",
+                      flush=True)
+                os._exit(13)
     mgr.close()  # waits for async saves; raises if any failed
     if last < args.steps:
         print(f"stopped after step {last} (--stop-after); continue with --resume")
         return 0
 
     masks = jp.get_masks(state.opt_state)
-    val = np.mean([float(eval_loss(state.params, shd.shard_batch(
-        batch_at(val_data, args.seed + 1, j, args.batch, args.seq, rows), bsh)))
-        for j in range(8)])
-    sparsity = jp.total_sparsity(state.params, masks)
+    fingerprint = dist.assert_consistent(masks, "final masks")
+    host_params, host_masks = dist.to_host((state.params, masks))  # collective: all processes
+    sparsity = jp.total_sparsity(host_params, host_masks)
     metrics: dict[str, Any] = {
         "params": int(n_params), "steps": args.steps, "final_train_loss": loss,
-        "val_loss_nats": float(val), "val_bits_per_byte": float(val / np.log(2)),
         "sparsity_pruned_leaves": float(sparsity),
         "tokens_per_s_median": float(np.median(rates)) if rates else float("nan"),
         "mesh": dict(mesh.shape), "platform": jax.devices()[0].platform,
+        "processes": jax.process_count(), "method": args.method,
+        "mask_fingerprint": fingerprint,
     }
-    if pid == 0:
+    if args.dump_state and pid == 0:
+        from jaxprune.core.masks import leaves_with_paths
+
+        arrays = {f"params/{k}": v for k, v in leaves_with_paths(host_params)}
+        arrays.update({f"masks/{k}": v for k, v in leaves_with_paths(host_masks) if v is not None})
+        with _common.atomic_open(args.dump_state, "wb") as f:
+            np.savez(f, **arrays)
+    if not args.no_final_eval:
+        val = np.mean([float(eval_loss(state.params, shd.shard_batch(
+            batch_at(val_data, args.seed + 1, j, args.batch, args.seq, rows), bsh)))
+            for j in range(8)])
+        metrics.update(val_loss_nats=float(val), val_bits_per_byte=float(val / np.log(2)))
         sparse_dir = os.path.join(ckpt_dir, f"sparse_{args.steps}")
-        if os.path.exists(sparse_dir):
+        if pid == 0 and os.path.exists(sparse_dir):
             import shutil
 
             shutil.rmtree(sparse_dir)
-        info = compact.save_sparse(sparse_dir, jax.device_get(state.params),
-                                   jax.device_get(masks))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("sparse_pretrain: compact dir cleared")
+        # every process takes part (orbax synchronises them); host arrays are written once
+        info = compact.save_sparse(sparse_dir, host_params, host_masks)
         metrics["compact_ckpt_bytes"] = info["bytes"]
         metrics["dense_params_masks_bytes"] = info["dense_bytes"]
         metrics["train_state_ckpt_bytes"] = ck.dir_size(os.path.join(ckpt_dir, str(args.steps)))
-    print(json.dumps(metrics, indent=1))
+    if pid == 0:
+        print(json.dumps(metrics, indent=1))
     if args.out and pid == 0:
         _common.write_json(args.out, metrics, indent=1)
     return 0

@@ -1,4 +1,6 @@
-"""The ``jaxprune`` command: ``jaxprune demo`` and ``jaxprune run <experiment>``.
+"""The ``jaxprune`` command: ``jaxprune demo``, ``jaxprune run <experiment>`` and
+``jaxprune launch -n N -- <command>`` (a multi-process JAX job on this machine,
+:mod:`jaxprune.io.launch`).
 
 Experiments are the modules of the package ``jaxprune_experiments`` (the repository's
 ``experiments/`` folder, shipped in the wheel under that name) that define
@@ -82,6 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("name", nargs="?", choices=sorted(exps) or None, help="experiment name")
     run.add_argument("--list", action="store_true", help="list experiments and exit")
     run.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the experiment")
+    launch = sub.add_parser(
+        "launch", help="run a command as N processes of one JAX job on 127.0.0.1 (fails fast)",
+        description="Start N processes of COMMAND with the environment "
+                    "jaxprune.io.distributed.initialize() reads (coordinator on a free local port, "
+                    "process count and id, CPU devices per process); prefix their output; if one "
+                    "fails, stop the others and exit with its code.",
+    )
+    launch.add_argument("-n", "--num-processes", type=int, required=True, help="processes")
+    launch.add_argument("--devices-per-process", type=int, default=None,
+                        help="CPU devices per process (jax_num_cpu_devices)")
+    launch.add_argument("--port", type=int, default=None, help="coordinator port (default: free)")
+    launch.add_argument("--grace", type=float, default=5.0,
+                        help="seconds between SIGTERM and SIGKILL when stopping (default 5)")
+    launch.add_argument("--timeout", type=float, default=None, help="wall-clock limit (seconds)")
+    launch.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND ...")
     return p
 
 
@@ -109,6 +126,18 @@ def main(argv: list[str] | None = None) -> int:
         rest = args.args[1:] if args.args[:1] == ["--"] else args.args
         mod = import_experiment(args.name)
         return int(mod.main(rest) or 0)
+    if args.command == "launch":
+        from jaxprune.io import launch as launch_lib
+
+        cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+        if not cmd:
+            parser.error("launch: give the command after `--`")
+        try:
+            return launch_lib.launch(cmd, args.num_processes,
+                                     devices_per_process=args.devices_per_process,
+                                     port=args.port, grace=args.grace, timeout=args.timeout)
+        except ValueError as e:
+            parser.error(str(e))
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -22,7 +22,7 @@ ALLOWED = {
     "kernels": {"core"},
     "io": {"core", "kernels"},
     "zoo": {"core", "training", "oneshot", "structured", "kernels", "io"},
-    "cli": {"zoo"},
+    "cli": {"zoo", "io"},
     "__init__": {"core", "training", "io", "kernels", "oneshot", "structured"},
 }
 LIBRARY = ("core", "training", "oneshot", "structured", "kernels", "io")

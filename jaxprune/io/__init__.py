@@ -4,8 +4,11 @@
 * :mod:`~jaxprune.io.compact` — compact sparse checkpoints that store the packed formats of
   :mod:`jaxprune.kernels.formats`.
 * :mod:`~jaxprune.io.sharding` — params, masks and optimizer state on a device mesh.
+* :mod:`~jaxprune.io.distributed` — multi-process jobs: ``initialize``, a mesh over all processes,
+  per-process data, a cross-process consistency check of masks.
+* :mod:`~jaxprune.io.launch` — start N processes of one job on this machine, fail fast.
 """
 
-from jaxprune.io import checkpoint, compact, sharding
+from jaxprune.io import checkpoint, compact, distributed, launch, sharding
 
-__all__ = ["checkpoint", "compact", "sharding"]
+__all__ = ["checkpoint", "compact", "distributed", "launch", "sharding"]

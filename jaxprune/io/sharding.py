@@ -17,8 +17,10 @@
 * :func:`make_sharded_train_step` jits one step with those shardings as ``in_shardings`` and
   ``out_shardings``, so pruning (:func:`jaxprune.pruner`, any allocation incl. ``Global``)
   runs under ``jit`` on the sharded arrays and the new masks come out sharded like the params.
-* :func:`initialize_distributed` wires ``jax.distributed.initialize`` for multi-host slices;
-  :func:`shard_batch` builds global batches from per-process data.
+* :func:`initialize_distributed` wires ``jax.distributed.initialize`` for multi-host slices
+  (see :mod:`jaxprune.io.distributed` for the multi-process helpers and
+  :mod:`jaxprune.io.launch` for local multi-process jobs); :func:`shard_batch` builds global
+  batches from per-process data.
 
 Example:
     >>> import jax.numpy as jnp
@@ -333,19 +335,14 @@ def initialize_distributed(
     Kubernetes JobSets are auto-detected by JAX), or when ``JAX_COORDINATOR_ADDRESS`` is set.
     Must be called before any other JAX call in every process.
 
+    Same as :func:`jaxprune.io.distributed.initialize` (which also reads the ``jaxprune launch``
+    environment and enables CPU collectives), plus ``JAX_COORDINATOR_ADDRESS``.
+
     >>> initialize_distributed()  # single process: nothing to do
     False
     """
-    env = os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if not (auto or env or coordinator_address or num_processes is not None
-            or process_id is not None):
-        return False
-    kwargs: dict[str, Any] = {}
-    if coordinator_address or env:
-        kwargs["coordinator_address"] = coordinator_address or env
-    if num_processes is not None:
-        kwargs["num_processes"] = num_processes
-    if process_id is not None:
-        kwargs["process_id"] = process_id
-    jax.distributed.initialize(**kwargs)
-    return True
+    from jaxprune.io import distributed
+
+    return distributed.initialize(
+        coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None,
+        num_processes, process_id, auto=auto)
