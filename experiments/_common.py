@@ -49,8 +49,15 @@ def _number(text: str, kind: type, what: str) -> Any:
         raise argparse.ArgumentTypeError(f"'{text}' is not {what}") from None
 
 
+def _int_at_least(text: str, lo: int, what: str) -> int:
+    v = _number(text, int, "an integer")
+    if v < lo:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {v}")
+    return v
+
+
 def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (step counts, seeds, repeats).
+    """argparse type: an integer >= 1 (step counts, batch sizes).
 
     >>> positive_int("3")
     3
@@ -58,10 +65,7 @@ def positive_int(text: str) -> int:
     Traceback (most recent call last):
     argparse.ArgumentTypeError: must be a positive integer (>= 1), got -5
     """
-    v = _number(text, int, "an integer")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {v}")
-    return v
+    return _int_at_least(text, 1, "a positive integer (>= 1)")
 
 
 def nonnegative_int(text: str) -> int:
@@ -70,10 +74,29 @@ def nonnegative_int(text: str) -> int:
     >>> nonnegative_int("0")
     0
     """
-    v = _number(text, int, "an integer")
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {v}")
-    return v
+    return _int_at_least(text, 0, "an integer >= 0")
+
+
+def mesh_shape(text: str) -> str | tuple[int, int]:
+    """argparse type: ``auto`` or a ``data,model`` mesh shape of two integers >= 1.
+
+    >>> mesh_shape("2,4"), mesh_shape("auto")
+    ((2, 4), 'auto')
+    >>> mesh_shape("2")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: must be 'auto' or data,model (two integers >= 1, e.g. 2,4), got '2'
+    """
+    if text.strip().lower() == "auto":
+        return "auto"
+    parts = text.replace("x", ",").split(",")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) != 2 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be 'auto' or data,model (two integers >= 1, e.g. 2,4), got {text!r}")
+    return shape
 
 
 def positive_float(text: str) -> float:
@@ -291,3 +314,82 @@ def errorbar_plot(path: str | os.PathLike,
         ax.set_title(title)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+def set_xla_threads(n: int) -> bool:
+    """Limit XLA:CPU to ``n`` intra-op threads if no JAX backend has started yet (benchmarks).
+
+    >>> set_xla_threads(0)
+    False
+    """
+    from jax._src import xla_bridge
+
+    if n <= 0 or xla_bridge._backends:
+        return False
+    flags = os.environ.get("XLA_FLAGS", "")
+    extra = f"--xla_cpu_multi_thread_eigen={'true' if n > 1 else 'false'} "
+    extra += f"intra_op_parallelism_threads={n}"
+    os.environ["XLA_FLAGS"] = f"{flags} {extra}".strip()
+    return True
+
+
+@contextlib.contextmanager
+def optional_plot(name: str) -> Iterator[None]:
+    """Run a plotting block; a failure there (no display backend, a missing font) is reported, not
+    raised, because the table and the JSON/CSV are already written.
+
+    >>> with optional_plot("demo.png"):
+    ...     raise RuntimeError("no backend")
+    (plot demo.png skipped: RuntimeError: no backend)
+    """
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - the results are written; the figure is a bonus
+        print(f"(plot {name} skipped: {type(e).__name__}: {e})")
+
+
+class CompileStats:
+    """Compilations seen by :func:`compile_stats`: ``count`` XLA compiles, ``compile_s`` seconds
+    in XLA, ``trace_s`` seconds tracing and lowering to MLIR (all of it is compile-time cost)."""
+
+    def __init__(self) -> None:
+        self.count, self.compile_s, self.trace_s = 0, 0.0, 0.0
+
+    @property
+    def total_s(self) -> float:
+        """Tracing + lowering + XLA compile seconds."""
+        return self.compile_s + self.trace_s
+
+    def as_dict(self) -> dict[str, float]:
+        """``{"compiles", "compile_s", "trace_s", "total_compile_s"}`` for a results file."""
+        return {"compiles": self.count, "compile_s": round(self.compile_s, 3),
+                "trace_s": round(self.trace_s, 3), "total_compile_s": round(self.total_s, 3)}
+
+
+@contextlib.contextmanager
+def compile_stats() -> Iterator[CompileStats]:
+    """Count JAX compilations and their time inside the ``with`` block (``jax.monitoring``).
+
+    >>> import jax, jax.numpy as jnp
+    >>> with compile_stats() as c:
+    ...     _ = jax.jit(lambda x: x * 3)(jnp.ones(7))
+    >>> c.count >= 1 and c.total_s > 0
+    True
+    """
+    import jax
+
+    st = CompileStats()
+
+    def listen(event: str, secs: float, **_: Any) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            st.count += 1
+            st.compile_s += secs
+        elif event in ("/jax/core/compile/jaxpr_trace_duration",
+                       "/jax/core/compile/jaxpr_to_mlir_module_duration"):
+            st.trace_s += secs
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield st
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)

@@ -71,19 +71,6 @@ class Runner:
         return (time.process_time() - c0) / n, (time.perf_counter() - t0) / n
 
 
-def _set_threads(n: int) -> bool:
-    """Limit XLA:CPU to ``n`` intra-op threads if no JAX backend has started yet."""
-    from jax._src import xla_bridge
-
-    if n <= 0 or xla_bridge._backends:
-        return False
-    flags = os.environ.get("XLA_FLAGS", "")
-    extra = f"--xla_cpu_multi_thread_eigen={'true' if n > 1 else 'false'} "
-    extra += f"intra_op_parallelism_threads={n}"
-    os.environ["XLA_FLAGS"] = f"{flags} {extra}".strip()
-    return True
-
-
 def bench(model, params, x, y, *, sparsity: float, period: int, periods: int,
           repeats: int) -> dict[str, Any]:
     """Interleaved runs of every method; medians and median paired ratios to dense."""
@@ -131,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.period, args.periods, args.repeats = 4, 1, 2
-    threads_applied = _set_threads(args.threads)
+    threads_applied = _common.set_xla_threads(args.threads)
     load0 = os.getloadavg()
     w = args.width
     if args.model == "cnn":

@@ -34,10 +34,29 @@ def median_time(fn: Callable[[], Any], iters: int = 20, repeats: int = 7) -> flo
     return statistics.median(runs)
 
 
+def _slim_rows(name: str, model: Any, v: Any, groups: list, rebuild: Any, x: Any, ratios: list[float],
+               iters: int, repeats: int) -> list[dict]:
+    """Time ``model`` against its slimmed copy (units chosen by L2 norm) at each ratio."""
+    from jaxprune.structured import choose_units, group_scores, param_count
+    from jaxprune.structured import slim as do_slim
+
+    f0 = jax.jit(model.apply)
+    t0 = median_time(lambda: f0(v, x), iters, repeats)
+    rows = []
+    for r in ratios:
+        sel = choose_units(group_scores(v, groups, "l2"), groups, r)
+        sv = do_slim(v, groups, sel.keep)
+        f1 = jax.jit(rebuild(sv).apply)
+        t1 = median_time(lambda f1=f1, sv=sv: f1(sv, x), iters, repeats)
+        rows.append({"model": name, "ratio": r, "params": param_count(v),
+                     "params_slim": param_count(sv), "ms": t0 * 1e3, "ms_slim": t1 * 1e3,
+                     "speedup": t0 / t1, "batch": x.shape[0]})
+    return rows
+
+
 def bench_cnn(ratios: list[float], batch: int, iters: int, repeats: int) -> list[dict]:
     """CNN rows: params and time of original vs slim for each ratio of conv channels removed."""
-    from jaxprune.structured import choose_units, discover_groups, group_scores, param_count
-    from jaxprune.structured import slim as do_slim
+    from jaxprune.structured import discover_groups
     from jaxprune.zoo.models import CNN, rebuild_small
 
     model = CNN(channels=(64, 128), hidden=256)
@@ -45,25 +64,13 @@ def bench_cnn(ratios: list[float], batch: int, iters: int, repeats: int) -> list
     v = model.init(jax.random.key(1), x[:1])
     groups = [g for g in discover_groups(model.apply, v, x[:1])
               if g.members[0].path.startswith("params/Conv")]
-    f0 = jax.jit(model.apply)
-    t0 = median_time(lambda: f0(v, x), iters, repeats)
-    rows = []
-    for r in ratios:
-        sel = choose_units(group_scores(v, groups, "l2"), groups, r)
-        sv = do_slim(v, groups, sel.keep)
-        sm = rebuild_small(model, sv["params"])
-        f1 = jax.jit(sm.apply)
-        t1 = median_time(lambda f1=f1, sv=sv: f1(sv, x), iters, repeats)
-        rows.append({"model": "cnn64-128", "ratio": r, "params": param_count(v),
-                     "params_slim": param_count(sv), "ms": t0 * 1e3, "ms_slim": t1 * 1e3,
-                     "speedup": t0 / t1, "batch": batch})
-    return rows
+    return _slim_rows("cnn64-128", model, v, groups, lambda sv: rebuild_small(model, sv["params"]),
+                      x, ratios, iters, repeats)
 
 
 def bench_gpt(ratios: list[float], batch: int, iters: int, repeats: int) -> list[dict]:
     """Toy GPT rows: heads + FFN units removed by L2 norm."""
-    from jaxprune.structured import choose_units, discover_groups, group_scores, param_count
-    from jaxprune.structured import slim as do_slim
+    from jaxprune.structured import discover_groups
     from jaxprune.zoo.models.toy_transformer import ToyConfig, ToyGPT, config_from_params
 
     cfg = ToyConfig(vocab=256, d_model=128, n_layers=4, n_heads=8, n_kv_heads=8, head_dim=16,
@@ -72,19 +79,8 @@ def bench_gpt(ratios: list[float], batch: int, iters: int, repeats: int) -> list
     x = jax.random.randint(jax.random.key(0), (batch, 128), 0, 256)
     v = model.init(jax.random.key(1), x[:1])
     groups = head_ffn_groups(discover_groups(model.apply, v, x[:1]))
-    f0 = jax.jit(model.apply)
-    t0 = median_time(lambda: f0(v, x), iters, repeats)
-    rows = []
-    for r in ratios:
-        sel = choose_units(group_scores(v, groups, "l2"), groups, r)
-        sv = do_slim(v, groups, sel.keep)
-        sm = ToyGPT(config_from_params(cfg, sv["params"]))
-        f1 = jax.jit(sm.apply)
-        t1 = median_time(lambda f1=f1, sv=sv: f1(sv, x), iters, repeats)
-        rows.append({"model": "gpt-d128-L4", "ratio": r, "params": param_count(v),
-                     "params_slim": param_count(sv), "ms": t0 * 1e3, "ms_slim": t1 * 1e3,
-                     "speedup": t0 / t1, "batch": batch})
-    return rows
+    return _slim_rows("gpt-d128-L4", model, v, groups,
+                      lambda sv: ToyGPT(config_from_params(cfg, sv["params"])), x, ratios, iters, repeats)
 
 
 def head_ffn_groups(groups: list) -> list:

@@ -208,19 +208,6 @@ def format_table(results: dict[str, Any]) -> str:
                       *(line(r) for r in rows)])
 
 
-def _set_threads(n: int) -> bool:
-    """Limit XLA:CPU to ``n`` intra-op threads if no JAX backend has started yet."""
-    from jax._src import xla_bridge
-
-    if n <= 0 or xla_bridge._backends:
-        return False
-    flags = os.environ.get("XLA_FLAGS", "")
-    extra = f"--xla_cpu_multi_thread_eigen={'true' if n > 1 else 'false'} "
-    extra += f"intra_op_parallelism_threads={n}"
-    os.environ["XLA_FLAGS"] = f"{flags} {extra}".strip()
-    return True
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print the table; write the JSON. Returns 0 (timings never fail it)."""
     ap = _common.parser("jaxprune run bench_training_overhead", __doc__)
@@ -243,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"unknown model(s) {bad}; valid: {sorted(TARGETS)}")
     runs, steps = (2, 20) if args.quick else (args.runs, args.steps)
-    threads_applied = _set_threads(args.threads)
+    threads_applied = _common.set_xla_threads(args.threads)
     load0 = os.getloadavg()
     t0 = time.perf_counter()
     results = {}

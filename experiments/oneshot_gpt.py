@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in dict.fromkeys(r["layer"] for r in layer_rows):
         errs = [r["rel_error"] for r in layer_rows if r["layer"] == path]
         print(f"{path:22s} " + " ".join(f"{e:15.4f}" for e in errs))
-    try:
+    with _common.optional_plot("oneshot_gpt.png"):
         fig, ax = _common.figure((6, 4))
         for meth in methods:
             xs = [float(r["target"]) for r in rows if r["method"] == meth
@@ -102,8 +102,6 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_yscale("log")
         ax.legend()
         _common.save_figure(fig, _common.output_path(args, "oneshot_gpt.png"))
-    except Exception as e:  # pragma: no cover - plotting is optional
-        print(f"plot skipped: {e}")
     return 0
 
 

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             "test_images": int(len(xte)), "timing": f"median of {repeats} x {iters} calls",
             "device": str(jax.devices()[0]), "quick": a.quick}
     _common.write_json(_common.output_path(a, "structured_cnn.json"), {"meta": meta, "rows": rows})
-    try:
+    with _common.optional_plot("structured_cnn.png"):
         fig, ax = _common.figure((8, 3), ncols=2)
         rs = [row["ratio"] for row in rows]
         ax[0].plot(rs, [row["acc_pruned"] for row in rows], "o-", label="pruned")
@@ -82,8 +82,6 @@ def main(argv: list[str] | None = None) -> int:
         ax[1].bar([str(x) for x in rs], [row["ms"] for row in rows])
         ax[1].set_ylabel("ms / test-set forward (CPU)")
         _common.save_figure(fig, _common.output_path(a, "structured_cnn.png"), dpi=100)
-    except Exception as e:  # noqa: BLE001 - plotting is optional
-        print(f"(plot skipped: {e})")
     return 0
 
 

@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             "rounding_notes": {str(r): ns for r, ns in rounding_notes.items()}}
     _common.write_json(_common.output_path(a, "structured_gpt.json"), {"meta": meta, "rows": rows},
                        default=str)
-    try:
+    with _common.optional_plot("structured_gpt.png"):
         fig, ax = _common.figure((6, 4))
         for label, _, _ in METHODS:
             rs = [row for row in hf if row["method"] == label]
@@ -215,8 +215,6 @@ def main(argv: list[str] | None = None) -> int:
         ax.invert_xaxis()
         ax.legend(fontsize=7)
         _common.save_figure(fig, _common.output_path(a, "structured_gpt.png"), dpi=110)
-    except Exception as e:  # noqa: BLE001 - plotting is optional
-        print(f"(plot skipped: {e})")
     return 0
 
 

@@ -10,7 +10,8 @@ from flax import nnx
 import jaxprune as jp
 from jaxprune.training import lottery as lt
 from jaxprune.training.dst import static_sparse
-from jaxprune.zoo.models import MLP, NnxMLP
+from jaxprune.zoo.models import MLP
+from tests.user_models import nnx_mlp_task
 
 
 def _setup():
@@ -187,10 +188,7 @@ def test_imp_rewind_beyond_training_raises():
 
 
 def test_nnx_imp_with_optimizer_rewind_point():
-    model = NnxMLP(12, (16, 10), rngs=nnx.Rngs(0))
-    graphdef, init_state = nnx.split(model, nnx.Param)
-    x = jax.random.normal(jax.random.key(1), (32, 12))
-    y = jax.random.randint(jax.random.key(2), (32,), 0, 10)
+    graphdef, init_state, x, y = nnx_mlp_task(12, (16, 10), 32)
 
     def train(params, masks):
         m = nnx.merge(graphdef, params)

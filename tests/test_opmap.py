@@ -59,28 +59,29 @@ def test_nm_on_the_matmul_actually_performed(model, n, m):
             assert oracle.nm_ok(v, n, m), f"{name}: {path} is not {n}:{m} along the contraction"
 
 
-def test_blocks_are_blocks_of_the_real_matrix(model):
+def _real_matrices(model, sparsity, pattern):
+    """Prune with the map; yield ``(path, v)`` for every matmul the oracle sees consuming a pruned
+    leaf, ``v`` the masked operand as (outputs..., K)."""
     name, fn, params, x, om = model
-    _, masks = jp.prune(params, 0.5, pattern="block4x4", opmap=om)
+    _, masks = jp.prune(params, sparsity, pattern=pattern, opmap=om)
     for path, mask in leaves_with_paths(masks):
-        if mask is None:
-            continue
-        for v in oracle.matmul_views(fn, params, _setter(path), np.asarray(mask), x):
-            km = (v != 0).T  # (K, rest): rows = contraction, columns = outputs (and batch)
-            k, r = km.shape
-            blocks = km.reshape(k // 4, 4, r // 4, 4).transpose(0, 2, 1, 3).reshape(-1, 16)
-            assert np.all(blocks.all(-1) | ~blocks.any(-1)), f"{name}: {path} blocks cut the matmul"
+        if mask is not None:
+            for v in oracle.matmul_views(fn, params, _setter(path), np.asarray(mask), x):
+                yield f"{name}: {path}", v
+
+
+def test_blocks_are_blocks_of_the_real_matrix(model):
+    for where, v in _real_matrices(model, 0.5, "block4x4"):
+        km = (v != 0).T  # (K, rest): rows = contraction, columns = outputs (and batch)
+        k, r = km.shape
+        blocks = km.reshape(k // 4, 4, r // 4, 4).transpose(0, 2, 1, 3).reshape(-1, 16)
+        assert np.all(blocks.all(-1) | ~blocks.any(-1)), f"{where} blocks cut the matmul"
 
 
 def test_channel_prunes_output_units(model):
-    name, fn, params, x, om = model
-    _, masks = jp.prune(params, 0.5, pattern="channel", opmap=om)
-    for path, mask in leaves_with_paths(masks):
-        if mask is None:
-            continue
-        for v in oracle.matmul_views(fn, params, _setter(path), np.asarray(mask), x):
-            rows = (v != 0)  # (outputs..., K): an output unit is a row
-            assert np.all(rows.all(-1) | ~rows.any(-1)), f"{name}: {path}"
+    for where, v in _real_matrices(model, 0.5, "channel"):
+        rows = v != 0  # (outputs..., K): an output unit is a row
+        assert np.all(rows.all(-1) | ~rows.any(-1)), where
 
 
 def test_erk_sees_true_fan_in_not_the_layout():

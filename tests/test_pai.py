@@ -9,7 +9,7 @@ from flax import nnx
 
 import jaxprune as jp
 from jaxprune.training import pai
-from jaxprune.zoo.models import NnxMLP
+from tests.user_models import nnx_mlp_task
 
 RNG = np.random.default_rng(0)
 W1 = RNG.normal(size=(5, 4))
@@ -144,10 +144,7 @@ def test_layer_collapse_reported():
 
 
 def test_snip_nnx_model_under_jit():
-    model = NnxMLP(8, (6, 3), rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model, nnx.Param)
-    x = jax.random.normal(jax.random.key(1), (10, 8))
-    y = jax.random.randint(jax.random.key(2), (10,), 0, 3)
+    graphdef, params, x, y = nnx_mlp_task(8, (6, 3), 10)
 
     def loss(p, batch):
         xb, yb = batch

@@ -143,6 +143,16 @@ def make_torch(seed: int = 0):
     return torch_layout_apply, torch_layout_params(seed), x
 
 
+def nnx_mlp_task(din: int, sizes: tuple[int, ...], n: int):
+    """A small ``NnxMLP`` classifier task: ``(graphdef, params, x, y)`` (labels in ``sizes[-1]``)."""
+    from jaxprune.zoo.models import NnxMLP
+
+    graphdef, params = nnx.split(NnxMLP(din, sizes, rngs=nnx.Rngs(0)), nnx.Param)
+    x = jax.random.normal(jax.random.key(1), (n, din))
+    y = jax.random.randint(jax.random.key(2), (n,), 0, sizes[-1])
+    return graphdef, params, x, y
+
+
 MAKERS = {"gqa": make_gqa, "einsum_mlp": make_einsum_mlp, "nnx": make_nnx, "torch": make_torch}
 # the matmul/conv weights each model has (what the default filter must select)
 WEIGHTS = {

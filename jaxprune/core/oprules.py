@@ -183,13 +183,21 @@ def _rules(an: _Analysis) -> dict[str, wk.Rule]:
     for n in _NARY:
         R[n] = nary
 
-    def broadcast_in_dim(e, ins):
-        eqn = e.eqn
-        v = ins[0]
-        if not isinstance(v, Prov):
-            return [v]
-        oshape = wk.shape_of(eqn.outvars[0])
-        dims = eqn.params["broadcast_dimensions"]
+    def layout(make):
+        """A rule for a one-operand layout op: ``make(eqn)`` gives the remap of a provenance's
+        per-axis tuples (``None``: the axes cannot be followed)."""
+
+        def rule(e, ins):
+            v = ins[0]
+            if not isinstance(v, Prov):
+                return [v]
+            f = make(e.eqn)
+            return [None] if f is None else [v.remap(f)]
+
+        return rule
+
+    def broadcast_in_dim(eqn):
+        oshape, dims = wk.shape_of(eqn.outvars[0]), eqn.params["broadcast_dimensions"]
 
         def f(m):
             out: list[tuple[int, ...]] = [() for _ in oshape]
@@ -197,19 +205,13 @@ def _rules(an: _Analysis) -> dict[str, wk.Rule]:
                 out[j] = m[i]
             return out
 
-        return [v.remap(f)]
+        return f
 
-    R["broadcast_in_dim"] = broadcast_in_dim
-
-    def reshape(e, ins):
-        eqn = e.eqn
-        v = ins[0]
-        if not isinstance(v, Prov):
-            return [v]
+    def reshape(eqn):
         ishape, oshape = wk.shape_of(eqn.invars[0]), wk.shape_of(eqn.outvars[0])
         groups = _regroup(ishape, oshape)
         if groups is None:
-            return [None]
+            return None
 
         def f(m):
             out: list[tuple[int, ...]] = [() for _ in oshape]
@@ -219,34 +221,18 @@ def _rules(an: _Analysis) -> dict[str, wk.Rule]:
                     out[j] = ax if oshape[j] > 1 else ()
             return out
 
-        return [v.remap(f)]
+        return f
 
-    R["reshape"] = reshape
-
-    def transpose(e, ins):
-        eqn = e.eqn
-        v = ins[0]
+    def transpose(eqn):
         perm = eqn.params["permutation"]
-        return [v.remap(lambda m: [m[i] for i in perm]) if isinstance(v, Prov) else v]
+        return lambda m: [m[i] for i in perm]
 
-    R["transpose"] = transpose
-
-    def squeeze(e, ins):
-        eqn = e.eqn
-        v = ins[0]
-        if not isinstance(v, Prov):
-            return [v]
+    def squeeze(eqn):
         nd = len(wk.shape_of(eqn.invars[0]))
         dims = {d % nd for d in eqn.params["dimensions"]}
-        return [v.remap(lambda m: [a for i, a in enumerate(m) if i not in dims])]
+        return lambda m: [a for i, a in enumerate(m) if i not in dims]
 
-    R["squeeze"] = squeeze
-
-    def expand_dims(e, ins):
-        eqn = e.eqn
-        v = ins[0]
-        if not isinstance(v, Prov):
-            return [v]
+    def expand_dims(eqn):
         nd = len(wk.shape_of(eqn.outvars[0]))
         dims = sorted(d % nd for d in eqn.params["dimensions"])
 
@@ -256,9 +242,10 @@ def _rules(an: _Analysis) -> dict[str, wk.Rule]:
                 out.insert(d, ())
             return out
 
-        return [v.remap(f)]
+        return f
 
-    R["expand_dims"] = expand_dims
+    for make in (broadcast_in_dim, reshape, transpose, squeeze, expand_dims):
+        R[make.__name__] = layout(make)
 
     def keep_rank(e, ins):  # slice, dynamic_slice, pad, cumulative ops: axes stay in place
         eqn = e.eqn

@@ -306,49 +306,29 @@ def static_sparse(
 def set_training(
     inner: optax.GradientTransformation | None = None,
     sparsity: float | None = None,
-    *,
-    allocation: alloc_lib.Allocation | str = "erk",
-    filter: Filter | None = None,
-    drop_fraction: float = 0.3,
-    update_period: int = 100,
-    end_step: int | None = None,
-    total_steps: int | None = None,
-    key: jax.Array | None = None,
-    opmap: Any = None,
+    **kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:
     """SET (Mocanu et al. 2018): drop the smallest-magnitude weights, regrow at random.
 
+    ``kwargs`` are :func:`sparse_training`'s (``allocation=``, ``filter=``, ``drop_fraction=``,
+    ``update_period=``, ``end_step=``, ``total_steps=``, ``key=``, ``opmap=``).
+
     >>> tx = set_training(optax.sgd(0.1), 0.8, total_steps=2000)
     """
-    return sparse_training(
-        inner, sparsity, method="set", allocation=allocation, filter=filter,
-        drop_fraction=drop_fraction, update_period=update_period, end_step=end_step,
-        total_steps=total_steps, key=key, opmap=opmap,
-    )
+    return sparse_training(inner, sparsity, method="set", **kwargs)
 
 
 def rigl(
     inner: optax.GradientTransformation | None = None,
     sparsity: float | None = None,
-    *,
-    allocation: alloc_lib.Allocation | str = "erk",
-    filter: Filter | None = None,
-    drop_fraction: float = 0.3,
-    update_period: int = 100,
-    end_step: int | None = None,
-    total_steps: int | None = None,
-    key: jax.Array | None = None,
-    opmap: Any = None,
+    **kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:
     """RigL (Evci et al. 2020): drop smallest magnitude, regrow where the dense ``|grad|`` is largest.
 
     Defaults follow the paper: ERK initial distribution, drop fraction 0.3 cosine-annealed until
     75% of ``total_steps``, ``ΔT = 100``; regrown weights and their optimizer state start at zero.
+    ``kwargs`` are :func:`sparse_training`'s.
 
     >>> tx = rigl(optax.adamw(1e-3), 0.9, total_steps=10_000)
     """
-    return sparse_training(
-        inner, sparsity, method="rigl", allocation=allocation, filter=filter,
-        drop_fraction=drop_fraction, update_period=update_period, end_step=end_step,
-        total_steps=total_steps, key=key, opmap=opmap,
-    )
+    return sparse_training(inner, sparsity, method="rigl", **kwargs)

@@ -45,16 +45,9 @@ import optax
 
 from jaxprune.core import allocation as alloc_lib
 from jaxprune.core import criteria as crit_lib
+from jaxprune.core import masks as mask_lib
 from jaxprune.core import patterns as pat_lib
-from jaxprune.core.masks import (
-    Filter,
-    PyTree,
-    apply_masks,
-    check_masks,
-    init_masks,
-    leaves_with_paths,
-    mask_leaves,
-)
+from jaxprune.core.masks import Filter, PyTree
 from jaxprune.core.pipeline import compute_masks, resolve_sparsity
 from jaxprune.training.wrapper import InnerStep, find_state, wrap
 
@@ -177,7 +170,7 @@ def imp_masks(
     ...           0.5)["w"]
     Array([ True, False,  True, False], dtype=bool)
     """
-    check_masks(trained, masks)
+    mask_lib.check_masks(trained, masks)
     scores = crit_lib.magnitude(trained, masks)
     return compute_masks(masks, scores, sparsity, allocation, pattern, keep_pruned=True)
 
@@ -188,8 +181,8 @@ def rewind(saved: PyTree, masks: PyTree) -> PyTree:
     >>> rewind({"w": jnp.array([1., 2.])}, {"w": jnp.array([False, True])})["w"]
     Array([0., 2.], dtype=float32)
     """
-    check_masks(saved, masks)
-    return apply_masks(saved, masks)
+    mask_lib.check_masks(saved, masks)
+    return mask_lib.apply_masks(saved, masks)
 
 
 class Trained(NamedTuple):
@@ -226,14 +219,14 @@ def _like(tree: PyTree, ref: PyTree) -> PyTree:
     rs = jax.tree.structure(ref)
     if jax.tree.structure(tree) == rs:
         return tree
-    a, b = leaves_with_paths(tree), leaves_with_paths(ref)
+    a, b = mask_lib.leaves_with_paths(tree), mask_lib.leaves_with_paths(ref)
     if [p for p, _ in a] != [p for p, _ in b]:
         return tree
     return jax.tree.unflatten(rs, jax.tree.leaves(tree))
 
 
 def _measured_sparsity(masks: PyTree) -> float:
-    ml = mask_leaves(masks)
+    ml = mask_lib.mask_leaves(masks)
     size = sum(int(m.size) for _, m in ml)
     kept = sum(int(jnp.sum(m)) for _, m in ml)
     return 1.0 - kept / max(size, 1)
@@ -296,7 +289,7 @@ def imp(
             return _like(out.params, init_params), out.opt_state
         return _like(out, init_params), None
 
-    masks = init_masks(init_params, filter)
+    masks = mask_lib.init_masks(init_params, filter)
     trained, opt_state = unpack(train(init_params, masks))
     history = [Round(0, _measured_sparsity(masks), masks, init_params, trained)]
     if callback is not None:
@@ -318,11 +311,11 @@ def imp(
                 )
             rewind_params = get_rewind_point(opt_state, trained)
     rewind_params = None if rewind_params is None else _like(rewind_params, init_params)
-    check_masks(init_params, masks)
+    mask_lib.check_masks(init_params, masks)
     for r in range(1, rounds + 1):
         masks = imp_masks(trained, masks, imp_sparsity(sparsity, r, rounds), allocation=allocation,
                           pattern=pattern)
-        start = apply_masks(trained, masks) if rewind_to == "lr" else rewind(rewind_params,
+        start = mask_lib.apply_masks(trained, masks) if rewind_to == "lr" else rewind(rewind_params,
                                                                              masks)
         trained, _ = unpack(train(start, masks))
         history.append(Round(r, _measured_sparsity(masks), masks, start, trained))

@@ -46,17 +46,9 @@ import numpy as np
 
 from jaxprune.core import allocation as alloc_lib
 from jaxprune.core import criteria as crit_lib
+from jaxprune.core import masks as mask_lib
 from jaxprune.core import patterns as pat_lib
-from jaxprune.core.masks import (
-    Filter,
-    PyTree,
-    apply_masks,
-    check_masks,
-    init_masks,
-    leaves_with_paths,
-    mask_leaves,
-    tree_map_masked,
-)
+from jaxprune.core.masks import Filter, PyTree
 from jaxprune.core.pipeline import compute_masks, resolve_sparsity
 
 __all__ = [
@@ -78,8 +70,8 @@ LossFn = Callable[[PyTree, Any], jax.Array]
 
 def _masks_for(params: PyTree, masks: PyTree | None, filter: Filter | None) -> PyTree:
     if masks is None:
-        return init_masks(params, filter)
-    check_masks(params, masks)
+        return mask_lib.init_masks(params, filter)
+    mask_lib.check_masks(params, masks)
     return masks
 
 
@@ -111,7 +103,7 @@ def grasp_scores(loss_fn: LossFn, params: PyTree, batch: Any, masks: PyTree | No
     grad_fn = jax.grad(loss_fn)
     g = jax.lax.stop_gradient(grad_fn(params, batch))
     _, hg = jax.jvp(lambda p: grad_fn(p, batch), (params,), (g,))
-    return tree_map_masked(
+    return mask_lib.tree_map_masked(
         lambda m, w, v: None if m is None else (w * v).astype(jnp.float32), masks, params, hg
     )
 
@@ -131,7 +123,7 @@ def synflow_scores(apply_fn: Callable[[PyTree, jax.Array], jax.Array], params: P
            [3.]], dtype=float32)
     """
     masks = _masks_for(params, masks, filter)
-    absp = tree_map_masked(
+    absp = mask_lib.tree_map_masked(
         lambda m, w: jnp.abs(w) if m is None else jnp.where(m, jnp.abs(w), 0.0), masks, params
     )
     ones = jnp.ones(tuple(input_shape), dtype)
@@ -140,14 +132,14 @@ def synflow_scores(apply_fn: Callable[[PyTree, jax.Array], jax.Array], params: P
         return jnp.sum(apply_fn(p, ones))
 
     grads = jax.grad(r_fn)(absp)
-    return tree_map_masked(
+    return mask_lib.tree_map_masked(
         lambda m, w, g: None if m is None else jnp.abs(g * w).astype(jnp.float32),
         masks, absp, grads,
     )
 
 
 def _check_finite_scores(scores: PyTree) -> None:
-    for path, s in leaves_with_paths(scores):
+    for path, s in mask_lib.leaves_with_paths(scores):
         if s is None or isinstance(s, jax.core.Tracer):
             continue
         a = np.asarray(s)
@@ -207,10 +199,10 @@ def snip(loss_fn: LossFn, params: PyTree, batch: Any, sparsity: float | None = N
     Array([[ 0., -2.],
            [ 0.,  3.]], dtype=float32)
     """
-    masks = init_masks(params, filter)
+    masks = mask_lib.init_masks(params, filter)
     scores = snip_scores(loss_fn, params, batch, masks)
     masks = masks_from_scores(masks, scores, sparsity, allocation=allocation, pattern=pattern)
-    return apply_masks(params, masks), masks
+    return mask_lib.apply_masks(params, masks), masks
 
 
 def grasp(loss_fn: LossFn, params: PyTree, batch: Any, sparsity: float | None = None, *,
@@ -225,10 +217,10 @@ def grasp(loss_fn: LossFn, params: PyTree, batch: Any, sparsity: float | None = 
     Array([[False,  True],
            [False,  True]], dtype=bool)
     """
-    masks = init_masks(params, filter)
+    masks = mask_lib.init_masks(params, filter)
     scores = grasp_scores(loss_fn, params, batch, masks)
     masks = masks_from_scores(masks, scores, sparsity, allocation=allocation, pattern=pattern)
-    return apply_masks(params, masks), masks
+    return mask_lib.apply_masks(params, masks), masks
 
 
 def synflow(apply_fn: Callable[[PyTree, jax.Array], jax.Array], params: PyTree,
@@ -252,7 +244,7 @@ def synflow(apply_fn: Callable[[PyTree, jax.Array], jax.Array], params: PyTree,
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"jaxprune: synflow rounds must be an int >= 1, got {rounds!r}")
     sparsity = _check_sparsity(sparsity, pattern)
-    masks = init_masks(params, filter)
+    masks = mask_lib.init_masks(params, filter)
     score_fn = jax.jit(
         lambda p, m: synflow_scores(apply_fn, p, input_shape, m, dtype=dtype)
     )
@@ -260,7 +252,7 @@ def synflow(apply_fn: Callable[[PyTree, jax.Array], jax.Array], params: PyTree,
         s_k = 1.0 - (1.0 - sparsity) ** (k / rounds)
         masks = masks_from_scores(masks, score_fn(params, masks), s_k, allocation=allocation,
                                   pattern=pattern, keep_pruned=True)
-    return apply_masks(params, masks), masks
+    return mask_lib.apply_masks(params, masks), masks
 
 
 def collapsed_layers(masks: PyTree) -> list[str]:
@@ -269,4 +261,4 @@ def collapsed_layers(masks: PyTree) -> list[str]:
     >>> collapsed_layers({"a": jnp.zeros(3, bool), "b": jnp.ones(3, bool), "c": None})
     ['a']
     """
-    return [p for p, m in mask_leaves(masks) if m.size and not bool(jnp.any(m))]
+    return [p for p, m in mask_lib.mask_leaves(masks) if m.size and not bool(jnp.any(m))]

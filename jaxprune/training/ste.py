@@ -50,6 +50,14 @@ def _resolve(sparsity: Any, pattern: pat_lib.Pattern | str) -> tuple[Any, pat_li
     return resolve_sparsity(sparsity, pat), pat
 
 
+def _init(params: PyTree, pat: pat_lib.Pattern, filter: Filter | None, opmap: Any) -> PyTree:
+    """All-true masks of the selected leaves, checked against ``pat`` (on the map's views)."""
+    check_opmap(opmap)
+    masks = init_masks(params, default_filter(opmap) if filter is None else filter)
+    validate_patterns(masks, pat, opmap)
+    return masks
+
+
 def ste_masks(
     params: PyTree,
     sparsity: float | None = None,
@@ -65,57 +73,40 @@ def ste_masks(
     Array([False,  True,  True, False], dtype=bool)
     """
     s, pat = _resolve(sparsity, pattern)
-    check_opmap(opmap)
-    masks = init_masks(params, default_filter(opmap) if filter is None else filter)
-    validate_patterns(masks, pat, opmap)
+    masks = _init(params, pat, filter, opmap)
     sg = jax.lax.stop_gradient(params)
     scores = crit_lib.magnitude(sg, masks)
     return compute_masks(masks, scores, s, allocation, pat, opmap=opmap)
 
 
-def ste_params(
-    params: PyTree,
-    sparsity: float | None = None,
-    *,
-    pattern: pat_lib.Pattern | str = "2:4",
-    allocation: alloc_lib.Allocation | str = "uniform",
-    filter: Filter | None = None,
-    opmap: Any = None,
-) -> PyTree:
+def ste_params(params: PyTree, sparsity: float | None = None, **kwargs: Any) -> PyTree:
     """Params whose value is the sparse ``m ⊙ w`` and whose gradient is the identity (STE).
 
     Call it inside the loss: ``loss(ste_params(params, pattern="2:4"), batch)``. Masks are
     recomputed from ``|w|`` on every call, so pruned weights can come back when they grow.
+    ``kwargs`` are :func:`ste_masks`'s (``pattern=``, ``allocation=``, ``filter=``, ``opmap=``).
 
     >>> p = {"kernel": jnp.array([[1.], [4.], [3.], [2.]])}
     >>> jax.grad(lambda p: jnp.sum(ste_params(p)["kernel"] ** 2))(p)["kernel"][:, 0]
     Array([0., 8., 6., 0.], dtype=float32)
     """
-    masks = ste_masks(params, sparsity, pattern=pattern, allocation=allocation, filter=filter,
-                      opmap=opmap)
+    masks = ste_masks(params, sparsity, **kwargs)
     return tree_map_masked(
         lambda m, w: w if m is None else w + jax.lax.stop_gradient(jnp.where(m, w, 0.0) - w),
         masks, params,
     )
 
 
-def sparse_params(
-    params: PyTree,
-    sparsity: float | None = None,
-    *,
-    pattern: pat_lib.Pattern | str = "2:4",
-    allocation: alloc_lib.Allocation | str = "uniform",
-    filter: Filter | None = None,
-    opmap: Any = None,
-) -> tuple[PyTree, PyTree]:
-    """Export: ``(params with the pruned entries zeroed, masks)`` — the model STE trained.
+def sparse_params(params: PyTree, sparsity: float | None = None, **kwargs: Any
+                  ) -> tuple[PyTree, PyTree]:
+    """Export: ``(params with the pruned entries zeroed, masks)`` — the model STE trained
+    (``kwargs`` as in :func:`ste_masks`).
 
     >>> sp, m = sparse_params({"kernel": jnp.array([[1.], [4.], [3.], [2.]])}, pattern="2:4")
     >>> sp["kernel"][:, 0]
     Array([0., 4., 3., 0.], dtype=float32)
     """
-    masks = ste_masks(params, sparsity, pattern=pattern, allocation=allocation, filter=filter,
-                      opmap=opmap)
+    masks = ste_masks(params, sparsity, **kwargs)
     return apply_masks(params, masks), masks
 
 
@@ -144,8 +135,7 @@ def sr_ste(
     sparsity, pat = _resolve(sparsity, pattern)
 
     def init_fn(params: PyTree) -> optax.EmptyState:
-        validate_patterns(init_masks(params, default_filter(opmap) if filter is None else filter),
-                          pat, opmap)
+        _init(params, pat, filter, opmap)
         return optax.EmptyState()
 
     def update_fn(updates: PyTree, state: optax.EmptyState, params: PyTree | None = None):
