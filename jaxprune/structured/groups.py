@@ -46,7 +46,7 @@ from jax.extend import core as jcore
 from jaxprune.core.masks import PyTree, leaves_with_paths
 from jaxprune.core.walker import TraceError, Walker
 from jaxprune.structured.labels import Item, _expand, _find, _fix_items, _leaf_items, _Node, _origins, _rigid
-from jaxprune.structured.rules import RULES, barrier
+from jaxprune.structured.rules import RULES, barrier, fix_indices, guard_default
 
 __all__ = [
     "Member",
@@ -245,13 +245,15 @@ def discover_groups(
         in_labels.append([[("n", n)] if n is not None else [] for n in nodes])
     arg_labels = [_rigid(tuple(v.aval.shape)) for v in closed.jaxpr.invars[len(flat):]]
     walker = Walker(
-        {**RULES, **dict.fromkeys(opaque_ops, barrier)},
+        {**RULES, **dict.fromkeys(opaque_ops, guard_default(barrier))},
         data=_rigid,
         sources=_origins,
         who="jaxprune.structured: the dependency tracer",
         hint=_HINT,
     )
+    walker.default = guard_default(walker._default)
     outs = walker.run(closed.jaxpr, in_labels + arg_labels, closed.consts)
+    fix_indices(outs)
     for lab in outs:  # axes reaching the output keep their size
         for ax in lab:
             _fix_items(_leaf_items(ax))

@@ -30,7 +30,7 @@ from jaxprune.structured.labels import (
     _sub_range,
 )
 
-__all__ = ["RULES", "barrier"]
+__all__ = ["RULES", "barrier", "fix_indices", "guard_default"]
 
 Label = list[list[Item]]
 
@@ -134,6 +134,12 @@ def _rev(e: Eqn, ins: list[Label]) -> list[Label]:
 
 def _reduce(e: Eqn, ins: list[Label]) -> list[Label]:
     axes = set(e.params["axes"])
+    if e.name in ("argmax", "argmin") and len(axes) == 1:
+        (a,) = axes
+        node = _index_node(ins[0][a])
+        if node is not None:  # top-1 routing: the index refers to the axis (see _Indexed)
+            _fix_items(ins[0][a], inexact_only=True)
+            return [_tagged([ax for i, ax in enumerate(ins[0]) if i != a], node)]
     for a in axes:  # a reduced parameter axis changes the statistic: inexact (argmax: fixed)
         _fix_items(ins[0][a], inexact_only=e.name not in ("argmax", "argmin"))
     return [[ax for i, ax in enumerate(ins[0]) if i not in axes]]
@@ -321,10 +327,14 @@ def _sort(e: Eqn, ins: list[Label]) -> list[Label]:
 
 def _top_k(e: Eqn, ins: list[Label]) -> list[Label]:
     d = e.params.get("axis", -1) % len(e.in_shapes[0])
-    _fix_items(ins[0][d])
+    node = _index_node(ins[0][d])
+    # choosing among a parameter axis' units (an MoE router's experts): removing units changes the
+    # choice (inexact); the indices refer to that axis (see _Indexed), so it is not fixed here
+    _fix_items(ins[0][d], inexact_only=node is not None)
     lab = _copy(ins[0])
     lab[d] = _rigid([e.out_shapes[0][d]])[0]
-    return [_copy(lab) for _ in e.out_shapes]
+    vals, idx = _copy(lab), _copy(lab)
+    return [vals, idx if node is None else _tagged(idx, node)]
 
 
 # -- control flow --------------------------------------------------------------------------------
@@ -404,7 +414,92 @@ def _table() -> dict[str, Rule]:
         "dynamic_update_slice": _dynamic_update_slice, "gather": _gather, "sort": _sort,
         "top_k": _top_k, "scan": _scan, "while": _while, "cond": _cond,
     })
-    return t
+    t["iota"] = _iota
+    return {name: _guard(name, rule) for name, rule in t.items()}
+
+
+# -- index values: routing (top-k / argmax indices turned back into a one-hot over the axis) -------
+
+
+class _Indexed(list):
+    """A label whose array *values* are positions along one parameter axis (``node``): the indices
+    of ``top_k`` / ``argmax`` over that axis, e.g. an MoE router's chosen experts. Layout ops keep
+    the tag; ``eq`` against an ``iota`` (a one-hot) gives back an axis carrying ``node`` (so the
+    experts' batch axis meets the router's output axis); any other use fixes the axis, since the
+    index values would change meaning when units are removed."""
+
+    __slots__ = ("node",)
+
+
+class _Iota(list):
+    """The label of ``iota`` (data), remembering which axis enumerates positions."""
+
+    __slots__ = ("dim",)
+
+
+def _tagged(lab: Label, node: object) -> Label:
+    out = _Indexed(lab)
+    out.node = node
+    return out
+
+
+def _index_node(ax: list[Item]) -> object | None:
+    items = _leaf_items(ax)
+    return items[0][1] if len(items) == 1 and items[0][0] == "n" else None
+
+
+def _iota(e: Eqn, ins: list[Label]) -> list[Label]:
+    out = _Iota(_rigid(e.out_shapes[0]))
+    out.dim = e.params["dimension"]
+    return [out]
+
+
+def fix_indices(labels: list[Label]) -> None:
+    """Index values that leave the traced function: their axis must keep its size."""
+    for lab in labels:
+        if isinstance(lab, _Indexed):
+            _fix_items([("n", lab.node)])
+
+
+_KEEP_INDEX = frozenset({"broadcast_in_dim", "convert_element_type", "copy", "copy_p", "reshape",
+                         "squeeze", "expand_dims", "stop_gradient", "optimization_barrier"})
+
+
+def _one_hot(e: Eqn, ins: list[Label]) -> list[Label]:
+    out = _nary(e, ins)
+    ii = 0 if isinstance(ins[0], _Indexed) else 1
+    idx, other = ins[ii], ins[1 - ii]
+    if isinstance(other, _Iota) and not isinstance(other, _Indexed):
+        i, n = other.dim, e.out_shapes[0][other.dim]
+        if e.in_shapes[ii][i] == 1 and _find(idx.node).size == n and not _find(idx.node).fixed:
+            out[0][i] = [("n", idx.node)]
+            return out
+    _fix_items([("n", idx.node)])
+    return out
+
+
+def _guard(name: str, rule: Rule) -> Rule:
+    """Wrap ``rule`` so index-valued inputs (:class:`_Indexed`) are followed or their axis fixed."""
+
+    def run(e: Eqn, ins: list[Label]) -> list[Label]:
+        tagged = [x for x in ins if isinstance(x, _Indexed)]
+        if not tagged:
+            return rule(e, ins)
+        if name in _KEEP_INDEX and len(ins) == 1:
+            out = rule(e, ins)
+            return [_tagged(out[0], tagged[0].node), *out[1:]]
+        if name in ("eq", "ne") and len(ins) == 2 and len(tagged) == 1:
+            return _one_hot(e, ins)
+        for x in tagged:
+            _fix_items([("n", x.node)])
+        return rule(e, ins)
+
+    return run
+
+
+def guard_default(rule: Rule) -> Rule:
+    """The walker's default rule, guarded like every table rule (unknown ops fix index axes)."""
+    return _guard("<default>", rule)
 
 
 #: ``{primitive name: rule}`` of the dependency-group analysis.

@@ -1,0 +1,140 @@
+"""Train the small MoE byte decoder (8 experts, top-2, load-balancing loss) on the offline corpus.
+
+Data: the ``stdlib_bytes`` tfds dataset, as in ``train_gpt``. The trained params go to
+``results/moe_params.msgpack`` (with ``results/moe_config.json``) so ``jaxprune run moe`` reuses them;
+it retrains when they are absent.
+
+    jaxprune run train_moe            # d=64, 2 layers, 8 experts; a few CPU minutes
+    jaxprune run train_moe --quick    # a smoke run (saves nothing)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import serialization
+
+from jaxprune.zoo.models.moe import MoE, MoEConfig, loss_fn, perplexity
+
+from . import _common
+
+VAL_RECORDS = 256  # fixed held-out subset (first records of the validation split)
+
+
+def load_data(seq: int, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, validation)`` byte records of length ``seq + 1``."""
+    from jaxprune.zoo.data import text_tfds
+
+    tr = text_tfds.load_split("train", data_dir)[:, : seq + 1]
+    va = text_tfds.load_split("validation", data_dir)[:VAL_RECORDS, : seq + 1]
+    return tr, va
+
+
+def expert_load(model: MoE, params: dict, records: np.ndarray) -> list[list[float]]:
+    """Fraction of routed tokens per expert, per layer (how balanced the trained router is)."""
+    from jaxprune.zoo.models.moe import route
+
+    _, st = model.apply({"params": params}, jnp.asarray(records[:, :-1], jnp.int32),
+                        capture_intermediates=lambda mdl, _: mdl.name == "ln2", mutable=["intermediates"])
+    out = []
+    for i in range(model.cfg.layers):
+        h = st["intermediates"][f"block_{i}"]["ln2"]["__call__"][0]
+        g, _ = route(h @ params[f"block_{i}"]["moe"]["router"], model.cfg.top_k)
+        c = np.asarray((g > 0).sum(axis=(0, 1)), np.float64)
+        out.append((c / c.sum()).round(4).tolist())
+    return out
+
+
+def train(cfg: MoEConfig, steps: int, batch: int, lr: float, aux_weight: float = 0.01, seed: int = 0,
+          progress: bool = True) -> tuple[dict, dict]:
+    """Train; returns ``(params, info)`` with validation perplexity and the expert load."""
+    from tqdm.auto import tqdm
+
+    tr, va = load_data(cfg.seq)
+    model = MoE(cfg)
+    params = model.init(jax.random.key(seed), jnp.zeros((1, cfg.seq), jnp.int32))["params"]
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 20, 1), steps, lr * 0.1)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.1))
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(p, o, r):
+        loss, g = jax.value_and_grad(lambda p: loss_fn(model, p, r, aux_weight))(p)
+        u, o = tx.update(g, o, p)
+        return optax.apply_updates(p, u), o, loss
+
+    rng = np.random.default_rng(seed)
+    t0 = time.time()
+    losses = []
+    for i in tqdm(range(steps), desc="train moe", disable=not progress):
+        params, opt, loss = step(params, opt, tr[rng.integers(0, len(tr), batch)])
+        if i % 20 == 0 or i == steps - 1:
+            losses.append(float(loss))
+    secs = time.time() - t0
+    ppl = perplexity(model, params, va)
+    n_params = int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
+    info = {"steps": steps, "batch": batch, "lr": lr, "aux_weight": aux_weight,
+            "train_seconds": round(secs, 1), "final_train_loss": losses[-1], "val_ppl": ppl,
+            "val_records": int(len(va)), "params": n_params,
+            "expert_load": expert_load(model, params, va[:64]), "config": cfg._asdict()}
+    return params, info
+
+
+def moe_files(results: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """``(params, config)`` paths of the trained MoE in the results directory."""
+    d = _common.results_dir(results, create=False)
+    return d / "moe_params.msgpack", d / "moe_config.json"
+
+
+def save(params: dict, cfg: MoEConfig, info: dict, results: str | os.PathLike | None = None) -> None:
+    """Write params (flax msgpack) and config/info JSON (atomically)."""
+    params_file, config_file = moe_files(results)
+    with _common.atomic_open(params_file, "wb") as f:
+        f.write(serialization.to_bytes(params))
+    _common.write_json(config_file, {"config": cfg._asdict(), "info": info})
+
+
+def load_or_train(quick: bool = False, results: str | os.PathLike | None = None
+                  ) -> tuple[MoEConfig, dict, dict]:
+    """The trained MoE from the results directory (trained and saved first when absent)."""
+    params_file, config_file = moe_files(results)
+    if params_file.exists() and config_file.exists():
+        meta = json.loads(config_file.read_text())
+        cfg = MoEConfig(**meta["config"])
+        template = MoE(cfg).init(jax.random.key(0), jnp.zeros((1, cfg.seq), jnp.int32))["params"]
+        return cfg, serialization.from_bytes(template, params_file.read_bytes()), meta["info"]
+    cfg = MoEConfig()
+    params, info = train(cfg, *((30, 8) if quick else (400, 16)), 3e-3)
+    if not quick:
+        save(params, cfg, info, results)
+    return cfg, params, info
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train the MoE and print its held-out perplexity."""
+    ap = _common.parser("jaxprune run train_moe", __doc__, steps=400, lr=3e-3)
+    ap.add_argument("--batch", type=_common.positive_int, default=16)
+    ap.add_argument("--aux-weight", type=float, default=0.01)
+    args = ap.parse_args(argv)
+    cfg = MoEConfig()
+    steps, batch = (30, 8) if args.quick else (args.steps, args.batch)
+    params, info = train(cfg, steps, batch, args.lr, args.aux_weight)
+    if not args.quick:
+        save(params, cfg, info, args.results_dir)
+        _common.write_json(_common.output_path(args, "train_moe.json"), info)
+    print(f"{'steps':>6} {'batch':>5} {'seconds':>8} {'train loss':>10} {'val ppl':>8} {'params':>8}")
+    print(f"{steps:>6} {batch:>5} {info['train_seconds']:>8} {info['final_train_loss']:>10.3f} "
+          f"{info['val_ppl']:>8.3f} {info['params']:>8}")
+    print("expert load per layer:", info["expert_load"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
