@@ -1,9 +1,10 @@
 """One-shot pruning of all-MiniLM-L6-v2: embedding cosine and retrieval agreement vs dense.
 
-Calibration: stdlib docstring sentences (train files) packed into windows without padding;
-evaluation: held-out sentences (validation files). Methods at 50% and 2:4 through the sequential
-driver. Metrics: mean cosine(pruned, dense) embedding, and the fraction of sentences whose nearest
-neighbour (cosine, excluding itself) is the same as under the dense model.
+Calibration: stdlib docstring sentences (train files), each sentence its own sequence, batched by
+length buckets with a token mask (padding counts in no statistic); evaluation: held-out sentences
+(validation files). Methods at 50% and 2:4 through the sequential driver. Metrics: mean
+cosine(pruned, dense) embedding, and the fraction of sentences whose nearest neighbour (cosine,
+excluding itself) is the same as under the dense model.
 
     jaxprune run oneshot_minilm [--quick]
 """
@@ -40,11 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = _common.parser("jaxprune run oneshot_minilm", __doc__)
     ap.add_argument("--calib-sentences", type=_common.positive_int, default=600)
     ap.add_argument("--eval-sentences", type=_common.positive_int, default=200)
-    ap.add_argument("--seq", type=_common.positive_int, default=32, help="calibration window (tokens)")
+    ap.add_argument("--batch", type=_common.positive_int, default=32, help="calibration batch (sentences)")
     args = ap.parse_args(argv)
     model, params, tok = bert.load_minilm()
     n_cal, n_ev = (160, 48) if args.quick else (args.calib_sentences, args.eval_sentences)
-    calib = bert.packed_calibration(tok, stdlib_sentences(n_cal, "train"), args.seq, 32)
+    calib = bert.calibration_batches(tok, stdlib_sentences(n_cal, "train"), args.batch)
+    token_masks = [m for _, m in calib]
     texts = stdlib_sentences(n_ev, "validation")
     dense = bert.embed_texts(model, params, tok, texts)
     methods = METHODS[:3] if args.quick else METHODS
@@ -54,18 +56,20 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.time()
             sp, pat = (None, tgt) if isinstance(tgt, str) else (tgt, "unstructured")
             pruned, _ = prune_sequential(params, bert.blocks(model.cfg), calib, get_method(meth),
-                                         sp, pattern=pat, progress=False)
+                                         sp, pattern=pat, token_masks=token_masks, progress=False)
             secs = time.time() - t0
             emb = bert.embed_texts(model, pruned, tok, texts)
             rows.append({"method": meth, "target": str(tgt),
                          "cosine": float((emb * dense).sum(1).mean()),
                          "nn_agreement": nn_agreement(dense, emb), "seconds": round(secs, 1)})
     _common.write_csv(_common.output_path(args, "oneshot_minilm.csv"), rows)
-    ntok = int(sum(c[0].size for c in calib))
+    ntok = int(sum(m.sum() for m in token_masks))
     _common.write_json(_common.output_path(args, "oneshot_minilm.json"),
-                       {"calib_tokens": ntok, "eval_sentences": n_ev, "rows": rows,
+                       {"calib_tokens": ntok, "calib_sentences": n_cal, "eval_sentences": n_ev,
+                        "calib_shapes": sorted({tuple(int(d) for d in c[0].shape) for c in calib}),
+                        "rows": rows,
                         "quick": args.quick})
-    print(f"calibration tokens: {ntok}; held-out sentences: {n_ev}")
+    print(f"calibration: {n_cal} sentences, {ntok} tokens (no padding); held-out sentences: {n_ev}")
     print(f"{'method':16s} {'target':>6s} {'cosine':>8s} {'NN agree':>9s} {'sec':>6s}")
     for r in rows:
         print(f"{r['method']:16s} {r['target']:>6s} {r['cosine']:8.4f} {r['nn_agreement']:9.3f} "

@@ -95,9 +95,11 @@ def test_sparsegpt_50_keeps_cosine(minilm):
     model, params, tok = minilm
     from jaxprune.zoo.data.text_tfds import stdlib_sentences
 
-    calib = bert.packed_calibration(tok, stdlib_sentences(400, "train"), seq_len=32, batch=32)
+    calib = bert.calibration_batches(tok, stdlib_sentences(128, "train"), batch=32)
+    assert all(x.shape[1] in (16, 32, 64, 128, 256) for x, _ in calib)
     pruned, masks = prune_sequential(params, bert.blocks(model.cfg), calib,
-                                     get_method("sparsegpt"), 0.5, progress=False)
+                                     get_method("sparsegpt"), 0.5,
+                                     token_masks=[m for _, m in calib], progress=False)
     k = masks["layer_3"]["intermediate"]["kernel"]
     assert abs(float(1 - k.mean()) - 0.5) < 1e-3
     texts = stdlib_sentences(48, "validation")

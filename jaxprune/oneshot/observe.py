@@ -97,6 +97,10 @@ def model_fn(model: Any, params: PyTree | None = None, *, method: Any = None,
         graphdef, state = nnx.split(model)
         return _NnxApply(graphdef), state
     if isinstance(model, nn.Module):
+        try:  # a top-level apply ignores the module's name: equal modules share compiled programs
+            model = model.clone(parent=None, name=None)
+        except Exception:  # noqa: BLE001 - a module that cannot be cloned is used as it is
+            pass
         return _LinenApply(model, method, collect, bool(variables)), params
     if callable(model):
         return model, params
@@ -198,7 +202,7 @@ def observe(
     Raises ``ValueError`` for zero batches, masks that do not fit a layer's inputs, or weights the
     calibration cannot observe (inside ``scan``/``cond``/``while``, batched expert matmuls).
     """
-    from jaxprune.oneshot.calibration import LayerStats, merge_stats
+    from jaxprune.oneshot.calibration import LayerStats
 
     batches = list(batches)
     if not batches:
@@ -231,17 +235,18 @@ def observe(
             if str(e).startswith("jaxprune:"):
                 raise
             raise ValueError(_batch_error(i, args, e)) from e
-        for k, v in parts.items():
-            g = None if "gram" not in v else np.asarray(v["gram"], np.float32)
-            st = LayerStats(g, np.asarray(v["sum"], np.float32), np.asarray(v["sumsq"], np.float32),
-                            int(round(float(v["count"]))), int(v["sum"].shape[0]))
-            acc[k] = merge_stats(acc.get(k), st)
+        for k, v in parts.items():  # summed in numpy: no extra compilation per shape
+            acc[k] = {n: acc[k][n] + x for n, x in v.items()} if k in acc else v
+    acc = {k: LayerStats(None if "gram" not in v else np.asarray(v["gram"], np.float32),
+                         np.asarray(v["sum"], np.float32), np.asarray(v["sumsq"], np.float32),
+                         int(round(float(v["count"]))), int(v["sum"].shape[0]))
+           for k, v in acc.items()}
     if not acc:
         raise ValueError(
             "jaxprune: calibration found no matmul or conv that multiplies a parameter with the "
             "inputs; check that fn(params, *batch) uses params"
         )
-    om = _operator_map(fn, params, batches[0] if isinstance(batches[0], tuple) else (batches[0],))
+    om = operator_map_of(fn, params, batches[0] if isinstance(batches[0], tuple) else (batches[0],))
     return {k: v._replace(view=om[k]) for k, v in acc.items()}
 
 
@@ -251,8 +256,12 @@ def _batch_error(i: int, args: tuple, e: Exception) -> str:
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
 
-def _operator_map(fn: Callable[..., Any], params: PyTree, args: tuple) -> om_lib.OperatorMap:
-    """The operator map, traced once per (function, shapes) and cached."""
+def operator_map_of(fn: Callable[..., Any], params: PyTree, args: tuple) -> om_lib.OperatorMap:
+    """The operator map of ``fn(params, *args)``, traced once per (function, shapes) and cached.
+
+    >>> operator_map_of(lambda p, x: x @ p["w"], {"w": jnp.ones((3, 2))}, (jnp.ones((1, 3)),)).weights()
+    ['w']
+    """
     leaves, treedef = jax.tree_util.tree_flatten(params)
     avals = tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in leaves)
     a_leaves, a_def = jax.tree_util.tree_flatten(args)

@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -32,35 +33,62 @@ from jaxprune.core import patterns as pat_lib
 from jaxprune.core.allocation import check_sparsity
 from jaxprune.core.filters import FilterLike, as_filter
 from jaxprune.core.masks import PyTree, leaves_with_paths, tree_map_with_path_masked
-from jaxprune.oneshot.calibration import LayerStats, calibrate
+from jaxprune.oneshot.calibration import LayerStats
 from jaxprune.oneshot.methods import LayerMethod, get_method
 
 __all__ = ["BlockSpec", "prune_layers", "prune_sequential", "get_path", "set_path"]
 
 
 class BlockSpec(NamedTuple):
-    """One block: ``path`` of its params subtree (``"a/b"``; ``""`` = whole tree), a linen ``module``
-    applied as ``module.apply({"params": sub}, *inputs)``, and ``carry(inputs, output) -> next
-    inputs`` (default: the output replaces the first input, the other inputs pass through)."""
+    """One block of a model for :func:`prune_sequential`.
+
+    ``path``: where the block's params live in the model's params (``"a/b"``, ``"layers/0"``;
+    ``""`` = the whole tree). ``fn``: the block's forward pass, any of
+
+    * a plain function ``fn(block_params, *inputs) -> outputs``;
+    * a linen ``Module``, applied as ``fn.apply({"params": block_params}, *inputs)``;
+    * an nnx ``Module`` (e.g. ``model.layers[0]``), merged with the block's part of
+      ``nnx.state(model)``.
+
+    ``carry(inputs, output) -> next inputs`` (default: the output replaces the first input, the
+    other inputs pass through). Blocks of equal structure — linen modules differing only by name,
+    nnx modules with equal graphs, one function object reused — share compiled programs.
+
+    >>> BlockSpec("layer_0", lambda p, x: x @ p["w"]).path
+    'layer_0'
+    """
 
     path: str
-    module: Any
+    fn: Any
     carry: Callable[[Any, Any], Any] | None = None
 
 
-def get_path(tree: PyTree, path: str) -> PyTree:
-    """Subtree of nested dicts at ``"a/b"``.
+def _key(tree: Any, k: str) -> Any:
+    """``k`` as a key of ``tree``: the string, or its int for list-like nodes (``nnx.State``)."""
+    if isinstance(tree, Mapping):
+        if k in tree:
+            return k
+        if k.lstrip("-").isdigit() and int(k) in tree:
+            return int(k)
+        raise KeyError(f"jaxprune: params have no '{k}' (keys: {sorted(map(str, tree))})")
+    if isinstance(tree, list | tuple) and k.isdigit() and int(k) < len(tree):
+        return int(k)
+    raise KeyError(f"jaxprune: params have no '{k}' (a {type(tree).__name__} node)")
 
-    >>> get_path({"a": {"b": 1}}, "a/b")
-    1
+
+def get_path(tree: PyTree, path: str) -> PyTree:
+    """Subtree at ``"a/b"`` of nested dicts, lists or ``nnx.State`` (``""`` = the whole tree).
+
+    >>> get_path({"a": {"b": 1}}, "a/b"), get_path({"l": [5, 6]}, "l/1")
+    (1, 6)
     """
     if not path:
         return tree
     for k in path.split("/"):
-        if k not in tree:
-            raise KeyError(f"jaxprune: params have no '{k}' on path '{path}' "
-                           f"(keys: {sorted(tree)})")
-        tree = tree[k]
+        try:
+            tree = tree[_key(tree, k)]
+        except KeyError as e:
+            raise KeyError(f"{e.args[0]} on path '{path}'") from None
     return tree
 
 
@@ -76,6 +104,14 @@ def set_path(tree: PyTree, path: str, value: Any) -> PyTree:
     out = dict(tree)
     out[k] = set_path(tree[k], rest, value)
     return out
+
+
+def _replace_leaves(tree: PyTree, new: Mapping[str, Any], prefix: str = "") -> PyTree:
+    """``tree`` with the leaves at ``{full path: value}`` replaced (any pytree: dicts, nnx.State)."""
+    if not new:
+        return tree
+    pre = f"{prefix}/" if prefix else ""
+    return tree_map_with_path_masked(lambda p, x: new.get(pre + p, x), tree)
 
 
 class _Plan(NamedTuple):
@@ -107,22 +143,24 @@ def _plan(method: str | LayerMethod, sparsity: Any, pattern: pat_lib.Pattern | s
     return _Plan(meth, sparsity, pat, None if filter is None else as_filter(filter), over)
 
 
-def _prune_layers(params: PyTree, stats: dict[str, LayerStats], plan: _Plan, prefix: str = ""
-                  ) -> tuple[PyTree, dict[str, jax.Array], set[str]]:
-    """``(new params, {full path: mask}, full paths of all calibrated layers)``."""
+def _prune_layers(params: PyTree, stats: Mapping[str, LayerStats], plan: _Plan, prefix: str = ""
+                  ) -> tuple[dict[str, jax.Array], dict[str, jax.Array], set[str]]:
+    """``({full path: new leaf}, {full path: mask}, full paths of all calibrated layers)`` for the
+    layers of ``params`` (a block's subtree at ``prefix``) that ``stats`` has."""
+    new: dict[str, jax.Array] = {}
     masks: dict[str, jax.Array] = {}
     seen: set[str] = set()
-    new = params
+    leaves = dict(leaves_with_paths(params))
     for path, st in stats.items():
         full = f"{prefix}/{path}" if prefix else path
         seen.add(full)
-        w = get_path(params, path)
+        if path not in leaves:
+            raise ValueError(f"jaxprune: calibrated layer '{full}' is not a leaf of the params")
+        w = leaves[path]
         if plan.filter is not None and not plan.filter(full, w):
             continue
-        nw, m = plan.method(w, st, plan.sparsities.get(full, plan.sparsity),
-                            pattern=pat_lib.for_path(plan.pattern, full), name=full)
-        new = set_path(new, path, nw)
-        masks[full] = m
+        new[full], masks[full] = plan.method(w, st, plan.sparsities.get(full, plan.sparsity),
+                                             pattern=pat_lib.for_path(plan.pattern, full), name=full)
     return new, masks, seen
 
 
@@ -179,15 +217,70 @@ def prune_layers(
     plan = _plan(method, sparsity, pattern, filter, sparsities)
     new, masks, seen = _prune_layers(params, stats, plan)
     _check_overrides(plan, seen)
-    return new, _mask_tree(params, masks)
+    return _replace_leaves(params, new), _mask_tree(params, masks)
 
 
-def _run_block(blk: BlockSpec, params: PyTree, x: Any) -> Any:
+def _block_fn(blk: BlockSpec, sub: PyTree) -> Callable[..., Any]:
+    """The block as ``fn(block_params, *inputs)``, normalised so that equal blocks compare equal
+    (the compiled programs are cached on it)."""
+    from flax import linen as nn
+    from flax import nnx
+
+    from jaxprune.oneshot.observe import model_fn
+
+    f = blk.fn
+    if isinstance(f, nnx.Module):
+        fn, state = model_fn(f)
+        want = jax.tree.structure(state)
+        if jax.tree.structure(sub) == want:
+            return fn
+        gd, p_only, rest = nnx.split(f, nnx.Param, ...)
+        if jax.tree.structure(sub) == jax.tree.structure(p_only):
+            return model_fn(lambda p, *a: nnx.merge(gd, p, rest)(*a))[0]
+        raise ValueError(
+            f"jaxprune: block '{blk.path}': the params there do not match the nnx module's state "
+            f"(pass nnx.state(model) or nnx.state(model, nnx.Param) as params, and the module's "
+            f"path in it); params there: {jax.tree.structure(sub)}, module state: {want}"
+        )
+    if isinstance(f, nn.Module):
+        return model_fn(f, None)[0]
+    if callable(f):
+        return f
+    raise TypeError(
+        f"jaxprune: block '{blk.path}': expected a function fn(block_params, *inputs), a linen or "
+        f"an nnx Module, got {type(f).__name__}"
+    )
+
+
+def _apply_block(fn: Callable[..., Any], carry: Any, params: PyTree, x: Any) -> Any:
     args = x if isinstance(x, tuple) else (x,)
-    out = blk.module.apply({"params": params}, *args)
-    if blk.carry is not None:
-        return blk.carry(x, out)
+    out = fn(params, *args)
+    if carry is not None:
+        return carry(x, out)
     return (out, *args[1:]) if isinstance(x, tuple) else out
+
+
+@functools.lru_cache(maxsize=128)
+def _forward(fn: Callable[..., Any], carry: Any) -> Callable[..., Any]:
+    """One jitted forward per (block function, carry); jit compiles it once per input shape."""
+    return jax.jit(functools.partial(_apply_block, fn, carry))
+
+
+def _forward_program(fn: Callable[..., Any], carry: Any) -> Callable[..., Any]:
+    try:
+        return _forward(fn, carry)
+    except TypeError as e:  # an unhashable function: compile for this block only
+        if "unhashable" not in str(e):
+            raise
+        return jax.jit(functools.partial(_apply_block, fn, carry))
+
+
+def _has_layers(fn: Callable[..., Any], sub: PyTree, x: Any) -> bool:
+    """Whether the block multiplies any of its params with data (the operator map, cached)."""
+    from jaxprune.oneshot.observe import operator_map_of
+
+    om = operator_map_of(fn, sub, x if isinstance(x, tuple) else (x,))
+    return any(lo.has_view for lo in om.leaves)
 
 
 def prune_sequential(
@@ -200,19 +293,28 @@ def prune_sequential(
     pattern: pat_lib.Pattern | str = "unstructured",
     filter: FilterLike = None,
     sparsities: Mapping[str, float] | None = None,
+    token_masks: Sequence[Any] | None = None,
     dense_inputs: bool = False,
     progress: bool = True,
 ) -> tuple[PyTree, PyTree]:
     """Prune block by block; returns ``(pruned params, mask tree mirroring params)``.
 
+    Each block is calibrated at the operator level (every matmul/conv weight it multiplies with
+    data: Dense, DenseGeneral, einsum params, PyTorch-layout ``x @ W.T``, convs) on the outputs of
+    the already-pruned blocks, its layers are pruned, and its pruned outputs feed the next block.
+    Each distinct block structure is compiled once per input shape (calibration and forward).
+
     Args:
-      params: the model's params (nested dicts).
-      blocks: the model as consecutive blocks (first block receives ``inputs``).
-      inputs: calibration batches for the first block (a tuple is unpacked into arguments).
+      params: the model's params (nested dicts, or ``nnx.state(model)`` for nnx blocks).
+      blocks: the model as consecutive :class:`BlockSpec` s (the first receives ``inputs``).
+      inputs: calibration batches for the first block (a tuple is unpacked into arguments); shapes
+        may vary (bucket them to a few shapes: one compilation each).
       method: a :class:`~jaxprune.oneshot.methods.LayerMethod` or its name; ``XᵀX`` is recorded
         only if ``"gram" in method.needs``.
       sparsity, pattern, filter, sparsities: as in :func:`prune_layers` (paths are full paths
         into ``params``).
+      token_masks: one mask per batch (e.g. ``(batch, seq)``, 1 = real token) excluding padding
+        from every block's statistics (see :func:`jaxprune.oneshot.observe.observe`).
       dense_inputs: calibrate every block on the dense model's activations instead.
       progress: show a progress bar over blocks.
 
@@ -221,19 +323,31 @@ def prune_sequential(
     >>> m = nn.Dense(2); p = {"a": m.init(jax.random.key(0), jnp.ones((1, 2)))["params"]}
     >>> _, masks = prune_sequential(p, [BlockSpec("a", m)], [jnp.ones((3, 2))], "wanda", 0.5,
     ...                             progress=False)
-    >>> masks["a"]["bias"] is None
-    True
+    >>> masks["a"]["bias"] is None, float(masks["a"]["kernel"].mean())
+    (True, 0.5)
+    >>> relu = lambda p, x: jax.nn.relu(x @ p["w"].T)        # a plain function, PyTorch layout
+    >>> q = {"l0": {"w": jnp.ones((4, 2))}, "l1": {"w": jnp.ones((4, 4))}}
+    >>> _, masks = prune_sequential(q, [BlockSpec("l0", relu), BlockSpec("l1", relu)],
+    ...                             [jnp.ones((3, 2))], "magnitude", 0.5, progress=False)
+    >>> int(masks["l1"]["w"].sum())
+    8
     """
+    from jaxprune.oneshot.observe import observe
+
     plan = _plan(method, sparsity, pattern, filter, sparsities)
     inputs = list(inputs)
     if not inputs:
         raise ValueError("jaxprune: prune_sequential needs at least one calibration batch")
+    if token_masks is not None:
+        token_masks = [jnp.asarray(m) for m in token_masks]
+        if len(token_masks) != len(inputs):
+            raise ValueError(f"jaxprune: {len(token_masks)} token masks for {len(inputs)} batches")
     known = {p for p, _ in leaves_with_paths(params)}
     stray = sorted(set(plan.sparsities) - known)
     if stray:
         raise ValueError(f"jaxprune: sparsities= names path(s) {stray} that are not in the params tree")
     gram = "gram" in plan.method.needs
-    new = params
+    new_leaves: dict[str, jax.Array] = {}
     all_masks: dict[str, jax.Array] = {}
     seen: set[str] = set()
     xs = inputs
@@ -243,25 +357,24 @@ def prune_sequential(
         from tqdm.auto import tqdm
 
         it = tqdm(blocks, desc=f"prune {plan.method.label}", leave=False)
-    for blk in it:
+    for bi, blk in enumerate(it):
         sub = get_path(params, blk.path)
+        fn = _block_fn(blk, sub)
         calib_x = xs_dense if dense_inputs else xs
-        has_layers = any(p.endswith("kernel") for p, _ in leaves_with_paths(sub))
-        if has_layers:
-            stats = calibrate(blk.module, sub, calib_x, gram=gram)
-            new_sub, ms, blk_seen = _prune_layers(sub, stats, plan, prefix=blk.path)
+        new_sub = sub
+        if _has_layers(fn, sub, calib_x[0]):
+            stats = observe(fn, sub, calib_x, gram=gram, token_masks=token_masks)
+            nl, ms, blk_seen = _prune_layers(sub, stats, plan, prefix=blk.path)
             del stats
+            new_leaves.update(nl)
             all_masks.update(ms)
             seen |= blk_seen
-            new = set_path(new, blk.path, new_sub)
-        else:
-            new_sub = sub
-        run = jax.jit(lambda p, x, blk=blk: _run_block(blk, p, x))
+            new_sub = _replace_leaves(sub, nl, blk.path)
+        if bi == len(blocks) - 1:
+            break  # the last block's outputs feed nothing
+        run = _forward_program(fn, blk.carry)
         xs = [run(new_sub, x) for x in xs]
         if dense_inputs:
             xs_dense = [run(sub, x) for x in xs_dense]
     _check_overrides(plan, seen)
-    return new, _mask_tree(params, all_masks)
-
-
-_ = jnp  # keep the import for doctests that use jnp
+    return _replace_leaves(params, new_leaves), _mask_tree(params, all_masks)

@@ -30,7 +30,8 @@ import numpy as np
 from flax import linen as nn
 
 __all__ = ["BertConfig", "Bert", "BertEmbeddings", "BertLayer", "encode", "mean_pool",
-           "minilm_dir", "load_minilm", "convert_hf", "tokenize", "embed_texts", "blocks"]
+           "minilm_dir", "load_minilm", "convert_hf", "tokenize", "embed_texts", "blocks",
+           "calibration_batches"]
 
 
 class BertConfig(NamedTuple):
@@ -255,28 +256,42 @@ def blocks(cfg: BertConfig) -> list[Any]:
     ]
 
 
-def packed_calibration(tok: Any, texts: list[str], seq_len: int = 128, batch: int = 8
-                       ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Calibration batches without padding: the texts' word pieces concatenated and cut into
-    ``[CLS] … [SEP]`` windows of ``seq_len`` tokens (like SparseGPT's random text windows).
+def calibration_batches(tok: Any, texts: list[str], batch: int = 32,
+                        lengths: tuple[int, ...] = (16, 32, 64, 128, 256)
+                        ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Calibration batches of whole sentences, each its own sequence: ``[(ids, mask)]``.
 
-    >>> class _T:  # a stand-in tokenizer
-    ...     def encode_batch(self, texts, add_special_tokens=False):
-    ...         return [type("E", (), {"ids": [5] * 7})() for _ in texts]
-    ...     def token_to_id(self, t):
-    ...         return {"[CLS]": 101, "[SEP]": 102}[t]
-    >>> b = packed_calibration(_T(), ["a"] * 4, seq_len=6, batch=2)
-    >>> len(b), b[0][0].shape, b[0][0][0].tolist()
-    (4, (2, 6), [101, 5, 5, 5, 5, 102])
+    Sentences are sorted by length and grouped ``batch`` at a time; a group is padded to the
+    smallest of ``lengths`` that holds its longest sentence (and with empty rows to ``batch``), so
+    there are at most ``len(lengths)`` shapes (one compilation each). Pass the masks as
+    ``token_masks=`` so that padding counts in no statistic, e.g.
+    ``prune_sequential(..., calib, ..., token_masks=[m for _, m in calib])``.
+
+    >>> class _T:  # a stand-in tokenizer: [CLS] + one piece per word + [SEP]
+    ...     def encode_batch(self, texts):
+    ...         return [type("E", (), {"ids": [101] + [5] * len(t.split()) + [102]})() for t in texts]
+    >>> b = calibration_batches(_T(), ["a b", "a", "a b c d e f g h i j k l m n o"], batch=2)
+    >>> [x.shape for x, _ in b], [m.sum(1).tolist() for _, m in b]
+    ([(2, 16), (2, 32)], [[3, 4], [17, 0]])
     """
-    enc = tok.encode_batch(list(texts), add_special_tokens=False)
-    flat = np.concatenate([np.asarray(e.ids, np.int32) for e in enc])
-    body = seq_len - 2
-    n = len(flat) // body
-    if n == 0:
-        raise ValueError(f"jaxprune: {len(flat)} tokens are fewer than one window of {seq_len}")
-    win = flat[: n * body].reshape(n, body)
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    ids = np.concatenate([np.full((n, 1), cls, np.int32), win, np.full((n, 1), sep, np.int32)], 1)
-    mask = np.ones_like(ids)
-    return [(ids[s:s + batch], mask[s:s + batch]) for s in range(0, n, batch)]
+    if batch < 1:
+        raise ValueError(f"jaxprune: batch must be >= 1, got {batch}")
+    # the tokenizer of load_minilm pads a batch to its longest text: keep the real tokens only
+    enc = [np.asarray(e.ids, np.int32)[:sum(getattr(e, "attention_mask", None) or [1] * len(e.ids))]
+           for e in tok.encode_batch(list(texts))]
+    lens = sorted(lengths)
+    longest = max((len(e) for e in enc), default=0)
+    if longest > lens[-1]:
+        raise ValueError(f"jaxprune: a sentence has {longest} tokens, more than the longest "
+                         f"bucket {lens[-1]}; add a longer length to lengths=")
+    order = np.argsort([len(e) for e in enc], kind="stable")
+    out = []
+    for s in range(0, len(order), batch):
+        group = [enc[i] for i in order[s:s + batch]]
+        t = next(n for n in lens if n >= max(len(e) for e in group))
+        ids = np.zeros((batch, t), np.int32)
+        mask = np.zeros((batch, t), np.int32)
+        for r, e in enumerate(group):
+            ids[r, :len(e)], mask[r, :len(e)] = e, 1
+        out.append((ids, mask))
+    return out
