@@ -191,3 +191,18 @@ def test_calibration_reads_other_collections_as_data():
     stats = v["batch_stats"]["BatchNorm_0"]
     h = (x - stats["mean"]) / jnp.sqrt(stats["var"] + 1e-5) * bn["scale"] + bn["bias"]
     np.testing.assert_allclose(st["Dense_0/kernel"].gram, np.asarray(h.T @ h), rtol=1e-5, atol=1e-5)
+
+
+def test_nm_groups_never_span_two_batch_entries():
+    """Stacked experts (a batch axis of the matmul): 4 experts x fan-in 6 has 24 rows, divisible by
+    4, but a 2:4 group would straddle two experts; refused, naming the leaf. Fan-in 8 is accepted
+    and every group lies inside one expert's own matrix."""
+    fn = lambda p, x: jnp.einsum("ebd,edf->ebf", x, p["w"])  # noqa: E731
+    w6 = jax.random.normal(jax.random.key(0), (4, 6, 8))
+    om6 = jp.operator_map(fn, {"w": w6}, jnp.ones((4, 3, 6)))
+    with pytest.raises(ValueError, match="may not span two entries"):
+        jp.prune({"w": w6}, pattern="2:4", opmap=om6)
+    w8 = jax.random.normal(jax.random.key(0), (4, 8, 8))
+    _, m = jp.prune({"w": w8}, pattern="2:4", opmap=jp.operator_map(fn, {"w": w8}, jnp.ones((4, 3, 8))))
+    groups = np.asarray(m["w"]).reshape(4, 2, 4, 8).sum(2)  # (expert, group, out)
+    assert np.all(groups == 2)

@@ -7,6 +7,8 @@
 ['Conv_0', 'Conv_1', 'Dense_0', 'Dense_1']
 """
 
+from jaxprune.zoo.models.gemma import Gemma, GemmaConfig
+from jaxprune.zoo.models.gguf_loader import load_gemma
 from jaxprune.zoo.models.small import CNN, MLP, NnxCNN, NnxMLP, rebuild_small
 
-__all__ = ["MLP", "CNN", "NnxMLP", "NnxCNN", "rebuild_small"]
+__all__ = ["MLP", "CNN", "NnxMLP", "NnxCNN", "rebuild_small", "Gemma", "GemmaConfig", "load_gemma"]
