@@ -25,15 +25,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxprune.core.masks import PyTree, _is_none, leaves_with_paths
 
-__all__ = ["Allocation", "Uniform", "ERK", "Global", "get", "register", "check_sparsity"]
+__all__ = ["Allocation", "Uniform", "ERK", "Global", "get", "register", "check_sparsity",
+           "sparsity_value"]
 
 
 def check_sparsity(path: str, value: Any, *, allow_full: bool = False) -> None:
@@ -49,11 +52,37 @@ def check_sparsity(path: str, value: Any, *, allow_full: bool = False) -> None:
     """
     if isinstance(value, jax.core.Tracer):
         return
-    v = float(value)
+    v = sparsity_value(path, value)
     ok = (0.0 <= v <= 1.0) if allow_full else (0.0 <= v < 1.0)
     if not ok or math.isnan(v):
         rng = "[0, 1]" if allow_full else "[0, 1)"
         raise ValueError(f"jaxprune: sparsity for '{path}' must be in {rng}, got {v}")
+
+
+def sparsity_value(path: str, value: Any) -> float:
+    """A concrete sparsity as a float, or a clear error naming ``path``: strings are refused
+    with ``ValueError`` (a pattern spec passed as the sparsity?), booleans, lists and other
+    non-numbers with ``TypeError``. Range checks are :func:`check_sparsity`'s.
+
+    >>> sparsity_value("x", np.float32(0.25))
+    0.25
+    >>> sparsity_value("x", True)
+    Traceback (most recent call last):
+    ...
+    TypeError: jaxprune: sparsity must be a float in [0, 1), got True (bool) for 'x'
+    """
+    if isinstance(value, str):
+        raise ValueError(
+            f"jaxprune: sparsity must be a float or None, got {value!r} for '{path}'; a pattern is "
+            f"passed as pattern={value!r}"
+        )
+    shape = getattr(value, "shape", None)
+    is_bool = isinstance(value, bool | np.bool_) or str(getattr(value, "dtype", "")) == "bool"
+    if is_bool or shape not in (None, ()) or not (
+            isinstance(value, numbers.Real) or (shape == () and hasattr(value, "dtype"))):
+        raise TypeError(f"jaxprune: sparsity must be a float in [0, 1), got {value!r} "
+                        f"({type(value).__name__}) for '{path}'")
+    return float(value)
 
 
 def _override_for(overrides: tuple[tuple[str, float], ...], path: str) -> float | None:
@@ -95,9 +124,23 @@ class Allocation:
     overrides: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "overrides", tuple((str(p), float(v)) for p, v in self.overrides))
-        for p, v in self.overrides:
+        pairs = self.overrides
+        if isinstance(pairs, dict):
+            pairs = tuple(pairs.items())
+        if not isinstance(pairs, tuple | list) or not all(
+                isinstance(x, tuple | list) and len(x) == 2 and isinstance(x[0], str) for x in pairs):
+            raise TypeError(f"jaxprune: {type(self).__name__}.overrides must be (regex, sparsity) "
+                            f"pairs, e.g. (('attn', 0.3),), got {pairs!r}")
+        for p, v in pairs:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"jaxprune: override regex {p!r} is invalid: {e}") from None
+            if not isinstance(v, numbers.Real) or isinstance(v, bool):
+                raise TypeError(f"jaxprune: overrides[{p!r}] must be a number (sparsity in [0, 1)), "
+                                f"got {v!r}")
             check_sparsity(f"override {p!r}", v)
+        object.__setattr__(self, "overrides", tuple((p, float(v)) for p, v in pairs))
 
     def allocate(self, masks: PyTree, target: Any, scores: PyTree | None = None,
                  opmap: Any = None) -> PyTree:
@@ -196,7 +239,7 @@ class Global(Allocation):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 <= self.min_density <= 1.0:
+        if not isinstance(self.min_density, numbers.Real) or not 0.0 <= self.min_density <= 1.0:
             raise ValueError(f"jaxprune: Global.min_density must be in [0, 1], got {self.min_density}")
 
     def _solve(self, shapes, target, scores):
@@ -251,6 +294,9 @@ def get(name: str | Allocation) -> Allocation:
     """
     if isinstance(name, Allocation):
         return name
+    if not isinstance(name, str):
+        raise TypeError(f"jaxprune: allocation must be an Allocation or a name "
+                        f"{sorted(ALLOCATIONS)}, got {name!r}")
     if name not in ALLOCATIONS:
         raise ValueError(f"jaxprune: unknown allocation '{name}'; valid: {sorted(ALLOCATIONS)}")
     out = ALLOCATIONS[name]()

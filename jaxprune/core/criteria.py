@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxprune.core.masks import PyTree, _is_none, leaves_with_paths
 
@@ -65,11 +66,16 @@ class Criterion(NamedTuple):
                 continue
             sflat = jax.tree_util.tree_flatten(signals[s], is_leaf=_is_none)[0]
             if len(sflat) != len(flat):
+                ppaths = {p for p, _ in leaves_with_paths(params)}
+                spaths = {p for p, _ in leaves_with_paths(signals[s])}
+                diff = sorted(ppaths ^ spaths)[:1]
+                where = f" (e.g. '{diff[0]}' is in only one of them)" if diff else ""
                 raise ValueError(
                     f"jaxprune: signal '{s}' for criterion '{self.name}' has {len(sflat)} leaves "
-                    f"but params have {len(flat)}; it must mirror the params tree"
+                    f"but params have {len(flat)}{where}; it must mirror the params tree"
                 )
             per_leaf[s] = sflat
+        paths = [p for p, _ in leaves_with_paths(params)]
         out = []
         for i, (w, m) in enumerate(zip(flat, mflat, strict=True)):
             if w is None or m is None:
@@ -81,7 +87,18 @@ class Criterion(NamedTuple):
                     kw["key"] = jax.random.fold_in(signals["key"], i)
                 else:
                     kw[s] = per_leaf[s][i]
-            out.append(self.leaf_fn(w, **kw).astype(jnp.float32))
+                    if kw[s] is None:
+                        raise ValueError(f"jaxprune: signal '{s}' has no value for pruned leaf "
+                                         f"'{paths[i]}' (criterion '{self.name}')")
+                    if s in ("grads", "movement") and tuple(np.shape(kw[s])) != tuple(w.shape):
+                        raise ValueError(
+                            f"jaxprune: signal '{s}' for '{paths[i]}' has shape "
+                            f"{tuple(np.shape(kw[s]))} but the param has shape {tuple(w.shape)}")
+            try:
+                out.append(self.leaf_fn(w, **kw).astype(jnp.float32))
+            except ValueError as e:
+                raise ValueError(f"jaxprune: criterion '{self.name}' on '{paths[i]}': "
+                                 f"{str(e).removeprefix('jaxprune: ')}") from e
         return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -179,6 +196,9 @@ def get(name: str | Criterion) -> Criterion:
     """
     if isinstance(name, Criterion):
         return name
+    if not isinstance(name, str):
+        raise TypeError(f"jaxprune: criterion must be a Criterion or a name {sorted(CRITERIA)}, "
+                        f"got {name!r}")
     if name not in CRITERIA:
         raise ValueError(f"jaxprune: unknown criterion '{name}'; valid: {sorted(CRITERIA)}")
     return CRITERIA[name]

@@ -75,8 +75,15 @@ class Name(Filter):
 
     def __init__(self, *names: str):
         if len(names) == 1 and not isinstance(names[0], str):
-            names = tuple(names[0])
-        object.__setattr__(self, "names", tuple(str(n) for n in names))
+            try:
+                names = tuple(names[0])
+            except TypeError:
+                raise TypeError(f"jaxprune: Name(...) takes leaf names as str, got {names[0]!r}"
+                                ) from None
+        bad = [n for n in names if not isinstance(n, str)]
+        if bad:
+            raise TypeError(f"jaxprune: Name(...) takes leaf names as str, got {bad[0]!r}")
+        object.__setattr__(self, "names", tuple(names))
 
     def match(self, path, leaf):
         return path.split("/")[-1] in self.names
@@ -129,6 +136,11 @@ class MinNdim(Filter):
 
     n: int = 2
 
+    def __post_init__(self) -> None:
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 0:
+            raise ValueError(f"jaxprune: MinNdim n (min_ndim) must be an integer >= 0, got "
+                             f"{self.n!r}")
+
     def match(self, path, leaf):
         return len(leaf.shape) >= self.n
 
@@ -142,6 +154,12 @@ class DType(Filter):
     """
 
     kind: str = "floating"
+
+    def __post_init__(self) -> None:
+        k = getattr(np, self.kind, None) if isinstance(self.kind, str) else None
+        if not (isinstance(k, type) and issubclass(k, np.generic)):
+            raise ValueError(f"jaxprune: DType kind {self.kind!r} is not a numpy type name; valid: "
+                             "e.g. 'floating', 'integer', 'float32'")
 
     def match(self, path, leaf):
         return bool(np.issubdtype(np.dtype(leaf.dtype), getattr(np, self.kind)))
@@ -228,6 +246,11 @@ class Predicate(Filter):
 
     fn: Callable[[str, typing.Any], bool]
 
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise TypeError(f"jaxprune: Predicate needs a callable (path, leaf) -> bool, got "
+                            f"{self.fn!r}")
+
     def match(self, path, leaf):
         return bool(self.fn(path, leaf))
 
@@ -282,7 +305,7 @@ def select(
     if names is not None:
         parts.append(Name(names) if not isinstance(names, str) else Name(names))
     if min_ndim:
-        parts.append(MinNdim(int(min_ndim)))
+        parts.append(MinNdim(min_ndim))
     inc = _regexes(include)
     if inc:
         parts.append(Any(*[PathRegex(r) for r in inc]))

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -36,6 +37,7 @@ __all__ = [
     "init_masks",
     "apply_masks",
     "check_masks",
+    "check_prunable",
     "LeafStats",
     "sparsity_stats",
     "summary_table",
@@ -99,9 +101,37 @@ def _as_filter(filter: Any) -> Filter:
     return as_filter(filter)
 
 
+def check_prunable(path: str, leaf: Any) -> None:
+    """Raise naming ``path`` unless ``leaf`` is a floating-point array with at least one entry
+    and one axis (a 0-d or zero-size leaf has nothing a pattern could prune).
+
+    >>> check_prunable("w", jnp.float32(1.0))
+    Traceback (most recent call last):
+    ...
+    ValueError: jaxprune: leaf 'w' was selected for pruning but is 0-d (a scalar); only arrays \
+with at least one axis and one entry can be pruned. Exclude it with a filter, e.g. \
+filter=jp.filters.select(exclude=...).
+    """
+    if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+        raise TypeError(
+            f"jaxprune: leaf '{path}' was selected for pruning but is a {type(leaf).__name__}, "
+            "not an array; params must be a pytree of arrays"
+        )
+    _check_float(path, leaf)
+    why = "0-d (a scalar)" if len(leaf.shape) == 0 else (
+        f"zero-size (shape {tuple(leaf.shape)}, no entries)" if math.prod(leaf.shape) == 0 else "")
+    if why:
+        raise ValueError(
+            f"jaxprune: leaf '{path}' was selected for pruning but is {why}; only arrays with at "
+            "least one axis and one entry can be pruned. Exclude it with a filter, e.g. "
+            "filter=jp.filters.select(exclude=...)."
+        )
+
+
 def _check_float(path: str, leaf: Any) -> None:
-    if not jnp.issubdtype(jnp.asarray(leaf).dtype if not hasattr(leaf, "dtype") else leaf.dtype,
-                          jnp.floating):
+    if not hasattr(leaf, "dtype"):
+        raise TypeError(f"jaxprune: leaf '{path}' is a {type(leaf).__name__}, not an array")
+    if not jnp.issubdtype(leaf.dtype, jnp.floating):
         raise TypeError(
             f"jaxprune: leaf '{path}' was selected for pruning but has dtype {leaf.dtype}; only "
             "floating-point leaves can be pruned. Exclude it with a filter, e.g. "
@@ -123,7 +153,7 @@ def init_masks(params: PyTree, filter: Filter | None = None) -> PyTree:
     def make(path: str, leaf: Any) -> Any:
         if leaf is None or not filt(path, leaf):
             return None
-        _check_float(path, leaf)
+        check_prunable(path, leaf)
         return jnp.ones(leaf.shape, dtype=bool)
 
     return tree_map_with_path_masked(make, params)
@@ -132,14 +162,19 @@ def init_masks(params: PyTree, filter: Filter | None = None) -> PyTree:
 def check_masks(params: PyTree, masks: PyTree) -> None:
     """Raise ``ValueError`` naming the first path where ``masks`` does not mirror ``params``.
 
-    Paths and shapes are compared; container types are not, so masks held in an ``nnx.State`` of
-    optimizer variables match the ``nnx.State`` of ``Param`` s they were made from.
+    Paths and shapes are compared, and every mask leaf must be a bool array or ``None``
+    (``TypeError`` otherwise: a float mask of 0.5 is not a mask). Container types are not
+    compared, so masks held in an ``nnx.State`` of optimizer variables match the ``nnx.State`` of
+    ``Param`` s they were made from.
 
     >>> check_masks({"w": jnp.ones(2)}, {"v": None})
     Traceback (most recent call last):
     ...
     ValueError: jaxprune: mask tree does not match params tree: params has 'w' where masks has 'v'
     """
+    if masks is None and params is not None:
+        raise ValueError("jaxprune: masks is None; pass a mask tree mirroring params (e.g. "
+                         "jp.init_masks(params)), with None leaves for unpruned params")
     p = leaves_with_paths(params)
     m = leaves_with_paths(masks)
     for (pp, pl), (mp, ml) in zip(p, m, strict=False):
@@ -148,7 +183,16 @@ def check_masks(params: PyTree, masks: PyTree) -> None:
                 "jaxprune: mask tree does not match params tree: "
                 f"params has '{pp}' where masks has '{mp}'"
             )
-        if ml is not None and tuple(ml.shape) != tuple(pl.shape):
+        if ml is not None and (not hasattr(ml, "dtype") or not hasattr(ml, "shape")
+                               or np.dtype(ml.dtype) != np.bool_):
+            got = f"dtype {ml.dtype}" if hasattr(ml, "dtype") else f"type {type(ml).__name__}"
+            raise TypeError(
+                f"jaxprune: mask for '{pp}' has {got}; a mask leaf must be a bool array of the "
+                "param's shape (True = kept) or None (not pruned); convert with "
+                "jnp.asarray(m, bool) only if it really holds 0/1"
+            )
+        if ml is not None and pl is not None and hasattr(pl, "shape") \
+                and tuple(ml.shape) != tuple(pl.shape):
             raise ValueError(
                 f"jaxprune: mask for '{pp}' has shape {tuple(ml.shape)} but the param has "
                 f"shape {tuple(pl.shape)}"
@@ -164,9 +208,13 @@ def check_masks(params: PyTree, masks: PyTree) -> None:
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
     """Zero the pruned entries: ``p * m`` where a mask exists, ``p`` unchanged where it is ``None``.
 
+    Checks first (:func:`check_masks`) that ``masks`` mirrors ``params`` with bool leaves of the
+    params' shapes, so a mask never silently broadcasts.
+
     >>> apply_masks({"w": jnp.array([1., 2.])}, {"w": jnp.array([True, False])})["w"]
     Array([1., 0.], dtype=float32)
     """
+    check_masks(params, masks)
     return tree_map_masked(
         lambda m, p: p if m is None else jnp.where(m, p, jnp.zeros((), p.dtype)), masks, params
     )

@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import re
 from typing import Any
 
@@ -107,6 +108,21 @@ def topk_mask(scores: jax.Array, k_keep: Any) -> jax.Array:
     return (gt | ties) & (k > 0)
 
 
+def _check_ints(what: str, **values: Any) -> None:
+    """Pattern fields must be Python/numpy integers (not bools, floats or strings)."""
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"jaxprune: {what}: {name} must be an integer, got {v!r} "
+                            f"({type(v).__name__})")
+
+
+def _check_axis(what: str, axis: int, ndim: int, path: str) -> int:
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"jaxprune: {what} axis {axis} is out of range for '{path}' with ndim "
+                         f"{ndim} (valid: {-ndim}..{ndim - 1})")
+    return axis % ndim
+
+
 class Pattern:
     """Base class. Subclasses implement :meth:`mask` and may implement :meth:`validate`."""
 
@@ -140,6 +156,9 @@ class NM(Pattern):
     axis: int | None = None
 
     def __post_init__(self) -> None:
+        _check_ints(f"N:M pattern {self.n}:{self.m} (N:M needs integers)", n=self.n, m=self.m)
+        if self.axis is not None:
+            _check_ints("N:M pattern", axis=self.axis)
         if not (0 < self.n <= self.m):
             raise ValueError(f"jaxprune: N:M needs 0 < n <= m, got {self.n}:{self.m}")
 
@@ -149,6 +168,8 @@ class NM(Pattern):
         return ndim - 2 if ndim >= 2 else 0
 
     def validate(self, path: str, shape: tuple[int, ...]) -> None:
+        if self.axis is not None:
+            _check_axis(f"{self.n}:{self.m} pattern", self.axis, len(shape), path)
         ax = self.resolve_axis(len(shape))
         if shape[ax] % self.m:
             raise ValueError(
@@ -192,9 +213,14 @@ def matrix_view(shape: tuple[int, ...], fan_in: int | None = None) -> tuple[int,
         size *= d
     if fan_in is not None:
         fan_in = int(fan_in)
-        if fan_in <= 0 or size % fan_in:
+        prefixes = [1]
+        for d in shape:
+            prefixes.append(prefixes[-1] * d)
+        if fan_in not in prefixes:  # divisibility alone would accept another layer's statistics
             raise ValueError(
-                f"jaxprune: a leaf of shape {shape} has no matrix view with fan-in {fan_in}"
+                f"jaxprune: a leaf of shape {shape} has no matrix view with fan-in {fan_in}: the "
+                f"fan-in is the product of its leading (contracted) axes, one of "
+                f"{sorted(set(prefixes))} (statistics of another layer?)"
             )
         return fan_in, size // fan_in
     if len(shape) < 2:
@@ -211,6 +237,12 @@ class Block(Pattern):
 
     r: int = 4
     c: int = 4
+
+    def __post_init__(self) -> None:
+        _check_ints(f"block pattern {self.r}x{self.c} (block sizes must be integers)",
+                    r=self.r, c=self.c)
+        if self.r < 1 or self.c < 1:
+            raise ValueError(f"jaxprune: block sizes must be >= 1, got {self.r}x{self.c}")
 
     def validate(self, path: str, shape: tuple[int, ...]) -> None:
         k, n = _matrix_view(tuple(shape))
@@ -234,6 +266,12 @@ class Channel(Pattern):
     """Prune whole slices along ``axis`` (default: output units), ranked by summed score."""
 
     axis: int = -1
+
+    def __post_init__(self) -> None:
+        _check_ints("Channel pattern", axis=self.axis)
+
+    def validate(self, path: str, shape: tuple[int, ...]) -> None:
+        _check_axis("Channel pattern", self.axis, len(shape), path)
 
     def mask(self, scores: jax.Array, sparsity: Any) -> jax.Array:
         ax = self.axis % scores.ndim
@@ -326,7 +364,17 @@ class PerLeaf(Pattern):
     default: Pattern = dataclasses.field(default_factory=Unstructured)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "rules", tuple((str(r), parse(p)) for r, p in self.rules))
+        rules = self.rules
+        if not isinstance(rules, tuple | list) or not all(
+                isinstance(x, tuple | list) and len(x) == 2 and isinstance(x[0], str) for x in rules):
+            raise TypeError(f"jaxprune: PerLeaf.rules must be (regex, pattern) pairs, got {rules!r}")
+        for rx, _ in rules:
+            try:
+                re.compile(rx)
+            except re.error as e:
+                raise ValueError(f"jaxprune: PerLeaf rule regex {rx!r} is invalid: {e}") from None
+        object.__setattr__(self, "rules", tuple((r, parse(p)) for r, p in rules))
+        object.__setattr__(self, "default", parse(self.default))
 
     def for_path(self, path: str) -> Pattern:
         for rx, pat in self.rules:

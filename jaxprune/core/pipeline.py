@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from typing import Any
 
@@ -93,18 +94,37 @@ def _pattern_shape(opmap: Any, path: str, shape: tuple[int, ...]) -> tuple[int, 
     return lo.view_shape
 
 
+def _validate(pat: pat_lib.Pattern, path: str, opmap: Any, shape: tuple[int, ...]) -> None:
+    """``pat`` on the leaf's matrix view; a leaf with batch axes (stacked experts, a batched einsum)
+    is also checked on one batch entry's matrix, so that no N:M group or block spans two entries."""
+    pat.validate(path, _pattern_shape(opmap, path, shape))
+    lo = _view(opmap, path)
+    if lo is not None and lo.batch and isinstance(pat, pat_lib.NM | pat_lib.Block):
+        per = (lo.fan_in_size, math.prod(shape[i] for i in lo.out))
+        try:
+            pat.validate(path, per)
+        except ValueError as e:
+            raise ValueError(
+                f"{e} (checked on one entry of batch axes {lo.batch} of '{path}', matrix {per}: a "
+                f"group may not span two entries, e.g. two experts)") from None
+
+
 def validate_patterns(masks: PyTree, pattern: pat_lib.Pattern, opmap: Any = None) -> None:
     """Check every pruned leaf against its pattern (on its matrix view when ``opmap`` has one);
     raise ``ValueError`` naming the path."""
     for path, m in leaves_with_paths(masks):
         if m is not None:
-            shape = _pattern_shape(opmap, path, tuple(m.shape))
-            pat_lib.for_path(pattern, path).validate(path, shape)
+            _validate(pat_lib.for_path(pattern, path), path, opmap, tuple(m.shape))
 
 
 def _pattern_mask(pat: pat_lib.Pattern, scores: jax.Array, sparsity: Any, path: str,
                   opmap: Any) -> jax.Array:
-    """``pat`` on one leaf — on its matrix view (fan-in × outputs) when ``opmap`` knows it."""
+    """``pat`` on one leaf — on its matrix view (fan-in × outputs) when ``opmap`` knows it.
+
+    NaN scores rank lowest (pruned first, ties to the lower index) — the rule under ``jit``, where
+    they cannot be refused as they are for concrete scores (:func:`_check_scores`)."""
+    if jnp.issubdtype(scores.dtype, jnp.floating):
+        scores = jnp.where(jnp.isnan(scores), -jnp.inf, scores)
     lo = _view(opmap, path)
     if lo is None:
         return _checked_mask(pat, pat.mask(scores, sparsity), tuple(scores.shape), path)
@@ -172,7 +192,49 @@ def resolve_sparsity(sparsity: Any, pattern: pat_lib.Pattern | str) -> Any:
                 f"jaxprune: sparsity {float(sparsity):g} is above what pattern {pat.n}:{pat.m} "
                 f"can reach ({pat.max_sparsity():g})"
             )
+        got = round(float(sparsity) * pat.m) / pat.m
+        if abs(got - float(sparsity)) > 1e-3:
+            ok = ", ".join(f"{j / pat.m:g}" for j in range(pat.m - pat.n + 1))
+            raise ValueError(
+                f"jaxprune: sparsity {float(sparsity):g} cannot be reached by pattern "
+                f"{pat.n}:{pat.m}: it prunes whole entries of each group of {pat.m}, so it would "
+                f"give {got:g}; reachable: {ok} (None means {pat.max_sparsity():g})"
+            )
     return sparsity
+
+
+def _units(pat: pat_lib.Pattern, shape: tuple[int, ...]) -> int | None:
+    """How many units a built-in pattern ranks on a leaf of (matrix view) ``shape``."""
+    if isinstance(pat, pat_lib.Unstructured):
+        return int(np.prod(shape))
+    if isinstance(pat, pat_lib.Channel):
+        return int(shape[pat.axis % len(shape)])
+    if isinstance(pat, pat_lib.Block):
+        k, n = pat_lib.matrix_view(shape)
+        return (k // pat.r) * (n // pat.c)
+    return None
+
+
+def _check_not_all_pruned(pat: pat_lib.Pattern, sparsity: Any, path: str, mask: Any,
+                          shape: tuple[int, ...] | None = None) -> None:
+    """A concrete target below 1 that a coarse pattern rounds up to pruning the whole leaf (a
+    dead layer) is refused, naming the leaf: from the pattern's unit count when ``shape`` is
+    given (before any work), else from the computed ``mask``."""
+    if not _concrete(sparsity) or float(sparsity) >= 1.0:
+        return
+    units = None if shape is None else _units(pat, shape)
+    if units is not None:
+        dead = round(float(np.float32(sparsity) * np.float32(units))) >= units
+    else:
+        dead = mask is not None and _concrete(mask) and np.size(mask) > 0 \
+            and not np.asarray(mask).any()
+    if dead:
+        raise ValueError(
+            f"jaxprune: sparsity {float(sparsity):g} with pattern {pat} prunes all of '{path}' "
+            f"(shape {tuple(shape if shape is not None else np.shape(mask))}): the pattern's "
+            "units are too coarse, so it rounds "
+            "to 1.0 (a dead layer); lower the sparsity or use a finer pattern"
+        )
 
 
 def default_filter(opmap: Any = None) -> Filter:
@@ -233,6 +295,7 @@ def compute_masks(
     check_opmap(opmap)
     allocation = alloc_lib.get(allocation)
     pattern = pat_lib.parse(pattern)
+    sparsity = resolve_sparsity(sparsity, pattern)
     leaves = jax.tree_util.tree_leaves((masks, scores, sparsity))
     if all(_concrete(x) for x in leaves) and allocation.traceable:
         alloc_lib.check_sparsity("<target>", sparsity)
@@ -253,6 +316,11 @@ def _check_leaves(masks: PyTree, scores: PyTree, pattern: pat_lib.Pattern,
         raise ValueError(
             f"jaxprune: scores tree has {len(sflat)} leaves but masks have {len(mflat)}"
         )
+    spaths = [p for p, _ in leaves_with_paths(scores)]
+    if _concrete(sflat[0] if sflat else None) and spaths != paths:
+        i = next(i for i, (a, b) in enumerate(zip(paths, spaths, strict=True)) if a != b)
+        raise ValueError(f"jaxprune: scores tree does not match masks: masks have '{paths[i]}' "
+                         f"where scores have '{spaths[i]}'")
     out = []
     for path, m, s in zip(paths, mflat, sflat, strict=True):
         out.append((path, m, s))
@@ -260,13 +328,16 @@ def _check_leaves(masks: PyTree, scores: PyTree, pattern: pat_lib.Pattern,
             continue
         if s is None:
             raise ValueError(f"jaxprune: no score for pruned leaf '{path}'")
+        if not hasattr(m, "shape") or len(m.shape) == 0 or 0 in tuple(m.shape):
+            raise ValueError(f"jaxprune: mask for '{path}' has shape {tuple(np.shape(m))}; a "
+                             "pruned leaf needs at least one axis and one entry (use None)")
         if tuple(np.shape(s)) != tuple(m.shape):
             raise ValueError(
                 f"jaxprune: scores for '{path}' have shape {tuple(np.shape(s))}, mask "
                 f"{tuple(m.shape)}"
             )
         _check_scores(path, s)
-        pat_lib.for_path(pattern, path).validate(path, _pattern_shape(opmap, path, tuple(m.shape)))
+        _validate(pat_lib.for_path(pattern, path), path, opmap, tuple(m.shape))
     return out
 
 
@@ -329,6 +400,10 @@ def leaf_mask(
     pat = pat_lib.parse(pattern)
     scores = jnp.asarray(scores)
     shape = tuple(scores.shape)
+    if not shape or 0 in shape:
+        what = "0-d (a scalar)" if not shape else f"zero-size (shape {shape}, no entries)"
+        raise ValueError(f"jaxprune: leaf '{path}' is {what}; only arrays with at least one axis "
+                         "and one entry can be pruned")
     if _concrete(scores):
         _check_scores(path, scores)
     if keep_pruned is not None:
@@ -351,9 +426,13 @@ def leaf_mask(
             )
         new = pat_lib.topk_mask(scores.reshape(-1), n_keep).reshape(shape)
     else:
-        pat.validate(path, _pattern_shape(opmap, path, shape))
+        _validate(pat, path, opmap, shape)
         s = resolve_sparsity(sparsity, pat)
+        if keep_pruned is None:
+            _check_not_all_pruned(pat, s, path, None, _pattern_shape(opmap, path, shape))
         new = _pattern_mask(pat, scores, s, path, opmap)
+        if keep_pruned is None:
+            _check_not_all_pruned(pat, s, path, new)
     return new if keep_pruned is None else new & jnp.asarray(keep_pruned, bool)
 
 
@@ -410,4 +489,18 @@ def prune(
     scores = crit(params, masks, **signals)
     new_masks = compute_masks(masks, scores, sparsity, allocation, pat,
                               keep_pruned=keep_pruned, opmap=opmap)
+    alloc = alloc_lib.get(allocation)
+    if not isinstance(alloc, alloc_lib.Global):  # Global may collapse a layer on purpose
+        for (path, old), (_, new) in zip(leaves_with_paths(masks), leaves_with_paths(new_masks),
+                                         strict=True):
+            if old is not None and not (keep_pruned and not np.asarray(old).any()):
+                _check_not_all_pruned(pat_lib.for_path(pat, path), sparsity, path, new)
+    # a criterion that does not read the weights (random) ranks NaN/Inf weights silently: refuse
+    for (path, m), (_, w) in zip(leaves_with_paths(masks), leaves_with_paths(params), strict=True):
+        if m is not None and _concrete(w) and not np.isfinite(np.asarray(w)).all():
+            bad = np.argwhere(~np.isfinite(np.asarray(w)))[0]
+            raise ValueError(
+                f"jaxprune: params for '{path}' contain a non-finite value "
+                f"{np.asarray(w)[tuple(bad)]} at index {tuple(int(i) for i in bad)}; a NaN/Inf "
+                "weight cannot be ranked (fix the weights, or exclude the leaf with a filter)")
     return apply_masks(params, new_masks), new_masks

@@ -9,8 +9,16 @@ a JSON ``config``. :class:`CheckpointManager` wraps ``orbax.checkpoint.Checkpoin
   restored arrays take the sharding of the template's leaves (or of ``shardings=``),
 * a structure check before restoring: a checkpoint from a different model raises
   :class:`CheckpointMismatchError` naming the first path that differs,
-* clear :class:`CheckpointError` on a read-only, missing or full directory, including failures of
-  an asynchronous save, which surface at the next ``save``/``wait``/``close`` (never silently).
+* clear :class:`CheckpointError` on a missing or full directory, including failures of an
+  asynchronous save, which surface at the next ``save``/``wait``/``close`` (never silently), and a
+  pending asynchronous save is finished (or its failure printed) at interpreter exit when the
+  manager was never closed,
+* no silent drops: saving a step that exists, or one older than the latest step, raises (or warns
+  with ``on_drop="warn"``); ``force=True`` replaces a step crash-safely (the new step is written
+  completely, then swapped in by renames; :mod:`jaxprune.io.integrity` finishes or undoes a swap a
+  killed process left half done when the directory is next opened),
+* a CRC-32 per array, written at save and verified on restore (:class:`IntegrityError` names the
+  array whose bytes changed on disk), and a read-only directory opens for restoring.
 
 Mask trees have ``None`` leaves (unpruned params); orbax stores them as empty nodes and they come
 back as ``None``. Typed PRNG keys (``jax.random.key``) are stored as their raw key data and
@@ -30,23 +38,37 @@ Example:
 
 from __future__ import annotations
 
+import concurrent.futures.thread  # noqa: F401 - its exit hook must be registered before ours
 import errno
 import os
 import shutil
+import sys
 import uuid
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxprune.core.masks import PyTree, leaves_with_paths
+from jaxprune.io import integrity
+from jaxprune.io.integrity import IntegrityError, _at_exit, _step_index
+from jaxprune.io.trees import (
+    CheckpointMismatchError,
+    _nbytes,
+    _rewrap_keys,
+    _to_savable,
+    abstract_state,
+    check_structure,
+    dir_size,
+)
 
 __all__ = [
     "CheckpointError",
     "CheckpointMismatchError",
+    "IntegrityError",
     "CheckpointManager",
     "TrainState",
     "IndexedIterator",
@@ -60,10 +82,6 @@ TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read (directory read-only, missing, full, ...)."""
-
-
-class CheckpointMismatchError(ValueError):
-    """The checkpoint's tree does not match the template (different model or optimizer)."""
 
 
 class TrainState(NamedTuple):
@@ -121,123 +139,12 @@ class IndexedIterator:
         return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Tree helpers
-# ----------------------------------------------------------------------------------------------
-
-
-def _is_key(x: Any) -> bool:
-    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def _to_savable(tree: PyTree) -> PyTree:
-    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
-
-
-def _flat_spec(tree: PyTree) -> dict[str, tuple[tuple[int, ...], str]]:
-    """``{path: (shape, dtype)}`` for the array leaves (arrays, ``ShapeDtypeStruct`` or orbax
-    array metadata; ``None``/empty nodes are ignored)."""
-    return {path: (tuple(x.shape), str(np.dtype(x.dtype)))
-            for path, x in leaves_with_paths(tree) if x is not None and hasattr(x, "shape")}
-
-
-def check_structure(template: PyTree, saved: PyTree, what: str = "checkpoint") -> None:
-    """Raise :class:`CheckpointMismatchError` naming the first path where ``saved`` (arrays or
-    orbax metadata) differs from ``template`` in presence, shape or dtype.
-
-    NamedTuples, dicts and lists compare by their paths, so a NamedTuple state matches the dict
-    orbax reads back. ``None`` leaves (unpruned mask entries) are ignored on both sides.
-
-    >>> check_structure({"a": jnp.ones(2)}, {"b": jnp.ones(2)})
-    Traceback (most recent call last):
-    ...
-    jaxprune.io.checkpoint.CheckpointMismatchError: jaxprune: checkpoint does not match the model: \
-'a' is in the model but not in the checkpoint (checkpoint has e.g. 'b')
-    """
-    t = _flat_spec(_to_savable(template))
-    s = _flat_spec(saved)
-    for path, (shape, dtype) in t.items():
-        if path not in s:
-            near = [k for k in s if k not in t][:1]
-            hint = f" ({what} has e.g. '{near[0]}')" if near else ""
-            raise CheckpointMismatchError(
-                f"jaxprune: {what} does not match the model: '{path}' is in the model but not "
-                f"in the {what}{hint}"
-            )
-        sshape, sdtype = s[path]
-        if sshape != shape:
-            raise CheckpointMismatchError(
-                f"jaxprune: {what} does not match the model at '{path}': {what} shape {sshape}, "
-                f"model shape {shape}"
-            )
-        if sdtype != dtype:
-            raise CheckpointMismatchError(
-                f"jaxprune: {what} does not match the model at '{path}': {what} dtype {sdtype}, "
-                f"model dtype {dtype}"
-            )
-    for path in s:
-        if path not in t:
-            raise CheckpointMismatchError(
-                f"jaxprune: {what} does not match the model: '{path}' is in the {what} but not "
-                "in the model"
-            )
-
-
-def abstract_state(template: PyTree, shardings: PyTree | None = None) -> PyTree:
-    """``jax.ShapeDtypeStruct`` tree to restore into: shapes/dtypes of ``template`` (keys as raw
-    key data), shardings from ``shardings`` (same tree, ``None`` leaves kept) or from the
-    template's own arrays.
-
-    >>> abstract_state({"w": jnp.ones(2)})["w"].shape
-    (2,)
-    """
-    sav = _to_savable(template)
-    if shardings is None:
-        return jax.tree.map(ocp.utils.to_shape_dtype_struct, sav)
-    shard_flat = jax.tree_util.tree_flatten(shardings, is_leaf=lambda x: x is None)[0]
-    flat, treedef = jax.tree_util.tree_flatten(sav)
-    shard_flat = [s for s in shard_flat if s is not None]
-    if len(shard_flat) != len(flat):
-        raise ValueError(
-            f"jaxprune: shardings has {len(shard_flat)} leaves but the state has {len(flat)}"
-        )
-    out = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-           for x, s in zip(flat, shard_flat, strict=True)]
-    return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def _rewrap_keys(template: PyTree, restored: PyTree) -> PyTree:
-    def f(t, r):
-        if _is_key(t):
-            return jax.random.wrap_key_data(r, impl=jax.random.key_impl(t))
-        return r
-
-    return jax.tree.map(f, template, restored)
-
-
-def dir_size(path: str | os.PathLike) -> int:
-    """Total size in bytes of the files under ``path``.
-
-    >>> import tempfile; dir_size(tempfile.mkdtemp())
-    0
-    """
-    total = 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            total += os.path.getsize(os.path.join(root, f))
-    return total
-
-
-def _nbytes(tree: PyTree) -> int:
-    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
-               for x in jax.tree.leaves(_to_savable(tree)) if hasattr(x, "shape"))
-
-
 def _free_bytes(path: str) -> int:
     return shutil.disk_usage(path).free
 
 
-def _check_writable(directory: str) -> None:
+def _unwritable_reason(directory: str) -> str | None:
+    """``None`` if ``directory`` (created if missing) is writable, else why not (read-only, full)."""
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as e:
@@ -252,10 +159,41 @@ def _check_writable(directory: str) -> None:
     except OSError as e:
         why = "read-only" if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else (
             "full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "not writable")
-        raise CheckpointError(
-            f"jaxprune: checkpoint directory '{directory}' is {why} ({e.strerror or e}); "
-            "no checkpoint can be saved there"
-        ) from e
+        return f"'{directory}' is {why} ({e.strerror or e})"
+    return None
+
+
+def _handlers() -> dict[str, Any]:
+    return {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
+            "checksums": ocp.JsonCheckpointHandler()}
+
+
+# Files without which a step cannot be read, and what each holds (for the error message).
+_REQUIRED = {"_CHECKPOINT_METADATA": "the step's metadata", "state/_METADATA": "the state's tree",
+             "state/manifest.ocdbt": "the arrays' index", "config/metadata": "the config"}
+
+
+# Managers with an asynchronous save in flight (strong references: a manager dropped without
+# close() must still finish its save); emptied by wait()/close().
+_PENDING: set[CheckpointManager] = set()
+
+
+def _finish_pending_at_exit() -> None:
+    """Finish the pending async save of every manager never closed (or print its failure)."""
+    for mgr in list(_PENDING):
+        pending = mgr._pending
+        print(f"jaxprune: CheckpointManager('{mgr.directory}') was not closed; finishing the "
+              f"asynchronous save of step {pending} before exit", file=sys.stderr)
+        try:
+            mgr.close()
+        except Exception as e:  # noqa: BLE001 - reported, the interpreter is exiting
+            print(f"jaxprune: the asynchronous save of step {pending} in '{mgr.directory}' "
+                  f"FAILED at exit and is lost: {e}", file=sys.stderr)
+            continue
+        print(f"jaxprune: step {pending} is saved in '{mgr.directory}'", file=sys.stderr)
+
+
+_at_exit(_finish_pending_at_exit)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,15 +202,20 @@ def _check_writable(directory: str) -> None:
 
 
 class CheckpointManager:
-    """Save/restore the training state with retention, async saves and a structure check.
+    """Save/restore the training state with retention, async saves and integrity checks.
 
     Args:
-      directory: where steps are stored (made absolute; created if missing).
+      directory: where steps are stored (made absolute; created if missing). A directory that
+        exists but is read-only opens for restoring; ``save`` then raises.
       max_to_keep: keep at most this many most recent steps (``None``: keep all).
       save_interval_steps: ``save`` only writes on multiples of this (``force=True`` overrides).
-      async_save: write in a background thread; errors surface at the next ``save``/``wait``.
+      async_save: write in a background thread; errors surface at the next ``save``/``wait``,
+        and a save still running at interpreter exit is finished then (or its failure printed).
       min_free_factor: refuse to save (``CheckpointError``) unless the filesystem has this many
         times the state's size free (``0`` disables the check).
+      on_drop: what ``save`` does with a step it would not keep (it exists, or it is older than
+        the latest step): ``"raise"`` (default, :class:`CheckpointError`) or ``"warn"`` (a
+        ``UserWarning`` and ``save`` returns ``False``).
 
     >>> import tempfile
     >>> mgr = CheckpointManager(tempfile.mkdtemp(), max_to_keep=2)
@@ -289,26 +232,40 @@ class CheckpointManager:
         save_interval_steps: int = 1,
         async_save: bool = True,
         min_free_factor: float = 1.5,
+        on_drop: str = "raise",
     ):
-        if max_to_keep is not None and max_to_keep < 1:
+        if max_to_keep is not None and (isinstance(max_to_keep, bool) or max_to_keep < 1):
             raise ValueError(f"jaxprune: max_to_keep must be >= 1 or None, got {max_to_keep}")
+        if isinstance(save_interval_steps, bool) or not isinstance(save_interval_steps, int) \
+                or save_interval_steps < 1:
+            raise ValueError("jaxprune: save_interval_steps must be an integer >= 1, got "
+                             f"{save_interval_steps!r}")
+        if not float(min_free_factor) >= 0:
+            raise ValueError(f"jaxprune: min_free_factor must be >= 0, got {min_free_factor}")
+        if on_drop not in ("raise", "warn"):
+            raise ValueError(f"jaxprune: on_drop must be 'raise' or 'warn', got {on_drop!r}")
         self.directory = os.path.abspath(os.fspath(directory))
+        self.read_only: str | None = None  # why saving is impossible, or None
         if jax.process_index() == 0:
-            _check_writable(self.directory)
+            self.read_only = _unwritable_reason(self.directory)
+            if self.read_only is None:
+                for msg in integrity.recover(self.directory):
+                    warnings.warn(f"jaxprune: checkpoint directory '{self.directory}': {msg}",
+                                  stacklevel=2)
         self.min_free_factor = float(min_free_factor)
         self.async_save = bool(async_save)
+        self.save_interval_steps = save_interval_steps
+        self.on_drop = on_drop
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             save_interval_steps=save_interval_steps,
             enable_async_checkpointing=self.async_save,
-            create=True,
+            create=self.read_only is None,
+            read_only=self.read_only is not None,
         )
-        self._mgr = ocp.CheckpointManager(
-            self.directory,
-            options=options,
-            item_handlers={"state": ocp.StandardCheckpointHandler(),
-                           "config": ocp.JsonCheckpointHandler()},
-        )
+        self._mgr = ocp.CheckpointManager(self.directory, options=options,
+                                          item_handlers=_handlers())
+        self._pending: int | None = None
 
     # context manager ------------------------------------------------------------------------
     def __enter__(self) -> CheckpointManager:
@@ -318,7 +275,7 @@ class CheckpointManager:
         self.close()
 
     def _raise(self, what: str, e: BaseException) -> None:
-        if isinstance(e, CheckpointError):
+        if isinstance(e, CheckpointError | IntegrityError | CheckpointMismatchError):
             raise e
         raise CheckpointError(
             f"jaxprune: {what} in '{self.directory}' failed: {type(e).__name__}: {e}"
@@ -331,22 +288,40 @@ class CheckpointManager:
             self._mgr.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - re-raised with context
             self._raise("an asynchronous checkpoint save", e)
+        finally:
+            self._pending = None
+            _PENDING.discard(self)
+
+    def _drop(self, why: str) -> bool:
+        msg = f"jaxprune: CheckpointManager.save: {why}"
+        if self.on_drop == "warn":
+            warnings.warn(msg + " (not saved)", stacklevel=3)
+            return False
+        raise CheckpointError(msg + " (pass on_drop='warn' to the manager to skip such saves "
+                              "with a warning)")
 
     def save(self, step: int, state: PyTree, *, config: dict[str, Any] | None = None,
              force: bool = False, wait: bool = False) -> bool:
         """Save ``state`` (and the JSON-serialisable ``config``) as ``step``.
 
-        Returns whether a save was started (``False`` when ``step`` is not on the save interval).
-        ``force=True`` saves regardless of the interval and replaces an existing ``step``.
-        Raises :class:`CheckpointError` if the directory is full or unwritable, or if an earlier
-        async save failed.
+        Returns whether a save was started: ``False`` only when ``step`` is not on the save
+        interval (or, with ``on_drop="warn"``, for a dropped step). A step that already exists,
+        or is older than the latest step, raises :class:`CheckpointError` (it would otherwise
+        be dropped) unless ``force=True``, which saves regardless of the interval and replaces
+        an existing step crash-safely: the new step is written completely (synchronously)
+        before the old one is removed. Also raises :class:`CheckpointError` if the directory is
+        read-only, full or unwritable, or if an earlier async save failed; a negative or
+        non-integer ``step`` raises ``ValueError``/``TypeError``.
 
         >>> import tempfile
         >>> with CheckpointManager(tempfile.mkdtemp()) as m:
         ...     m.save(0, {"w": jnp.ones(2)}, wait=True)
         True
         """
-        step = int(step)
+        step = _step_index(step)
+        if self.read_only is not None:
+            raise CheckpointError(f"jaxprune: cannot save step {step}: checkpoint directory "
+                                  f"{self.read_only}; it is open for restoring only")
         self.wait()  # surfaces a failed previous async save before starting another
         if jax.process_index() == 0 and self.min_free_factor > 0:
             need = int(self.min_free_factor * _nbytes(state))
@@ -356,22 +331,82 @@ class CheckpointManager:
                     f"jaxprune: checkpoint directory '{self.directory}' is full: {free} bytes "
                     f"free, step {step} needs about {need}; free space or use another directory"
                 )
-        if force and step in self._mgr.all_steps():
-            self._mgr.delete(step)
+        steps = self.all_steps()
+        if not force:
+            if step in steps:
+                return self._drop(f"step {step} already exists in '{self.directory}'; pass "
+                                  "force=True to replace it (the new step is written completely "
+                                  "before the old one is removed)")
+            if steps and step < steps[-1]:
+                return self._drop(
+                    f"step {step} is older than the latest step {steps[-1]} in "
+                    f"'{self.directory}' (did the run resume from an earlier step?), so restore() "
+                    f"would still return step {steps[-1]}; call delete_steps_after({step}) to "
+                    "discard the newer steps first, or pass force=True to save it anyway")
+            if step % self.save_interval_steps:
+                return False
+        savable = _to_savable(state)
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(savable),
+            config=ocp.args.JsonSave(dict(config or {})),
+            checksums=ocp.args.JsonSave(integrity.checksums(savable)),
+        )
+        if step in steps:
+            self._replace(step, args)
+            return True
         try:
-            saved = self._mgr.save(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(_to_savable(state)),
-                    config=ocp.args.JsonSave(dict(config or {})),
-                ),
-                force=force,
-            )
+            saved = self._mgr.save(step, args=args, force=force)
         except Exception as e:  # noqa: BLE001
             self._raise(f"saving step {step}", e)
+        if saved and self.async_save:
+            self._pending = step
+            _PENDING.add(self)
         if wait:
             self.wait()
         return bool(saved)
+
+    def _replace(self, step: int, args: Any) -> None:
+        """Write ``step`` into a staging directory, then swap it in (:func:`integrity.swap_in`)."""
+        staging = os.path.join(self.directory, f"{integrity.STAGING_PREFIX}{step}")
+        try:
+            if jax.process_index() == 0 and os.path.exists(staging):
+                shutil.rmtree(staging)
+            options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
+            with ocp.CheckpointManager(staging, options=options, item_handlers=_handlers()) as m:
+                m.save(step, args=args, force=True)
+                m.wait_until_finished()
+            if jax.process_index() == 0:
+                integrity.swap_in(os.path.join(staging, str(step)),
+                                  os.path.join(self.directory, str(step)))
+                shutil.rmtree(staging, ignore_errors=True)
+            if jax.process_count() > 1:
+                ocp.multihost.sync_global_processes(f"jaxprune_replace_{step}")
+        except Exception as e:  # noqa: BLE001
+            if jax.process_index() == 0:
+                integrity.recover(self.directory)  # put the old step back if it was moved
+            self._raise(f"replacing step {step}", e)
+        finally:
+            self._mgr.reload()
+
+    def delete_steps_after(self, step: int) -> list[int]:
+        """Delete every saved step newer than ``step`` (e.g. after resuming from ``step`` to
+        train a different continuation); returns the deleted steps.
+
+        >>> import tempfile
+        >>> with CheckpointManager(tempfile.mkdtemp(), async_save=False) as m:
+        ...     _ = [m.save(s, {"w": jnp.ones(1)}) for s in (1, 2, 3)]
+        ...     m.delete_steps_after(1), m.all_steps()
+        ([2, 3], [1])
+        """
+        step = _step_index(step)
+        if self.read_only is not None:
+            raise CheckpointError(f"jaxprune: cannot delete steps: directory {self.read_only}")
+        self.wait()
+        gone = [s for s in self.all_steps() if s > step]
+        for s in gone:
+            self._mgr.delete(s)
+        self._mgr.reload()
+        return gone
 
     def all_steps(self) -> list[int]:
         """Steps that are completely on disk (in-progress ``*.orbax-checkpoint-tmp`` excluded)."""
@@ -388,18 +423,36 @@ class CheckpointManager:
         if step is None:
             if not steps:
                 raise CheckpointError(f"jaxprune: no checkpoint in '{self.directory}'")
-            return steps[-1]
-        if int(step) not in steps:
+            step = steps[-1]
+        elif _step_index(step) not in steps:
             raise CheckpointError(
                 f"jaxprune: no checkpoint for step {step} in '{self.directory}' (have {steps})"
             )
-        return int(step)
+        step = int(step)
+        step_dir = os.path.join(self.directory, str(step))
+        required = dict(_REQUIRED)
+        if os.path.isdir(os.path.join(step_dir, "checksums")):
+            required["checksums/metadata"] = "the arrays' checksums"
+        missing = [f"{f} ({what})" for f, what in required.items()
+                   if os.path.isdir(step_dir) and not os.path.exists(os.path.join(step_dir, f))]
+        if missing:
+            raise CheckpointError(
+                f"jaxprune: checkpoint step {step} in '{self.directory}' is damaged: "
+                f"{', '.join(missing)} missing; restore another step (have {steps})"
+            )
+        return step
 
     def saved_structure(self, step: int | None = None) -> PyTree:
         """Orbax metadata tree (shapes/dtypes) of the saved state at ``step`` (default latest)."""
         step = self._resolve(step)
-        md = self._mgr.item_metadata(step)
-        md = md["state"] if hasattr(md, "__getitem__") else md.state
+        try:
+            md = self._mgr.item_metadata(step)
+            md = md["state"] if hasattr(md, "__getitem__") else md.state
+        except Exception as e:  # noqa: BLE001
+            self._raise(f"reading the metadata of step {step}", e)
+        if md is None:
+            raise CheckpointError(f"jaxprune: checkpoint step {step} in '{self.directory}' has "
+                                  "no readable state metadata; it is damaged")
         return getattr(md, "tree", md)
 
     def restore(self, template: PyTree, step: int | None = None, *,
@@ -410,7 +463,9 @@ class CheckpointManager:
         another mesh); restored arrays get the template leaves' shardings unless ``shardings``
         (a tree of ``jax.sharding.Sharding`` like the state) is given. Raises
         :class:`CheckpointMismatchError` naming the first differing path when the checkpoint is
-        from another model/optimizer, :class:`CheckpointError` when there is no such step.
+        from another model/optimizer, :class:`CheckpointError` when there is no such step or its
+        metadata files are missing, :class:`IntegrityError` naming the array whose bytes differ
+        from what was saved.
 
         >>> import tempfile
         >>> with CheckpointManager(tempfile.mkdtemp(), async_save=False) as m:
@@ -418,21 +473,25 @@ class CheckpointManager:
         ...     m.restore({"w": jnp.zeros(3)})
         Traceback (most recent call last):
         ...
-        jaxprune.io.checkpoint.CheckpointMismatchError: jaxprune: checkpoint does not match the \
+        jaxprune.io.trees.CheckpointMismatchError: jaxprune: checkpoint does not match the \
 model at 'w': checkpoint shape (2,), model shape (3,)
         """
         step = self._resolve(step)
         check_structure(template, self.saved_structure(step))
         target = abstract_state(template, shardings)
+        items = {"state": ocp.args.StandardRestore(target), "config": ocp.args.JsonRestore()}
+        has_sums = os.path.isdir(os.path.join(self.directory, str(step), "checksums"))
+        if has_sums:  # checkpoints written before checksums existed restore unchecked
+            items["checksums"] = ocp.args.JsonRestore()
         try:
-            out = self._mgr.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore()
-                ),
-            )
+            out = self._mgr.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001
             self._raise(f"restoring step {step}", e)
+        if has_sums:
+            try:
+                integrity.verify_checksums(out["state"], dict(out["checksums"] or {}))
+            except IntegrityError as e:
+                raise IntegrityError(f"{e} (step {step} in '{self.directory}')") from None
         return _rewrap_keys(template, out["state"]), dict(out["config"] or {})
 
     def config(self, step: int | None = None) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -45,7 +46,7 @@ from flax import traverse_util
 
 from jaxprune.core import patterns as pat_lib
 from jaxprune.core.masks import PyTree, check_masks, leaves_with_paths, tree_map_with_path_masked
-from jaxprune.io.checkpoint import check_structure, dir_size
+from jaxprune.io.trees import check_structure, dir_size
 from jaxprune.kernels import formats as F
 
 __all__ = ["save_sparse", "load_sparse", "load_packed", "FORMAT_VERSION"]
@@ -83,9 +84,10 @@ def _pack_leaf(path: str, w: np.ndarray, m: np.ndarray, pat: pat_lib.Pattern) ->
     return F.pack_bitmask(w, m, nnz_max=max(1, int(m.sum())))
 
 
-def _entry(path: str, key: str, w: np.ndarray, m: np.ndarray | None, pat: pat_lib.Pattern
-           ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """JSON record and arrays of one leaf."""
+def _entry(path: str, key: str, w: np.ndarray, m: np.ndarray | None, pat: pat_lib.Pattern,
+           drop: dict[str, int] | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """JSON record and arrays of one leaf; with ``drop`` (a dict), nonzero values where the mask
+    is off are zeroed and counted in ``drop[path]`` instead of refused."""
     info: dict[str, Any] = {"path": path, "key": key, "shape": list(w.shape),
                             "dtype": str(jnp.dtype(w.dtype))}
     if m is None:
@@ -93,11 +95,15 @@ def _entry(path: str, key: str, w: np.ndarray, m: np.ndarray | None, pat: pat_li
     if m.shape != w.shape:
         raise ValueError(f"mask shape {m.shape} does not match the param's {w.shape}")
     off = int(np.count_nonzero(w[~m]))
-    if off:
+    if off and drop is not None:
+        drop[path] = off
+        w = np.where(m, w, np.zeros((), w.dtype))
+    elif off:
         raise ValueError(
             f"{off} of its {int((~m).sum())} masked-off entries are nonzero; a compact "
-            "checkpoint stores only kept values. Apply the masks first (jaxprune.apply_masks) or "
-            "save a dense checkpoint (jaxprune.io.checkpoint)"
+            "checkpoint stores only kept values. Apply the masks first (jaxprune.apply_masks), "
+            "pass drop_off_mask=True to zero them, or save a dense checkpoint "
+            "(jaxprune.io.checkpoint)"
         )
     p = _pack_leaf(path, w, m, pat)
     fields = dataclasses.fields(p)
@@ -118,13 +124,17 @@ def _packed_leaf(info: dict[str, Any], arrays: dict[str, Any]) -> Any:
 
 
 def save_sparse(directory: str | os.PathLike, params: PyTree, masks: PyTree, *,
-                pattern: pat_lib.Pattern | str = "unstructured") -> dict[str, Any]:
+                pattern: pat_lib.Pattern | str = "unstructured",
+                drop_off_mask: bool = False) -> dict[str, Any]:
     """Write a compact checkpoint of pruned ``params``/``masks`` to ``directory`` (must not exist).
 
     ``pattern`` (what the masks were built with; a :class:`~jaxprune.core.patterns.PerLeaf` works)
     picks each leaf's packed format. Raises ``ValueError`` naming the leaf path when a mask does not
-    follow its pattern or when a param is nonzero where its mask is off. Returns ``{"bytes": size on
-    disk, "dense_bytes": in-memory size of params + bool masks, "ratio": bytes / dense_bytes}``.
+    follow its pattern or when a param is nonzero where its mask is off, unless
+    ``drop_off_mask=True``: then those values are stored as zeros, a ``UserWarning`` says how many
+    were dropped, and the result's ``"dropped"`` maps each such leaf path to its count. Returns
+    ``{"bytes": size on disk, "dense_bytes": in-memory size of params + bool masks, "ratio": bytes /
+    dense_bytes, "dropped": {path: count}}``.
 
     >>> import tempfile
     >>> info = save_sparse(tempfile.mkdtemp() + "/s", {"w": jnp.ones(4)}, {"w": None})
@@ -134,8 +144,12 @@ def save_sparse(directory: str | os.PathLike, params: PyTree, masks: PyTree, *,
     directory = os.path.abspath(os.fspath(directory))
     if os.path.exists(directory):
         raise FileExistsError(f"jaxprune: sparse checkpoint directory '{directory}' exists")
+    if not isinstance(drop_off_mask, bool):
+        raise TypeError(f"jaxprune.io.compact.save_sparse: drop_off_mask must be True or False, "
+                        f"got {drop_off_mask!r}")
     check_masks(params, masks)
     pattern = pat_lib.parse(pattern)
+    dropped: dict[str, int] | None = {} if drop_off_mask else None
     leaves: list[dict[str, Any]] = []
     arrays: dict[str, dict[str, np.ndarray]] = {}
     for i, ((path, p), (_, m)) in enumerate(
@@ -147,7 +161,7 @@ def save_sparse(directory: str | os.PathLike, params: PyTree, masks: PyTree, *,
         try:
             info, arrays[key] = _entry(path, key, np.asarray(p),
                                        None if m is None else np.asarray(m).astype(bool),
-                                       pat_lib.for_path(pattern, path))
+                                       pat_lib.for_path(pattern, path), dropped)
         except (ValueError, TypeError) as e:
             raise type(e)(f"jaxprune.io.compact.save_sparse: leaf '{path}': {e}") from e
         leaves.append(info)
@@ -159,7 +173,11 @@ def save_sparse(directory: str | os.PathLike, params: PyTree, masks: PyTree, *,
                 for x in jax.tree.leaves(params))
     dense += sum(int(np.prod(x.shape)) for x in jax.tree.leaves(masks))
     size = dir_size(directory)
-    return {"bytes": size, "dense_bytes": dense, "ratio": size / max(dense, 1)}
+    if dropped:
+        warnings.warn(f"jaxprune.io.compact.save_sparse: dropped {sum(dropped.values())} nonzero "
+                      f"values where the mask is off (drop_off_mask=True): {dropped}", stacklevel=2)
+    return {"bytes": size, "dense_bytes": dense, "ratio": size / max(dense, 1),
+            "dropped": dict(dropped or {})}
 
 
 def _read(directory: str | os.PathLike, template: PyTree | None
@@ -220,7 +238,7 @@ def load_sparse(directory: str | os.PathLike, template: PyTree | None = None
     """Read a checkpoint written by :func:`save_sparse` as ``(dense params, masks)``.
 
     With ``template`` (params of the model, arrays or ``ShapeDtypeStruct``) the result has its tree
-    type and a mismatch raises :class:`~jaxprune.io.checkpoint.CheckpointMismatchError` before any
+    type and a mismatch raises :class:`~jaxprune.io.trees.CheckpointMismatchError` before any
     array is read; without, nested dicts keyed by path components. Raises ``FileNotFoundError``
     for a missing or incomplete checkpoint.
 

@@ -100,7 +100,10 @@ def _concrete(x: Any, what: str) -> np.ndarray:
 
 def _check_pair(w: Any, mask: Any, fn: str) -> tuple[np.ndarray, np.ndarray]:
     wn = _concrete(w, f"{fn}: weight")
-    mn = _concrete(mask, f"{fn}: mask").astype(bool)
+    mn = _concrete(mask, f"{fn}: mask")
+    if mn.dtype != np.bool_:
+        raise TypeError(f"jaxprune.kernels.{fn}: mask must be a bool array (True = kept), got "
+                        f"dtype {mn.dtype}")
     if wn.shape != mn.shape:
         raise ValueError(
             f"jaxprune.kernels.{fn}: mask shape {mn.shape} does not match weight shape {wn.shape}"

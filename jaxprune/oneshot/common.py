@@ -16,7 +16,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["check_hessian", "prepare_hessian", "damped_inverse_cholesky", "recon_error"]
+__all__ = ["check_hessian", "prepare_hessian", "damped_inverse_cholesky", "recon_error",
+           "check_layer_weight"]
+
+
+def check_layer_weight(weight: Any, name: str) -> None:
+    """Refuse a kernel a layer method cannot prune faithfully, naming the layer: a non-float
+    dtype (kept entries would be rounded to integers) or a NaN/Inf entry (SparseGPT/OBS would
+    spread it into every weight its update touches). Concrete weights only.
+
+    >>> check_layer_weight(np.ones((2, 2), np.int32), "fc/kernel")
+    Traceback (most recent call last):
+    ...
+    TypeError: jaxprune: layer 'fc/kernel' has dtype int32; one-shot methods prune floating-point \
+kernels (cast it, or leave the layer out)
+    """
+    dt = getattr(weight, "dtype", None)
+    dt = np.asarray(weight).dtype if dt is None else dt
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(f"jaxprune: layer '{name}' has dtype {dt}; one-shot methods prune "
+                        "floating-point kernels (cast it, or leave the layer out)")
+    if isinstance(weight, jax.core.Tracer):
+        return
+    a = np.asarray(jnp.asarray(weight, jnp.float32))
+    bad = ~np.isfinite(a)
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"jaxprune: layer '{name}' has a non-finite weight {a[idx]} at {idx} "
+                         f"({int(bad.sum())} of {a.size}); fix the weights before pruning")
 
 
 def check_hessian(h: Any, name: str) -> np.ndarray:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -133,6 +134,13 @@ class DSnoT(LayerMethod):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "base", get_method(self.base))
+        if isinstance(self.max_cycles, bool) or not isinstance(self.max_cycles, int) \
+                or self.max_cycles < 0:
+            raise ValueError(f"jaxprune: DSnoT max_cycles must be an integer >= 0, got "
+                             f"{self.max_cycles!r}")
+        if not isinstance(self.var_power, int | float) or not math.isfinite(self.var_power):
+            raise ValueError(f"jaxprune: DSnoT var_power must be a finite number, got "
+                             f"{self.var_power!r}")
 
     @property
     def needs(self) -> tuple[str, ...]:  # type: ignore[override]

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -44,18 +45,54 @@ def outlier_ratio(scores: Any, M: float = 5.0) -> float:
 
 def owl_from_ratios(ratios: Sequence[float], sizes: Sequence[int], sparsity: float,
                     lam: float = 0.08) -> list[float]:
-    """Per-layer sparsities from outlier ratios (size-weighted mean = ``sparsity``, clipped to
-    ``[0, 0.99]``).
+    """Per-layer sparsities from outlier ratios: size-weighted mean = ``sparsity``, each in
+    ``[0, 0.99]`` (where clipping would move the mean, the unclipped layers shift to restore it).
 
     >>> owl_from_ratios([0.2, 0.2], [10, 30], 0.7)
     [0.7, 0.7]
     """
+    check_owl_args(sparsity, lam=lam)
     r = np.asarray(ratios, np.float64)
     w = np.asarray(sizes, np.float64) / np.sum(sizes)
     span = r.max() - r.min()
     z = np.zeros_like(r) if span <= 0 else (r - r.min()) / span * 2.0 * lam
-    density = (1.0 - sparsity) + z - np.sum(w * z)
-    return [round(float(x), 10) for x in np.clip(1.0 - density, 0.0, 0.99)]
+    base = sparsity - z + np.sum(w * z)  # 1 - density; size-weighted mean = sparsity
+
+    def mean_at(c: float) -> float:
+        return float(np.sum(w * np.clip(base + c, 0.0, _CAP)))
+
+    c = 0.0
+    if abs(mean_at(0.0) - sparsity) > 1e-9:  # clipping moved the mean: shift until it holds
+        lo, hi = -1.0 - lam * 2, 1.0 + lam * 2
+        for _ in range(100):
+            c = (lo + hi) / 2
+            lo, hi = (c, hi) if mean_at(c) < sparsity else (lo, c)
+    return [round(float(x), 10) for x in np.clip(base + c, 0.0, _CAP)]
+
+
+_CAP = 0.99  # no layer is pruned beyond this
+
+
+def check_owl_args(sparsity: Any, *, M: Any = 5.0, lam: Any = 0.08,
+                   where: str = "OWL target") -> None:
+    """Refuse a target OWL cannot honour (outside ``[0, 0.99]``) and bad ``M``/``lam``.
+
+    >>> check_owl_args(0.995)
+    Traceback (most recent call last):
+    ...
+    ValueError: jaxprune: OWL sparsity 0.995 is above the per-layer cap 0.99, so no allocation \
+has that mean
+    """
+    check_sparsity(where, sparsity)
+    if float(sparsity) > _CAP:
+        raise ValueError(f"jaxprune: OWL sparsity {float(sparsity):g} is above the per-layer cap "
+                         f"{_CAP}, so no allocation has that mean")
+    if isinstance(M, bool) or not isinstance(M, int | float) or not (math.isfinite(M) and M > 0):
+        raise ValueError(f"jaxprune: OWL M (outlier threshold, x mean score) must be a finite "
+                         f"number > 0, got {M!r}")
+    if isinstance(lam, bool) or not isinstance(lam, int | float) or not (
+            math.isfinite(lam) and 0 <= lam < 0.5):
+        raise ValueError(f"jaxprune: OWL lam (sparsity spread) must be in [0, 0.5), got {lam!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +108,10 @@ class OWL(Allocation):
     traceable: ClassVar[bool] = False  # outlier ratios are host-side statistics
     M: float = 5.0
     lam: float = 0.08
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_owl_args(0.0, M=self.M, lam=self.lam)
 
     def _solve(self, shapes, target, scores):
         if scores is None:
@@ -99,7 +140,7 @@ def owl_sparsities(
     >>> owl_sparsities({"a": np.ones((2, 2))}, st, 0.5)
     {'a': 0.5}
     """
-    check_sparsity("owl_sparsities", sparsity)
+    check_owl_args(sparsity, M=M, lam=lam, where="owl_sparsities")
     keys = list(stats)
     missing = [k for k in keys if k not in kernels]
     if missing:

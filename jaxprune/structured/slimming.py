@@ -49,7 +49,20 @@ def _check_keep(groups: Sequence[Group], keep: Mapping[str, Any]) -> dict[str, n
     for g in groups:
         if g.name not in keep:
             continue
-        idx = np.asarray(keep[g.name], dtype=np.int64).reshape(-1)
+        raw = np.asarray(keep[g.name])
+        if raw.dtype == np.bool_:  # a keep mask over the group's units
+            if raw.shape != (g.size,):
+                raise ValueError(
+                    f"jaxprune.structured.slimming: keep for group '{g.name}' is a bool mask of "
+                    f"shape {raw.shape}, but the group has {g.size} units (pass ({g.size},) or "
+                    "integer indices)")
+            raw = np.flatnonzero(raw)
+        elif raw.size and not np.issubdtype(raw.dtype, np.integer):
+            raise TypeError(
+                f"jaxprune.structured.slimming: keep for group '{g.name}' must be integer unit "
+                f"indices (or a bool mask of {g.size} units), got dtype {raw.dtype}: "
+                f"{raw.reshape(-1).tolist()[:8]}")
+        idx = raw.astype(np.int64).reshape(-1)
         if idx.size == 0:
             raise ValueError(
                 f"jaxprune.structured.slimming: group '{g.name}' would lose all {g.size} units; keep "

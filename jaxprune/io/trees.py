@@ -1,0 +1,134 @@
+"""Pytree helpers of the checkpoint modules: structure checks, abstract targets, sizes.
+
+Shared by :mod:`jaxprune.io.checkpoint` (which re-exports the public names) and
+:mod:`jaxprune.io.compact`. Typed PRNG keys are stored as their raw key data.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> abstract_state({"w": np.ones(2)})["w"].shape
+    (2,)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxprune.core.masks import PyTree, leaves_with_paths
+
+__all__ = ["CheckpointMismatchError", "check_structure", "abstract_state", "dir_size"]
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's tree does not match the template (different model or optimizer)."""
+
+
+def _is_key(x: Any) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _to_savable(tree: PyTree) -> PyTree:
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _flat_spec(tree: PyTree) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{path: (shape, dtype)}`` for the array leaves (arrays, ``ShapeDtypeStruct`` or orbax
+    array metadata; ``None``/empty nodes are ignored)."""
+    return {path: (tuple(x.shape), str(np.dtype(x.dtype)))
+            for path, x in leaves_with_paths(tree) if x is not None and hasattr(x, "shape")}
+
+
+def check_structure(template: PyTree, saved: PyTree, what: str = "checkpoint") -> None:
+    """Raise :class:`CheckpointMismatchError` naming the first path where ``saved`` (arrays or
+    orbax metadata) differs from ``template`` in presence, shape or dtype.
+
+    NamedTuples, dicts and lists compare by their paths, so a NamedTuple state matches the dict
+    orbax reads back. ``None`` leaves (unpruned mask entries) are ignored on both sides.
+
+    >>> check_structure({"a": np.ones(2)}, {"b": np.ones(2)})
+    Traceback (most recent call last):
+    ...
+    jaxprune.io.trees.CheckpointMismatchError: jaxprune: checkpoint does not match the model: \
+'a' is in the model but not in the checkpoint (checkpoint has e.g. 'b')
+    """
+    t = _flat_spec(_to_savable(template))
+    s = _flat_spec(saved)
+    for path, (shape, dtype) in t.items():
+        if path not in s:
+            near = [k for k in s if k not in t][:1]
+            hint = f" ({what} has e.g. '{near[0]}')" if near else ""
+            raise CheckpointMismatchError(
+                f"jaxprune: {what} does not match the model: '{path}' is in the model but not "
+                f"in the {what}{hint}"
+            )
+        sshape, sdtype = s[path]
+        if sshape != shape:
+            raise CheckpointMismatchError(
+                f"jaxprune: {what} does not match the model at '{path}': {what} shape {sshape}, "
+                f"model shape {shape}"
+            )
+        if sdtype != dtype:
+            raise CheckpointMismatchError(
+                f"jaxprune: {what} does not match the model at '{path}': {what} dtype {sdtype}, "
+                f"model dtype {dtype}"
+            )
+    for path in s:
+        if path not in t:
+            raise CheckpointMismatchError(
+                f"jaxprune: {what} does not match the model: '{path}' is in the {what} but not "
+                "in the model"
+            )
+
+
+def abstract_state(template: PyTree, shardings: PyTree | None = None) -> PyTree:
+    """``jax.ShapeDtypeStruct`` tree to restore into: shapes/dtypes of ``template`` (keys as raw
+    key data), shardings from ``shardings`` (same tree, ``None`` leaves kept) or from the
+    template's own arrays.
+
+    >>> abstract_state({"w": np.ones(2)})["w"].shape
+    (2,)
+    """
+    sav = _to_savable(template)
+    if shardings is None:
+        return jax.tree.map(ocp.utils.to_shape_dtype_struct, sav)
+    shard_flat = jax.tree_util.tree_flatten(shardings, is_leaf=lambda x: x is None)[0]
+    flat, treedef = jax.tree_util.tree_flatten(sav)
+    shard_flat = [s for s in shard_flat if s is not None]
+    if len(shard_flat) != len(flat):
+        raise ValueError(
+            f"jaxprune: shardings has {len(shard_flat)} leaves but the state has {len(flat)}"
+        )
+    out = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+           for x, s in zip(flat, shard_flat, strict=True)]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _rewrap_keys(template: PyTree, restored: PyTree) -> PyTree:
+    def f(t, r):
+        if _is_key(t):
+            return jax.random.wrap_key_data(r, impl=jax.random.key_impl(t))
+        return r
+
+    return jax.tree.map(f, template, restored)
+
+
+def dir_size(path: str | os.PathLike) -> int:
+    """Total size in bytes of the files under ``path``.
+
+    >>> import tempfile; dir_size(tempfile.mkdtemp())
+    0
+    """
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            total += os.path.getsize(os.path.join(root, f))
+    return total
+
+
+def _nbytes(tree: PyTree) -> int:
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(_to_savable(tree)) if hasattr(x, "shape"))
