@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allocation", default="uniform", help="uniform | erk | global")
     p.add_argument("--method", choices=("gradual", "rigl"), default="gradual",
                    help="gradual magnitude pruning (ramp) or RigL (constant --sparsity)")
-    p.add_argument("--mesh", default="auto",
+    p.add_argument("--mesh", default="auto", type=_common.mesh_shape,
                    help="data,model mesh shape, e.g. 2,4; auto = processes x devices per process")
     p.add_argument("--cpu-devices", type=pos_int, default=None,
                    help="number of virtual CPU devices (set before JAX starts)")
@@ -159,12 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.mesh == "auto":
         mesh = dist.global_mesh()
     else:
-        shape = args.mesh.split(",")
-        if len(shape) != 2 or not all(v.strip().isdigit() and int(v) >= 1 for v in shape):
-            print(f"sparse_pretrain: --mesh must be 'auto' or data,model (two integers >= 1, "
-                  f"e.g. 2,4), got {args.mesh!r}")
-            return 2
-        mesh = dist.global_mesh(*(int(v) for v in shape))
+        mesh = dist.global_mesh(*args.mesh)
     data_ax = mesh.shape["data"]
     if args.batch % data_ax or args.batch % jax.process_count():
         print(f"sparse_pretrain: --batch {args.batch} not divisible by data axis {data_ax} and "

@@ -2,9 +2,7 @@
 
 Every case asserts the exception type and a message fragment that names the argument or leaf and
 says what would be valid. Cases are tiny (a few small arrays, no model training) so the whole file
-stays cheap. A case marked ``xfail(strict=True, reason="wired by lead")`` needs a one-line call in
-a module another engineer owns (the validation helper exists; see the reason).
-"""
+stays cheap. """
 
 from __future__ import annotations
 
@@ -48,10 +46,6 @@ def add(id: str, fn: Callable[[], Any], exc: type[BaseException] | tuple, match:
         marks: Any = ()) -> None:
     CASES.append(pytest.param(fn, exc, match, id=id, marks=marks))
 
-
-LEAD = pytest.mark.xfail(strict=True, reason="wired by lead")
-# the same, for cases that would run a whole (compiling) method until wired: not run meanwhile
-LEAD_NORUN = pytest.mark.xfail(strict=True, run=False, reason="wired by lead")
 
 # ----------------------------------------------------------------------------------------------
 # sparsity values, through every entry point that takes one
@@ -303,9 +297,9 @@ add("schedule-poly-begin-str", lambda: jp.Polynomial(0.5, begin="0", end=10), (T
 
 add("pruner-no-schedule", lambda: jp.pruner(optax.sgd(0.1)), TypeError, r"schedule")
 add("pruner-schedule-float", lambda: jp.pruner(optax.sgd(0.1), schedule=0.5), TypeError,
-    r"schedule.*Schedule.*0\.5", marks=LEAD)
+    r"schedule.*Schedule.*0\.5")
 add("pruner-inner-not-optax", lambda: jp.pruner("adam", schedule=jp.OneShot(0.5, step=0)),
-    TypeError, r"inner.*GradientTransformation.*str", marks=LEAD)
+    TypeError, r"inner.*GradientTransformation.*str")
 add("pruner-bad-pattern", lambda: jp.pruner(optax.sgd(0.1), schedule=jp.OneShot(0.5, step=0),
                                             pattern="block0x4"), ValueError, r"block.*>= 1")
 add("pruner-bad-criterion", lambda: jp.pruner(optax.sgd(0.1), schedule=jp.OneShot(0.5, step=0),
@@ -324,7 +318,7 @@ add("rigl-bad-sparsity", lambda: jp.training.rigl(optax.sgd(0.1), 1.5), ValueErr
 add("rigl-bad-method", lambda: jp.training.sparse_training(optax.sgd(0.1), 0.5, method="foo"),
     ValueError, r"method.*'foo'.*rigl")
 add("imp-sparsity-bad-rounds", lambda: jp.training.imp_sparsity(0.5, 1, 0), ValueError,
-    r"round", marks=LEAD)
+    r"round")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,10 +347,10 @@ for _m in ("sparsegpt", "obs", "wanda", "magnitude"):
         m, K, _stats(8), "0.5"))(_m), (TypeError, ValueError), r"sparsity must be a")
     add(f"oneshot-{_m}-nan-weight", (lambda m: lambda: _layer(
         m, K.at[0, 0].set(jnp.nan), _stats(8), name="fc"))(_m), ValueError,
-        r"'fc'.*non-finite", marks=() if _m == "wanda" else LEAD_NORUN)
+        r"'fc'.*non-finite", marks=())
     add(f"oneshot-{_m}-int-weight", (lambda m: lambda: _layer(
         m, jnp.arange(32).reshape(8, 4), _stats(8), name="fc"))(_m), TypeError,
-        r"layer 'fc' has dtype int32", marks=LEAD_NORUN)
+        r"layer 'fc' has dtype int32")
     add(f"oneshot-{_m}-nan-weight-helper", (lambda m: lambda: check_layer_weight(
         K.at[0, 0].set(jnp.nan), "fc"))(_m), ValueError, r"layer 'fc' has a non-finite weight nan")
 add("oneshot-stats-fan-in-divides", lambda: _layer("wanda", jnp.ones((8, 4)), _stats(2)),
@@ -367,9 +361,9 @@ add("oneshot-unknown-method", lambda: _layer("sparsegptt", K, _stats(8)), ValueE
     r"unknown.*method.*'sparsegptt'")
 add("oneshot-sparsegpt-blocksize-zero", lambda: __import__(
     "jaxprune.oneshot", fromlist=["x"]).SparseGPT(blocksize=0),
-    ValueError, r"blocksize.*>= 1", marks=LEAD)
+    ValueError, r"blocksize.*>= 1")
 add("oneshot-percdamp-neg", lambda: __import__("jaxprune.oneshot", fromlist=["x"]).SparseGPT(
-    percdamp=-1.0), ValueError, r"percdamp", marks=LEAD)
+    percdamp=-1.0), ValueError, r"percdamp")
 add("oneshot-dsnot-cycles", lambda: __import__("jaxprune.oneshot", fromlist=["x"]).DSnoT(
     max_cycles=-1), ValueError, r"max_cycles.*>= 0")
 add("oneshot-nan-hessian", lambda: _layer("sparsegpt", K, _stats(8)._replace(
@@ -447,7 +441,7 @@ add("structured-declare-bad-path", lambda: __import__("jaxprune.structured", fro
     (KeyError, ValueError), r"'nope/kernel'")
 add("structured-declare-bad-axis", lambda: __import__("jaxprune.structured", fromlist=["x"]
                                                       ).declare_groups([[("d/kernel", 5)]], P),
-    ValueError, r"'d/kernel'.*axis 5", marks=LEAD)
+    ValueError, r"'d/kernel'.*axis 5")
 
 # ----------------------------------------------------------------------------------------------
 # kernels / formats
@@ -495,12 +489,12 @@ def _kern(name: str, **kw: Any) -> Any:
 add("kernels-nm-wrong-x-width", lambda: _kern("nm_matmul", x=jnp.ones((2, 5))), ValueError,
     r"x.*5.*8|width|contraction")
 add("kernels-nm-empty-batch", lambda: _kern("nm_matmul", x=jnp.ones((0, 8))),
-    ValueError, r"empty|batch.*0", marks=LEAD_NORUN)
+    ValueError, r"empty|batch.*0")
 add("kernels-nm-bad-impl", lambda: __import__("jaxprune.kernels", fromlist=["x"]).nm_matmul(
     jnp.ones((2, 8)), _F().pack_nm(K, _NM_MASK, 2, 4), impl="fast"), ValueError, r"impl.*'fast'")
 add("kernels-nm-tiles-zero", lambda: __import__("jaxprune.kernels", fromlist=["x"]).nm_matmul(
     jnp.ones((2, 8)), _F().pack_nm(K, _NM_MASK, 2, 4), tiles=(0, 0, 0)), ValueError,
-    r"tiles.*positive|>= 1", marks=LEAD)
+    r"tiles.*positive|>= 1")
 add("kernels-nm-w-not-packed", lambda: __import__("jaxprune.kernels", fromlist=["x"]).nm_matmul(
     jnp.ones((2, 8)), K), TypeError, r"NMPacked")
 
@@ -620,8 +614,8 @@ def _(d):
 
 CLI_CASES = [
     ("mesh-2", ["run", "sparse_pretrain", "--mesh", "2"],
-     r"--mesh: must be 'auto' or data,model \(two integers >= 1, e\.g\. 2,4\), got '2'", LEAD),
-    ("mesh-zero", ["run", "sparse_pretrain", "--mesh", "0,4"], r"--mesh: must be 'auto' or", LEAD),
+     r"--mesh: must be 'auto' or data,model \(two integers >= 1, e\.g\. 2,4\), got '2'", ()),
+    ("mesh-zero", ["run", "sparse_pretrain", "--mesh", "0,4"], r"--mesh: must be 'auto' or", ()),
     ("batch-0", ["run", "sparse_pretrain", "--batch", "0"],
      r"--batch: must be a positive integer \(>= 1\), got 0", ()),
     ("steps-neg", ["run", "sparse_training", "--steps", "-5"],

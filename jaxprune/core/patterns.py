@@ -77,11 +77,13 @@ def count_threshold_key(count_at: Any, budget: Any) -> jax.Array:
     return jnp.where(count_at(jnp.uint32(0)) <= budget, jnp.uint32(0), t)
 
 
+@jax.jit
 def topk_mask(scores: jax.Array, k_keep: Any) -> jax.Array:
     """Boolean mask keeping exactly ``k_keep`` highest scores of a 1-D array (``k_keep`` may be traced).
 
     Ties go to the lower index. The threshold is found by radix select
-    (:func:`count_threshold_key`), not a sort.
+    (:func:`count_threshold_key`), not a sort. Jitted, so eager callers (one-shot layer methods,
+    one layer after another) compile it once per shape instead of once per call.
 
     >>> topk_mask(jnp.array([1., 2., 2., 0.]), 2)
     Array([False,  True,  True, False], dtype=bool)

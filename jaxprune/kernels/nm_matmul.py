@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -270,6 +271,12 @@ def nm_matmul(
         raise TypeError(f"jaxprune.kernels.nm_matmul: w must be NMPacked, got {type(w).__name__}")
     k, nn = w.kn
     ref._check_x(x, k, "nm_matmul")
+    if tiles is not None and (len(tuple(tiles)) != 3 or any(int(t) < 1 for t in tiles)):
+        raise ValueError(f"jaxprune.kernels.nm_matmul: tiles must be three integers >= 1 "
+                         f"(tm, tn, th), got {tiles!r}")
+    if math.prod(x.shape[:-1]) == 0:
+        raise ValueError(f"jaxprune.kernels.nm_matmul: x of shape {tuple(x.shape)} has an empty batch "
+                         "(0 rows); nothing to multiply")
     impl, variant, interp = _backend.resolve(impl, variant, interpret)
     cfg = _Cfg(tuple(w.shape), w.n, w.m, impl, variant, interp,
                None if tiles is None else tuple(int(t) for t in tiles),

@@ -40,6 +40,7 @@ from jaxprune.core import allocation as alloc_lib
 from jaxprune.core import patterns as pat_lib
 from jaxprune.core import pipeline
 from jaxprune.oneshot.calibration import LayerStats, as_matrix, from_matrix
+from jaxprune.oneshot.common import check_layer_weight
 
 __all__ = ["LayerMethod", "register_method", "get_method", "METHODS", "resolve_layer_target"]
 
@@ -158,6 +159,7 @@ class LayerMethod:
         >>> w2.shape, s, back(w2).shape
         ((36, 4), 0.5, (3, 3, 4, 4))
         """
+        check_layer_weight(weight, name)
         shape = tuple(np.shape(weight))
         view = getattr(stats, "view", None)
         if view is not None and tuple(view.shape) != shape:

@@ -186,6 +186,14 @@ class SparseGPT(LayerMethod):
     percdamp: float = 0.01
     quant: QuantSpec | None = None
 
+    def __post_init__(self) -> None:
+        b, d = self.blocksize, self.percdamp
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise ValueError(f"jaxprune: {type(self).__name__}.blocksize must be an int >= 1, got {b!r}")
+        if isinstance(d, bool) or not isinstance(d, int | float) or not d >= 0 or d != d or d == float("inf"):
+            raise ValueError(f"jaxprune: {type(self).__name__}.percdamp must be a finite number >= 0 "
+                             f"(a fraction of mean(diag H), e.g. 0.01), got {d!r}")
+
     def prune_matrix(self, w: jax.Array, stats: LayerStats | None, sparsity: Any,
                      pattern: pat_lib.Pattern, *, name: str = "<layer>"
                      ) -> tuple[jax.Array, jax.Array]:

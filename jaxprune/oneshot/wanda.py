@@ -80,7 +80,7 @@ class Wanda(LayerMethod):
     def prune_matrix(self, w: jax.Array, stats: LayerStats | None, sparsity: Any,
                      pattern: pat_lib.Pattern, *, name: str = "<layer>"
                      ) -> tuple[jax.Array, jax.Array]:
-        """Scores ``|W|·‖X‖`` through :func:`jaxprune.core.pipeline.compute_masks`.
+        """Scores ``|W|·‖X‖`` through :func:`jaxprune.core.pipeline.leaf_mask`.
 
         >>> st = LayerStats(None, np.zeros(2), np.array([1., 4.]), 1, 2)
         >>> Wanda().prune_matrix(jnp.ones((2, 1)), st, 0.5, pat_lib.Unstructured())[1].tolist()
@@ -90,7 +90,9 @@ class Wanda(LayerMethod):
         params, masks = _masks_for(name, w)
         scores = criteria.wanda(params, masks, act_norms={name: jnp.asarray(stats.norms)})
         pat = PerOutput() if isinstance(pattern, pat_lib.Unstructured) else pattern
-        m = pipeline.compute_masks(masks, scores, sparsity, "uniform", pat)[name]
+        # one leaf: leaf_mask, whose compiled ops are shared by every layer of this shape (a
+        # one-leaf compute_masks tree keyed by the layer's name would compile once per layer)
+        m = pipeline.leaf_mask(scores[name], sparsity, pattern=pat, path=name)
         return jnp.where(m, w, jnp.zeros((), w.dtype)), m
 
 
@@ -108,7 +110,7 @@ class Magnitude(LayerMethod):
     def prune_matrix(self, w: jax.Array, stats: LayerStats | None, sparsity: Any,
                      pattern: pat_lib.Pattern, *, name: str = "<layer>"
                      ) -> tuple[jax.Array, jax.Array]:
-        """``|W|`` through :func:`jaxprune.core.pipeline.compute_masks`.
+        """``|W|`` through :func:`jaxprune.core.pipeline.leaf_mask`.
 
         >>> Magnitude().prune_matrix(jnp.array([[1.], [-3.]]), None, 0.5,
         ...                          pat_lib.Unstructured())[1].tolist()
@@ -116,7 +118,7 @@ class Magnitude(LayerMethod):
         """
         params, masks = _masks_for(name, w)
         scores = criteria.magnitude(params, masks)
-        m = pipeline.compute_masks(masks, scores, sparsity, "uniform", pattern)[name]
+        m = pipeline.leaf_mask(scores[name], sparsity, pattern=pattern, path=name)
         return jnp.where(m, w, jnp.zeros((), w.dtype)), m
 
 

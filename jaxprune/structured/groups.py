@@ -178,8 +178,8 @@ def declare_groups(
             shp = shapes[path]
             if not -len(shp) <= axis < len(shp):
                 raise ValueError(
-                    f"jaxprune.structured.declare_groups: group {gi}: axis {axis} out of range "
-                    f"for '{path}' of shape {shp}"
+                    f"jaxprune.structured.declare_groups: group {gi}: '{path}' of shape {shp} has "
+                    f"no axis {axis} (valid: {-len(shp)}..{len(shp) - 1})"
                 )
             axis %= len(shp)
             sizes, pos = (tuple(e[2]), int(e[3])) if len(e) > 2 else ((shp[axis],), 0)

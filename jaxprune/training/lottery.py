@@ -150,6 +150,10 @@ def imp_sparsity(sparsity: float, r: int, rounds: int) -> float:
     >>> imp_sparsity(0.75, 1, 2), imp_sparsity(0.75, 2, 2)
     (0.5, 0.75)
     """
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"jaxprune: imp_sparsity rounds must be an int >= 1, got {rounds!r}")
+    if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= rounds:
+        raise ValueError(f"jaxprune: imp_sparsity round r must be an int in [0, rounds={rounds}], got {r!r}")
     return float(1.0 - (1.0 - sparsity) ** (r / rounds))
 
 

@@ -74,6 +74,16 @@ def pruner(
 
     >>> tx = pruner(optax.adam(1e-3), schedule=sched_lib.Polynomial(0.9, 0, 1000, freq=100))
     """
+    if not isinstance(schedule, sched_lib.Schedule):
+        raise TypeError(
+            f"jaxprune: pruner schedule= must be a jaxprune Schedule (OneShot, Polynomial, "
+            f"Iterative), got {type(schedule).__name__}: {schedule!r}"
+        )
+    if inner is not None and not isinstance(inner, optax.GradientTransformation):
+        raise TypeError(
+            f"jaxprune: pruner inner must be an optax GradientTransformation (e.g. optax.adam(1e-3)) "
+            f"or None, got {type(inner).__name__}: {inner!r}"
+        )
     crit = crit_lib.get(criterion)
     alloc = alloc_lib.get(allocation)
     if not alloc.traceable:
