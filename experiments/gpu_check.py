@@ -26,7 +26,7 @@ The GPU image has jax (CUDA), flax, optax and orbax but no data packages and no 
 module imports only those (and the library), and runs from a plain checkout::
 
     PYTHONPATH=. python3 -m experiments.gpu_check          # or: make gpu-check
-    python3 experiments/gpu_check.py --dry-run             # CPU smoke run
+    PYTHONPATH=. python3 -m experiments.gpu_check --dry-run   # CPU smoke run
 
 Adding a section: one function ``def name(ctx: Ctx) -> dict | None`` decorated with
 ``@section("name", "title", cap_s=...)`` (rows go through ``ctx.add``).
@@ -41,14 +41,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
-
-if __package__ in (None, ""):  # `python3 experiments/gpu_check.py` from a checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import experiments  # noqa: F401  (the package the relative imports below resolve in)
-
-    __package__ = "experiments"
 
 import jax
 import jax.numpy as jnp

@@ -63,8 +63,8 @@ def _run(procs: int, devs: int, size: dict[str, int], work: Path, timeout: float
             "--ckpt-every", str(size["steps"]), "--no-final-eval", "--mesh", f"2,{total // 2}",
             "--ckpt-dir", str(work / out.stem), "--out", str(out)]
     cmd = [sys.executable, "-m", f"{pkg}.sparse_pretrain", *args]
-    root = Path(sys.modules[pkg].__file__).resolve().parents[1]
-    env = {"PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    # the children import the experiments package the same way this process did
+    env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     t0 = time.perf_counter()
     if procs == 1:  # a plain single process (no distributed runtime) as the baseline
         r = subprocess.run(cmd + ["--cpu-devices", str(devs)], env=dict(os.environ, **env),

@@ -299,7 +299,7 @@ add("pruner-no-schedule", lambda: jp.pruner(optax.sgd(0.1)), TypeError, r"schedu
 add("pruner-schedule-float", lambda: jp.pruner(optax.sgd(0.1), schedule=0.5), TypeError,
     r"schedule.*Schedule.*0\.5")
 add("pruner-inner-not-optax", lambda: jp.pruner("adam", schedule=jp.OneShot(0.5, step=0)),
-    TypeError, r"inner.*GradientTransformation.*str")
+    TypeError, r"inner must be an optax optimizer.*str")
 add("pruner-bad-pattern", lambda: jp.pruner(optax.sgd(0.1), schedule=jp.OneShot(0.5, step=0),
                                             pattern="block0x4"), ValueError, r"block.*>= 1")
 add("pruner-bad-criterion", lambda: jp.pruner(optax.sgd(0.1), schedule=jp.OneShot(0.5, step=0),

@@ -79,10 +79,11 @@ def pruner(
             f"jaxprune: pruner schedule= must be a jaxprune Schedule (OneShot, Polynomial, "
             f"Iterative), got {type(schedule).__name__}: {schedule!r}"
         )
-    if inner is not None and not isinstance(inner, optax.GradientTransformation):
+    if inner is not None and not (callable(getattr(inner, "init", None))
+                                  and callable(getattr(inner, "update", None))):
         raise TypeError(
-            f"jaxprune: pruner inner must be an optax GradientTransformation (e.g. optax.adam(1e-3)) "
-            f"or None, got {type(inner).__name__}: {inner!r}"
+            f"jaxprune: pruner inner must be an optax optimizer with init/update (e.g. "
+            f"optax.adam(1e-3)) or None, got {type(inner).__name__}: {inner!r}"
         )
     crit = crit_lib.get(criterion)
     alloc = alloc_lib.get(allocation)
