@@ -24,9 +24,10 @@ class _Block:
             raise ImportError(f'blocked for this test: {name} (the GPU image has no data packages)')
         return None
 sys.meta_path.insert(0, _Block())
-sys.argv = ['experiments/gpu_check.py'] + sys.argv[1:]
+sys.argv = ['experiments.gpu_check'] + sys.argv[1:]
+sys.path.insert(0, '.')  # as `make gpu-check` runs it: PYTHONPATH=. python -m experiments.gpu_check
 import runpy
-runpy.run_path('experiments/gpu_check.py', run_name='__main__')
+runpy.run_module('experiments.gpu_check', run_name='__main__', alter_sys=True)
 """
 
 
