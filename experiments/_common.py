@@ -393,3 +393,37 @@ def compile_stats() -> Iterator[CompileStats]:
         yield st
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def model_files(stem: str, results: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """``(params, config)`` paths of the model trained under ``stem`` in the results directory.
+
+    >>> [p.name for p in model_files("gpt", "/tmp")]
+    ['gpt_params.msgpack', 'gpt_config.json']
+    """
+    d = results_dir(results, create=False)
+    return d / f"{stem}_params.msgpack", d / f"{stem}_config.json"
+
+
+def save_model(stem: str, params: Any, config: Any, info: dict,
+               results: str | os.PathLike | None = None) -> None:
+    """Write a trained model's params (flax msgpack) and ``{"config", "info"}`` JSON, atomically."""
+    from flax import serialization
+
+    params_file, config_file = model_files(stem, results)
+    with atomic_open(params_file, "wb") as f:
+        f.write(serialization.to_bytes(params))
+    write_json(config_file, {"config": config._asdict(), "info": info})
+
+
+def load_model(stem: str, make: Any, results: str | os.PathLike | None = None) -> Any:
+    """``(config, params, info)`` of a saved model, or ``None`` when it is absent; ``make(config_dict)``
+    returns ``(config, params_template)``."""
+    from flax import serialization
+
+    params_file, config_file = model_files(stem, results)
+    if not (params_file.exists() and config_file.exists()):
+        return None
+    meta = json.loads(config_file.read_text())
+    cfg, template = make(meta["config"])
+    return cfg, serialization.from_bytes(template, params_file.read_bytes()), meta["info"]

@@ -10,16 +10,13 @@ see ``jaxprune.zoo.data.text_tfds``). The trained params go to ``results/gpt_par
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import serialization
 
 from jaxprune.zoo.data import text_tfds
 from jaxprune.zoo.models.gpt import GPT, GPTConfig, loss_fn, perplexity
@@ -71,29 +68,22 @@ def train(cfg: GPTConfig, steps: int, batch: int, lr: float, seed: int = 0,
     return params, info
 
 
-def gpt_files(results: str | os.PathLike | None = None) -> tuple[Path, Path]:
-    """``(params, config)`` paths of the trained GPT in the results directory."""
-    d = _common.results_dir(results, create=False)
-    return d / "gpt_params.msgpack", d / "gpt_config.json"
-
-
 def save(params: dict, cfg: GPTConfig, info: dict, results: str | os.PathLike | None = None) -> None:
-    """Write params (flax msgpack) and config/info JSON (atomically) to the results directory."""
-    params_file, config_file = gpt_files(results)
-    with _common.atomic_open(params_file, "wb") as f:
-        f.write(serialization.to_bytes(params))
-    _common.write_json(config_file, {"config": cfg._asdict(), "info": info})
+    """Write params and config/info to the results directory (atomically)."""
+    _common.save_model("gpt", params, cfg, info, results)
+
+
+def _make(config: dict) -> tuple[GPTConfig, dict]:
+    cfg = GPTConfig(**config)
+    return cfg, GPT(cfg).init(jax.random.key(0), jnp.zeros((1, cfg.seq), jnp.int32))["params"]
 
 
 def load_or_train(quick: bool = False, retrain: bool = False,
                   results: str | os.PathLike | None = None) -> tuple[GPTConfig, dict, dict]:
     """The trained GPT from the results directory (training and saving it first if absent)."""
-    params_file, config_file = gpt_files(results)
-    if params_file.exists() and config_file.exists() and not retrain:
-        meta = json.loads(config_file.read_text())
-        cfg = GPTConfig(**meta["config"])
-        template = GPT(cfg).init(jax.random.key(0), jnp.zeros((1, cfg.seq), jnp.int32))["params"]
-        return cfg, serialization.from_bytes(template, params_file.read_bytes()), meta["info"]
+    saved = None if retrain else _common.load_model("gpt", _make, results)
+    if saved is not None:
+        return saved
     cfg = GPTConfig(seq=128)
     steps, batch = (40, 8) if quick else (300, 16)
     params, info = train(cfg, steps, batch, 3e-3)

@@ -10,16 +10,13 @@ it retrains when they are absent.
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import serialization
 
 from jaxprune.zoo.models.moe import MoE, MoEConfig, loss_fn, perplexity
 
@@ -87,29 +84,22 @@ def train(cfg: MoEConfig, steps: int, batch: int, lr: float, aux_weight: float =
     return params, info
 
 
-def moe_files(results: str | os.PathLike | None = None) -> tuple[Path, Path]:
-    """``(params, config)`` paths of the trained MoE in the results directory."""
-    d = _common.results_dir(results, create=False)
-    return d / "moe_params.msgpack", d / "moe_config.json"
-
-
 def save(params: dict, cfg: MoEConfig, info: dict, results: str | os.PathLike | None = None) -> None:
-    """Write params (flax msgpack) and config/info JSON (atomically)."""
-    params_file, config_file = moe_files(results)
-    with _common.atomic_open(params_file, "wb") as f:
-        f.write(serialization.to_bytes(params))
-    _common.write_json(config_file, {"config": cfg._asdict(), "info": info})
+    """Write params and config/info to the results directory (atomically)."""
+    _common.save_model("moe", params, cfg, info, results)
+
+
+def _make(config: dict) -> tuple[MoEConfig, dict]:
+    cfg = MoEConfig(**config)
+    return cfg, MoE(cfg).init(jax.random.key(0), jnp.zeros((1, cfg.seq), jnp.int32))["params"]
 
 
 def load_or_train(quick: bool = False, results: str | os.PathLike | None = None
                   ) -> tuple[MoEConfig, dict, dict]:
     """The trained MoE from the results directory (trained and saved first when absent)."""
-    params_file, config_file = moe_files(results)
-    if params_file.exists() and config_file.exists():
-        meta = json.loads(config_file.read_text())
-        cfg = MoEConfig(**meta["config"])
-        template = MoE(cfg).init(jax.random.key(0), jnp.zeros((1, cfg.seq), jnp.int32))["params"]
-        return cfg, serialization.from_bytes(template, params_file.read_bytes()), meta["info"]
+    saved = _common.load_model("moe", _make, results)
+    if saved is not None:
+        return saved
     cfg = MoEConfig()
     params, info = train(cfg, *((30, 8) if quick else (400, 16)), 3e-3)
     if not quick:
