@@ -24,7 +24,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check jaxprune tests experiments
 
 test: lint
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --durations=15 tests
+	JAXPRUNE_REQUIRE_LLM=1 $(PY) -m pytest -n $(PYTEST_WORKERS) --durations=15 tests
 
 docs: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e ".[docs]"
