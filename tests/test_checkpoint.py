@@ -118,6 +118,40 @@ def test_mismatch_names_first_path(tmp_path):
             mgr.restore({"encoder": {"kernel": jnp.zeros((3, 3))}})
 
 
+def test_nnx_state_round_trip_into_nnx_template(tmp_path):
+    """An ``nnx.State`` (params, masks, an RNG key) saved as is restores into a fresh model's
+    ``nnx.State``: stored as its pure dict, rebuilt as the template's Variables."""
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(6, 8, rngs=rngs)
+            self.l2 = nnx.Linear(8, 2, rngs=rngs)
+            self.rngs = rngs
+
+    net = Net(nnx.Rngs(0))
+    params = nnx.state(net, nnx.Param)
+    masks = jp.prune(params, 0.5)[1]
+    rng_state = nnx.state(net, nnx.RngState)
+    state = {"params": params, "masks": masks, "rngs": rng_state, "step": jnp.int32(7)}
+    with ck.CheckpointManager(tmp_path, async_save=False) as mgr:
+        mgr.save(7, state)
+        fresh = Net(nnx.Rngs(1))
+        template = {"params": nnx.state(fresh, nnx.Param), "masks": masks,
+                    "rngs": nnx.state(fresh, nnx.RngState), "step": jnp.int32(0)}
+        out, _ = mgr.restore(template)
+        assert isinstance(out["params"], nnx.State) and int(out["step"]) == 7
+        nnx.update(fresh, out["params"], out["rngs"])
+        np.testing.assert_array_equal(fresh.l1.kernel[...], net.l1.kernel[...])
+        np.testing.assert_array_equal(jax.random.key_data(fresh.rngs.default.key[...]),
+                                      jax.random.key_data(net.rngs.default.key[...]))
+        assert_trees_equal(out["masks"], masks)
+        # a model of another width is named, not silently restored
+        other = {"params": nnx.state(nnx.Linear(6, 3, rngs=nnx.Rngs(0)), nnx.Param)}
+        with pytest.raises(ck.CheckpointMismatchError, match="not in the"):
+            mgr.restore({**template, **other})
+
+
 def test_missing_step_and_empty_dir(tmp_path):
     with ck.CheckpointManager(tmp_path) as mgr:
         with pytest.raises(ck.CheckpointError, match="no checkpoint in"):

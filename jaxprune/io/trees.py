@@ -1,7 +1,9 @@
 """Pytree helpers of the checkpoint modules: structure checks, abstract targets, sizes.
 
 Shared by :mod:`jaxprune.io.checkpoint` (which re-exports the public names) and
-:mod:`jaxprune.io.compact`. Typed PRNG keys are stored as their raw key data.
+:mod:`jaxprune.io.compact`. Typed PRNG keys are stored as their raw key data, and an
+``nnx.State`` anywhere in the tree is stored as its pure dict (``nnx.to_pure_dict``: paths
+``l/kernel``, not ``l/kernel/value``) and rebuilt into the template's ``nnx.State`` on restore.
 
 Example:
     >>> import jax.numpy as jnp
@@ -31,8 +33,25 @@ def _is_key(x: Any) -> bool:
     return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
+def _is_nnx_state(x: Any) -> bool:
+    # checked by module name so that plain-linen users never import flax.nnx here
+    return type(x).__name__ == "State" and type(x).__module__.startswith("flax.nnx")
+
+
+def _pure(tree: PyTree) -> PyTree:
+    """``tree`` with every ``nnx.State`` replaced by its pure dict (Variables unwrapped)."""
+    def f(x):
+        if _is_nnx_state(x):
+            from flax import nnx
+
+            return nnx.to_pure_dict(x)
+        return x
+
+    return jax.tree.map(f, tree, is_leaf=lambda x: x is None or _is_nnx_state(x))
+
+
 def _to_savable(tree: PyTree) -> PyTree:
-    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, _pure(tree))
 
 
 def _flat_spec(tree: PyTree) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -108,12 +127,20 @@ def abstract_state(template: PyTree, shardings: PyTree | None = None) -> PyTree:
 
 
 def _rewrap_keys(template: PyTree, restored: PyTree) -> PyTree:
+    """Undo :func:`_to_savable` on ``restored`` using ``template``: typed keys re-wrapped,
+    pure dicts put back into copies of the template's ``nnx.State`` nodes."""
     def f(t, r):
+        if _is_nnx_state(t):
+            from flax import nnx
+
+            out = jax.tree.map(lambda x: x, t)  # a copy: the template is not modified
+            nnx.replace_by_pure_dict(out, _rewrap_keys(nnx.to_pure_dict(t), r))
+            return out
         if _is_key(t):
             return jax.random.wrap_key_data(r, impl=jax.random.key_impl(t))
         return r
 
-    return jax.tree.map(f, template, restored)
+    return jax.tree.map(f, template, restored, is_leaf=_is_nnx_state)
 
 
 def dir_size(path: str | os.PathLike) -> int:
