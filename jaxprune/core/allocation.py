@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.core.masks import PyTree, _is_none, leaves_with_paths
+from jaxprune.core.registry import check_free, lookup
 
 __all__ = ["Allocation", "Uniform", "ERK", "Global", "get", "register", "check_sparsity",
            "sparsity_value"]
@@ -279,10 +280,7 @@ def register(name: str, factory: Any, *, overwrite: bool = False) -> None:
     """
     if not callable(factory):
         raise TypeError(f"jaxprune: register('{name}', ...) needs a callable returning an Allocation")
-    if name in ALLOCATIONS and not overwrite and ALLOCATIONS[name] is not factory:
-        raise ValueError(
-            f"jaxprune: an allocation named '{name}' is already registered; pass overwrite=True"
-        )
+    check_free("allocation", name, ALLOCATIONS, factory, overwrite)
     ALLOCATIONS[name] = factory
 
 
@@ -294,12 +292,7 @@ def get(name: str | Allocation) -> Allocation:
     """
     if isinstance(name, Allocation):
         return name
-    if not isinstance(name, str):
-        raise TypeError(f"jaxprune: allocation must be an Allocation or a name "
-                        f"{sorted(ALLOCATIONS)}, got {name!r}")
-    if name not in ALLOCATIONS:
-        raise ValueError(f"jaxprune: unknown allocation '{name}'; valid: {sorted(ALLOCATIONS)}")
-    out = ALLOCATIONS[name]()
+    out = lookup("allocation", name, ALLOCATIONS, Allocation)()
     if not isinstance(out, Allocation):
         raise TypeError(
             f"jaxprune: the factory registered for allocation '{name}' returned "

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.core.masks import PyTree, _is_none, leaves_with_paths
+from jaxprune.core.registry import check_free, lookup
 
 __all__ = [
     "SIGNALS", "Criterion", "CRITERIA", "register", "get", "magnitude", "random", "saliency", "taylor",
@@ -179,11 +180,7 @@ def register(criterion: Criterion, *, overwrite: bool = False) -> Criterion:
         raise ValueError(
             f"jaxprune: criterion '{criterion.name}' needs unknown signal(s) {bad}; valid: {SIGNALS}"
         )
-    if criterion.name in CRITERIA and not overwrite and CRITERIA[criterion.name] is not criterion:
-        raise ValueError(
-            f"jaxprune: a criterion named '{criterion.name}' is already registered; pass "
-            "overwrite=True to replace it"
-        )
+    check_free("criterion", criterion.name, CRITERIA, criterion, overwrite)
     CRITERIA[criterion.name] = criterion
     return criterion
 
@@ -194,11 +191,4 @@ def get(name: str | Criterion) -> Criterion:
     >>> get("magnitude").name
     'magnitude'
     """
-    if isinstance(name, Criterion):
-        return name
-    if not isinstance(name, str):
-        raise TypeError(f"jaxprune: criterion must be a Criterion or a name {sorted(CRITERIA)}, "
-                        f"got {name!r}")
-    if name not in CRITERIA:
-        raise ValueError(f"jaxprune: unknown criterion '{name}'; valid: {sorted(CRITERIA)}")
-    return CRITERIA[name]
+    return lookup("criterion", name, CRITERIA, Criterion)

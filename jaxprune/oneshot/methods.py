@@ -39,6 +39,7 @@ import numpy as np
 from jaxprune.core import allocation as alloc_lib
 from jaxprune.core import patterns as pat_lib
 from jaxprune.core import pipeline
+from jaxprune.core.registry import check_free, lookup
 from jaxprune.oneshot.calibration import LayerStats, as_matrix, from_matrix
 from jaxprune.oneshot.common import check_layer_weight
 
@@ -216,10 +217,11 @@ METHODS: Mapping[str, LayerMethod] = types.MappingProxyType(_REGISTRY)
 """Read-only view ``{name: method}`` of the registered layer methods."""
 
 
-def register_method(name: str, method: LayerMethod) -> LayerMethod:
+def register_method(name: str, method: LayerMethod, *, overwrite: bool = False) -> LayerMethod:
     """Register ``method`` under ``name`` (for :func:`get_method`, drivers and the CLI).
 
-    Re-registering the same value is a no-op; a different method under a taken name is refused.
+    Re-registering the same value is a no-op; a different method under a taken name is refused
+    unless ``overwrite=True``.
 
     >>> from jaxprune.oneshot import SparseGPT
     >>> register_method("sparsegpt-b64", SparseGPT(blocksize=64))
@@ -234,9 +236,7 @@ def register_method(name: str, method: LayerMethod) -> LayerMethod:
             f"jaxprune: register_method('{name}', ...) needs a LayerMethod value (subclass "
             f"jaxprune.oneshot.LayerMethod and implement prune_matrix), got {type(method).__name__}"
         )
-    old = _REGISTRY.get(name)
-    if old is not None and old != method:
-        raise ValueError(f"jaxprune: one-shot method name '{name}' is already registered as {old}")
+    check_free("one-shot method", name, _REGISTRY, method, overwrite)
     _REGISTRY[name] = method
     return method
 
@@ -251,15 +251,4 @@ def get_method(method: str | LayerMethod) -> LayerMethod:
     ...
     ValueError: jaxprune: unknown one-shot method 'nope'; valid: [...]
     """
-    if isinstance(method, LayerMethod):
-        return method
-    if isinstance(method, str):
-        if method not in _REGISTRY:
-            raise ValueError(
-                f"jaxprune: unknown one-shot method '{method}'; valid: {sorted(_REGISTRY)}"
-            )
-        return _REGISTRY[method]
-    raise TypeError(
-        f"jaxprune: a one-shot method must be a name or a LayerMethod value, got "
-        f"{type(method).__name__}: {method!r}"
-    )
+    return lookup("one-shot method", method, _REGISTRY, LayerMethod)
