@@ -36,28 +36,22 @@ class ConvBN(nn.Module):
 
 class RepeatGQA(nn.Module):
     """GQA block written differently from the toy model: kv heads repeated with jnp.repeat,
-    SwiGLU FFN, RMS-style norm. Defined only in this test (an unseen model for the tracer)."""
+    SwiGLU FFN, no norm. Defined only in this test (an unseen model for the tracer)."""
 
-    d: int = 16
-    hq: int = 4
-    hkv: int = 2
-    hd: int = 4
-    ff: int = 12
+    dims: tuple[int, ...] = (16, 4, 2, 4, 12)  # width, q heads, kv heads, head size, FFN
 
     @nn.compact
     def __call__(self, x):
-        b, t, _ = x.shape
-        q = nn.Dense(self.hq * self.hd, use_bias=False, name="wq")(x).reshape(b, t, self.hq, self.hd)
-        k = nn.Dense(self.hkv * self.hd, use_bias=False, name="wk")(x).reshape(b, t, self.hkv, self.hd)
-        v = nn.Dense(self.hkv * self.hd, use_bias=False, name="wv")(x).reshape(b, t, self.hkv, self.hd)
-        rep = self.hq // self.hkv
-        k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
+        (b, t, _), (d, hq, hkv, hd, ff) = x.shape, self.dims
+        proj = {n: nn.Dense(f * hd, use_bias=False, name=n) for n, f in
+                (("wq", hq), ("wk", hkv), ("wv", hkv))}
+        q, k, v = (proj[n](x).reshape(b, t, -1, hd) for n in ("wq", "wk", "wv"))
+        k, v = jnp.repeat(k, hq // hkv, axis=2), jnp.repeat(v, hq // hkv, axis=2)
         a = jax.nn.softmax(jnp.einsum("bthd,bshd->bhts", q, k) / 2.0, axis=-1)
-        o = jnp.einsum("bhts,bshd->bthd", a, v).reshape(b, t, self.hq * self.hd)
-        x = x + nn.Dense(self.d, use_bias=False, name="wo")(o)
-        g = nn.Dense(self.ff, use_bias=False, name="w_gate")(x)
-        u = nn.Dense(self.ff, use_bias=False, name="w_up")(x)
-        return x + nn.Dense(self.d, use_bias=False, name="w_down")(jax.nn.silu(g) * u)
+        o = jnp.einsum("bhts,bshd->bthd", a, v).reshape(b, t, hq * hd)
+        x = x + nn.Dense(d, use_bias=False, name="wo")(o)
+        g, u = (nn.Dense(ff, use_bias=False, name=n)(x) for n in ("w_gate", "w_up"))
+        return x + nn.Dense(d, use_bias=False, name="w_down")(jax.nn.silu(g) * u)
 
 
 def keys(groups):
