@@ -12,6 +12,7 @@ from sklearn.datasets import load_digits as sk_load_digits
 
 from jaxprune.zoo.data import digits as digits_lib
 from jaxprune.zoo.data import digits_batches, load_digits, split_indices
+from tests.helpers import BLOCK_DATA_PACKAGES
 
 
 @pytest.fixture(scope="module")
@@ -166,17 +167,7 @@ def test_grain_infinite_repeat(data_dir):
     assert got == [(100,)] * 10
 
 
-_BLOCK = textwrap.dedent(
-    """
-    import sys
-    class _Block:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("tensorflow_datasets", "grain", "array_record"):
-                raise ImportError(f"blocked {name}")
-            return None
-    sys.meta_path.insert(0, _Block())
-    """
-)
+_BLOCK = BLOCK_DATA_PACKAGES
 
 
 def test_import_jaxprune_does_not_import_data_packages():

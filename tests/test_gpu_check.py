@@ -12,19 +12,12 @@ from pathlib import Path
 import pytest
 
 from experiments import gpu_check
+from tests.helpers import BLOCK_DATA_PACKAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # a meta-path finder that refuses the data packages the GPU image does not have
-BLOCKER = """
-import sys
-class _Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('tensorflow_datasets', 'grain', 'tensorflow'):
-            raise ImportError(f'blocked for this test: {name} (the GPU image has no data packages)')
-        return None
-sys.meta_path.insert(0, _Block())
-sys.argv = ['experiments.gpu_check'] + sys.argv[1:]
+BLOCKER = BLOCK_DATA_PACKAGES + """sys.argv = ['experiments.gpu_check'] + sys.argv[1:]
 sys.path.insert(0, '.')  # as `make gpu-check` runs it: PYTHONPATH=. python -m experiments.gpu_check
 import runpy
 runpy.run_module('experiments.gpu_check', run_name='__main__', alter_sys=True)
