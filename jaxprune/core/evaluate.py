@@ -124,10 +124,30 @@ def dot_rows(eqn: Any, x: jax.Array, opi: int, path: str) -> tuple[jax.Array, tu
             f"jaxprune: '{path}' is a batched matmul operand (stacked experts or heads as einsum "
             "batch axes); op-level calibration and export do not support batched weights yet"
         )
-    free = [i for i in range(x.ndim) if i not in cx]
-    t = jnp.transpose(x, [*free, *cx])
-    k = math.prod(x.shape[i] for i in cx)
-    return t.reshape(-1, k), tuple(x.shape[i] for i in free)
+    return dot_operand(eqn, x, opi, weight=False), tuple(
+        x.shape[i] for i in range(x.ndim) if i not in cx)
+
+
+def dot_operand(eqn: Any, a: jax.Array, opi: int, *, weight: bool) -> jax.Array:
+    """An operand of a ``dot_general`` whose weight is operand ``opi``, as a matrix with the
+    batch axes first: the weight (``weight=True``, ``a`` is operand ``opi``) as
+    ``(*batch, fan_in, out)``, the data (``a`` is the other operand) as ``(*batch, rows, fan_in)``;
+    contracted axes in the equation's contraction order, so the two multiply.
+
+    >>> import jax, jax.numpy as jnp
+    >>> eqn = jax.make_jaxpr(lambda x, w: jnp.einsum("etd,edk->etk", x, w))(
+    ...     jnp.ones((2, 3, 4)), jnp.ones((2, 4, 5))).jaxpr.eqns[0]
+    >>> dot_operand(eqn, jnp.ones((2, 4, 5)), 1, weight=True).shape
+    (2, 4, 5)
+    >>> dot_operand(eqn, jnp.ones((2, 3, 4)), 1, weight=False).shape
+    (2, 3, 4)
+    """
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    c, b = (lc, lb) if (opi == 0) == weight else (rc, rb)
+    free = [i for i in range(a.ndim) if i not in c and i not in b]
+    t = jnp.transpose(a, [*b, *c, *free] if weight else [*b, *free, *c])
+    lead, k = tuple(a.shape[i] for i in b), math.prod(a.shape[i] for i in c)
+    return t.reshape(*lead, k, -1) if weight else t.reshape(*lead, -1, k)
 
 
 def conv_rows(eqn: Any, x: jax.Array, w_shape: tuple[int, ...], path: str

@@ -154,22 +154,14 @@ class ExpertStats(NamedTuple):
 
 def _data_rows(eqn: Any, x: jax.Array, opi: int) -> jax.Array:
     """A batched matmul's data operand as ``(E, rows, fan_in)``."""
-    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    cx, bx = (rc, rb) if opi == 0 else (lc, lb)
-    free = [i for i in range(x.ndim) if i not in cx and i not in bx]
-    t = jnp.transpose(x, [*bx, *free, *cx])
-    k = int(np.prod([x.shape[i] for i in cx]))
-    return t.reshape(t.shape[0], -1, k)
+    m = ev.dot_operand(eqn, x, opi, weight=False)
+    return m.reshape(m.shape[0], -1, m.shape[-1])
 
 
 def _weight_mat(eqn: Any, w: jax.Array, opi: int) -> jax.Array:
     """The batched weight operand as ``(E, fan_in, out)`` (contraction order of the equation)."""
-    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    cw, bw = (lc, lb) if opi == 0 else (rc, rb)
-    free = [i for i in range(w.ndim) if i not in cw and i not in bw]
-    t = jnp.transpose(w, [*bw, *cw, *free])
-    k = int(np.prod([w.shape[i] for i in cw]))
-    return t.reshape(t.shape[0], k, -1)
+    m = ev.dot_operand(eqn, w, opi, weight=True)
+    return m.reshape(m.shape[0], m.shape[-2], -1)
 
 
 def _hook(layers: Sequence[ExpertLayer], gates: Callable, out: dict) -> Any:
