@@ -40,6 +40,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -443,6 +444,15 @@ def is_packed(x: Any) -> bool:
     return isinstance(x, NMPacked | BlockSparse | Bitmask)
 
 
+def _per_format(what: str, p: Packed, nm: Callable, block: Callable, bitmask: Callable
+                ) -> jax.Array:
+    """``nm(p)`` / ``block(p)`` / ``bitmask(p)`` by the format of ``p``, in its original shape."""
+    for cls, fn in ((NMPacked, nm), (BlockSparse, block), (Bitmask, bitmask)):
+        if isinstance(p, cls):
+            return fn(p).reshape(p.shape)
+    raise TypeError(f"jaxprune.kernels.{what}: expected a packed format, got {type(p).__name__}")
+
+
 def unpack(p: Packed) -> jax.Array:
     """Dense weight (original shape, pruned entries zero); works under ``jit``.
 
@@ -450,13 +460,7 @@ def unpack(p: Packed) -> jax.Array:
     Array([[1., 0.],
            [0., 1.]], dtype=float32)
     """
-    if isinstance(p, NMPacked):
-        return _nm_dense(p).reshape(p.shape)
-    if isinstance(p, BlockSparse):
-        return _block_dense(p).reshape(p.shape)
-    if isinstance(p, Bitmask):
-        return _bitmask_dense(p)
-    raise TypeError(f"jaxprune.kernels.unpack: expected a packed format, got {type(p).__name__}")
+    return _per_format("unpack", p, _nm_dense, _block_dense, _bitmask_dense)
 
 
 def to_mask(p: Packed) -> jax.Array:
@@ -465,10 +469,4 @@ def to_mask(p: Packed) -> jax.Array:
     >>> to_mask(pack_bitmask(jnp.ones(3), jnp.array([1, 0, 1], bool)))
     Array([ True, False,  True], dtype=bool)
     """
-    if isinstance(p, NMPacked):
-        return _nm_mask(p).reshape(p.shape)
-    if isinstance(p, BlockSparse):
-        return _block_mask(p).reshape(p.shape)
-    if isinstance(p, Bitmask):
-        return _bitmask_mask(p)
-    raise TypeError(f"jaxprune.kernels.to_mask: expected a packed format, got {type(p).__name__}")
+    return _per_format("to_mask", p, _nm_mask, _block_mask, _bitmask_mask)
