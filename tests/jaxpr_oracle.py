@@ -22,17 +22,10 @@ CALLS = {"pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_v
 
 
 def _eval(jaxpr: Any, consts: list, args: list, record: list) -> list:
-    env: dict = {}
-
-    def read(v):
-        return v.val if isinstance(v, jcore.Literal) else env[v]
-
-    for v, c in zip(jaxpr.constvars, consts, strict=True):
-        env[v] = c
-    for v, a in zip(jaxpr.invars, args, strict=True):
-        env[v] = a
+    assert len(consts) == len(jaxpr.constvars) and len(args) == len(jaxpr.invars)
+    env: dict = dict(zip([*jaxpr.constvars, *jaxpr.invars], [*consts, *args], strict=True))
     for eqn in jaxpr.eqns:
-        ins = [read(v) for v in eqn.invars]
+        ins = [v.val if isinstance(v, jcore.Literal) else env[v] for v in eqn.invars]
         name = eqn.primitive.name
         if name == "dot_general":
             record.append((np.asarray(ins[0]), np.asarray(ins[1]), eqn.params["dimension_numbers"]))
@@ -62,7 +55,7 @@ def _eval(jaxpr: Any, consts: list, args: list, record: list) -> list:
                 outs = [outs]
         for v, o in zip(eqn.outvars, outs, strict=True):
             env[v] = o
-    return [read(v) for v in jaxpr.outvars]
+    return [v.val if isinstance(v, jcore.Literal) else env[v] for v in jaxpr.outvars]
 
 
 def dot_operands(fn: Any, params: Any, *args: Any) -> list[tuple[np.ndarray, np.ndarray, Any]]:
