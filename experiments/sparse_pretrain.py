@@ -12,11 +12,16 @@ writes a compact sparse checkpoint at the end.
 Multi-process: under ``jaxprune launch -n N [--devices-per-process D] -- <this command>`` every
 process joins one JAX job (:func:`jaxprune.io.distributed.initialize`); the default ``--mesh auto``
 is ``N x D`` (``data`` across processes, ``model`` inside one), params, masks and Adam moments are
-sharded over it, each process builds the same global batch (a pure function of the step) and
-feeds only its own rows (deterministic per-process slicing, no grain), and orbax writes each
-process's shards into the one checkpoint directory. A checkpoint resumes with any process count
-(2 -> 1, 1 -> 2). After every checkpoint the masks are checked to be identical on every process
-(:func:`jaxprune.io.distributed.assert_consistent`).
+sharded over it. Data comes through a grain pipeline
+(:class:`jaxprune.io.data.ProcessBatches`): global batch ``t`` is records ``t*B..t*B+B-1``
+of a random-access source of byte windows (:class:`Windows`, window ``k`` a pure function of the
+seed and ``k``), and each process reads only its rows of it (grain ``ShardOptions`` by process).
+Orbax writes each process's shards into the one checkpoint directory, together with every
+process's grain iterator state (item ``data``), whose position is the global step on every
+process; so a checkpoint resumes with any process count (2 -> 1, 1 -> 2) on exactly the batches
+the uninterrupted run would see, and a data state that disagrees with the train state's
+``data_pos`` or between processes is an error. After every checkpoint the masks are checked to be
+identical on every process (:func:`jaxprune.io.distributed.assert_consistent`).
 
 Examples::
 
@@ -35,6 +40,7 @@ import os
 import sys
 import sysconfig
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -124,16 +130,45 @@ def load_corpus(max_bytes: int) -> np.ndarray:
     return data
 
 
-def batch_at(data: np.ndarray, seed: int, step: int, batch: int, seq: int,
-             rows: slice | None = None) -> np.ndarray:
-    """Batch ``step``: ``batch`` random windows of ``seq`` bytes, a pure function of the step.
+class Windows:
+    """A random-access source of ``n`` byte windows of ``data``: record ``k`` is ``seq`` bytes
+    (int32) from an offset drawn by ``np.random.default_rng([seed, k])`` -- a pure function of
+    ``k``, so any process can read any record, and the stream does not depend on ``n``.
 
-    ``rows`` picks this process's rows on a multi-host run.
+    >>> w = Windows(np.arange(100, dtype=np.uint8), seq=4, seed=0, n=10)
+    >>> len(w), w[3].shape, bool((w[3] == w[3][0] + np.arange(4)).all())
+    (10, (4,), True)
     """
-    rng = np.random.default_rng([seed, step])
-    starts = rng.integers(0, data.size - seq, size=batch)
-    out = np.stack([data[s:s + seq] for s in starts]).astype(np.int32)
-    return out if rows is None else out[rows]
+
+    def __init__(self, data: np.ndarray, seq: int, seed: int, n: int):
+        if data.size <= seq:
+            raise ValueError(f"sparse_pretrain: {data.size} bytes cannot hold a {seq}-byte window")
+        self.data, self.seq, self.seed, self.n = data, int(seq), int(seed), int(n)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        if not 0 <= k < self.n:
+            raise IndexError(f"window {k} of {self.n}")
+        start = int(np.random.default_rng([self.seed, int(k)]).integers(0, self.data.size - self.seq))
+        return self.data[start:start + self.seq].astype(np.int32)
+
+    def key(self) -> str:
+        """What identifies the stream (saved with the iterator state, checked on resume)."""
+        return (f"windows(bytes={self.data.size}, crc={zlib.crc32(self.data.tobytes())}, "
+                f"seq={self.seq}, seed={self.seed})")
+
+
+def batches(data: np.ndarray, seed: int, steps: int, batch: int, seq: int,
+            sharding: Any = None) -> Any:
+    """This process's rows of global batches ``0..steps-1`` of ``batch`` windows each, through
+    grain (:class:`jaxprune.io.data.ProcessBatches`); ``sharding`` is the batch sharding.
+    """
+    from jaxprune.io.data import ProcessBatches
+
+    src = Windows(data, seq, seed, steps * batch)
+    return ProcessBatches(src, batch, sharding, key=src.key())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     import jaxprune as jp
     from jaxprune.io import checkpoint as ck
     from jaxprune.io import compact
+    from jaxprune.io import data as data_lib
     from jaxprune.zoo.models.tiny_lm import TinyLM, lm_loss
 
     if args.mesh == "auto":
@@ -199,11 +235,21 @@ def main(argv: list[str] | None = None) -> int:
               if k not in ("resume", "stop_after", "out", "results_dir", "crash_after",
                            "dump_state", "coordinator", "num_processes", "process_id",
                            "cpu_devices")}
-    mgr = ck.CheckpointManager(ckpt_dir, max_to_keep=args.keep)
+    mgr = ck.CheckpointManager(ckpt_dir, max_to_keep=args.keep,
+                               items={"data": data_lib.ProcessBatchesHandler()})
+    train_batches = batches(train_data, args.seed, args.steps, args.batch, args.seq, bsh)
     if args.resume and mgr.latest_step() is not None:
-        state, saved_cfg = mgr.restore(state)
+        state, saved_cfg = mgr.restore(
+            state, items={"data": data_lib.ProcessBatchesRestore(train_batches)})
+        if train_batches.position != int(state.data_pos):
+            print(f"sparse_pretrain: the checkpoint's data iterator is at global batch "
+                  f"{train_batches.position} but its train state consumed {int(state.data_pos)}; "
+                  "refusing to resume on different data")
+            mgr.close()
+            return 1
         print(f"resumed from step {int(state.step)} in {ckpt_dir} (saved config: "
-              f"d_model={saved_cfg.get('d_model')}, layers={saved_cfg.get('layers')})")
+              f"d_model={saved_cfg.get('d_model')}, layers={saved_cfg.get('layers')}; data "
+              f"at global batch {train_batches.position})")
     elif not args.resume and mgr.latest_step() is not None:
         print(f"sparse_pretrain: {ckpt_dir} already has step {mgr.latest_step()}; pass --resume "
               "to continue it or choose another --ckpt-dir")
@@ -211,7 +257,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     pid = jax.process_index()
-    rows = dist.process_rows(args.batch, bsh)
     start = int(state.step)
     last = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
     print(f"TinyLM d_model={args.d_model} layers={args.layers} params={n_params:,} "
@@ -221,9 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     t_window, tok_window, rates = None, 0, []
     loss = float("nan")
     for i in range(start, last):
-        assert int(state.data_pos) == i  # the data position is part of the state
-        tokens = shd.shard_batch(batch_at(train_data, args.seed, i, args.batch, args.seq, rows),
-                                 bsh)
+        assert int(state.data_pos) == i == train_batches.position  # data position is state
+        tokens = shd.shard_batch(next(train_batches), bsh)
         state, loss_arr = train_step(state, tokens)
         step = i + 1
         if t_window is None:  # first step compiles; time from its end
@@ -237,12 +281,13 @@ def main(argv: list[str] | None = None) -> int:
             tps = tok_window / dt if dt > 0 and tok_window else float("nan")
             if tok_window:
                 rates.append(tps)
-            # to_host: full values on every process (a gather only if params span processes)
-            sp = jp.total_sparsity(*dist.to_host((state.params, jp.get_masks(state.opt_state))))
-            print(f"step {step:6d}  loss {loss:.4f}  sparsity {sp:.3f}  tokens/s {tps:,.0f}")
+            # global arrays (spread over processes): reduced on the devices, same on every process
+            sp = jp.total_sparsity(state.params, jp.get_masks(state.opt_state))
+            print(f"step {step:6d}  loss {loss:.4f}  sparsity {sp:.6f}  tokens/s {tps:,.0f}")
             t_window, tok_window = time.perf_counter(), 0
         if step % args.ckpt_every == 0 or step == last:
-            mgr.save(step, state, config=config, force=step == last)
+            mgr.save(step, state, config=config, force=step == last,
+                     items={"data": data_lib.ProcessBatchesSave(train_batches.get_state())})
             if jax.process_count() > 1:
                 dist.assert_consistent(jp.get_masks(state.opt_state), f"masks at step {step}")
         if args.crash_after == step:
@@ -258,8 +303,8 @@ def main(argv: list[str] | None = None) -> int:
 
     masks = jp.get_masks(state.opt_state)
     fingerprint = dist.assert_consistent(masks, "final masks")
+    sparsity = jp.total_sparsity(state.params, masks)  # on the devices (a collective)
     host_params, host_masks = dist.to_host((state.params, masks))  # collective: all processes
-    sparsity = jp.total_sparsity(host_params, host_masks)
     metrics: dict[str, Any] = {
         "params": int(n_params), "steps": args.steps, "final_train_loss": loss,
         "sparsity_pruned_leaves": float(sparsity),
@@ -276,9 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         with _common.atomic_open(args.dump_state, "wb") as f:
             np.savez(f, **arrays)
     if not args.no_final_eval:
-        val = np.mean([float(eval_loss(state.params, shd.shard_batch(
-            batch_at(val_data, args.seed + 1, j, args.batch, args.seq, rows), bsh)))
-            for j in range(8)])
+        val = np.mean([float(eval_loss(state.params, shd.shard_batch(b, bsh)))
+                       for b in batches(val_data, args.seed + 1, 8, args.batch, args.seq, bsh)])
         metrics.update(val_loss_nats=float(val), val_bits_per_byte=float(val / np.log(2)))
         sparse_dir = os.path.join(ckpt_dir, f"sparse_{args.steps}")
         if pid == 0 and os.path.exists(sparse_dir):

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
@@ -236,8 +237,38 @@ class LeafStats(NamedTuple):
     pruned: bool
 
 
+def _count_nonzero(x: Any) -> int:
+    """Nonzero (``True``) entries of ``x``; a global array spread over processes (not fully
+    addressable) is reduced on its devices -- a collective every process must call -- and the
+    count is the same on every process. Host arrays and local jax arrays are counted on the host.
+    """
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if not x.size:
+            return 0
+        sharding = x.sharding
+        if not isinstance(sharding, jax.sharding.NamedSharding):
+            raise ValueError(
+                "jaxprune: sparsity statistics of an array spread over processes need a "
+                f"NamedSharding, got {type(sharding).__name__}; gather it first "
+                "(jaxprune.io.distributed.to_host)")
+        rows = x.shape[0] if x.ndim else 1  # int32 counts per row, summed on the host in int64
+        replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+        counts = _row_nonzero(x, rows, replicated)  # replicated: readable on every process
+        return int(np.asarray(counts).astype(np.int64).sum())
+    return int(np.count_nonzero(np.asarray(x)))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _row_nonzero(x: jax.Array, rows: int, out: Any) -> jax.Array:
+    return jax.lax.with_sharding_constraint(
+        jnp.sum((x != 0).reshape(rows, -1), axis=1, dtype=jnp.int32), out)
+
+
 def sparsity_stats(params: PyTree, masks: PyTree | None = None) -> list[LeafStats]:
     """Per-leaf sparsity. With ``masks`` counts ``False`` entries; without, counts exact zeros.
+
+    Works on global arrays sharded over several processes (counted on the devices; every process
+    must call it and gets the same numbers).
 
     >>> s = sparsity_stats({"w": jnp.array([0., 1.])})
     >>> s[0].sparsity
@@ -251,15 +282,10 @@ def sparsity_stats(params: PyTree, masks: PyTree | None = None) -> list[LeafStat
     for (path, p), (_, m) in zip(pl, ml, strict=True):
         if p is None:
             continue
-        arr = np.asarray(p)
-        if m is not None:
-            zeros = int(arr.size - np.count_nonzero(np.asarray(m)))
-        else:
-            zeros = int(arr.size - np.count_nonzero(arr))
-        out.append(
-            LeafStats(path, tuple(arr.shape), int(arr.size), zeros,
-                      zeros / max(arr.size, 1), m is not None)
-        )
+        shape = tuple(np.shape(p))
+        size = int(np.prod(shape, dtype=np.int64))
+        zeros = size - _count_nonzero(p if m is None else m)
+        out.append(LeafStats(path, shape, size, zeros, zeros / max(size, 1), m is not None))
     return out
 
 

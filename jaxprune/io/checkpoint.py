@@ -45,7 +45,6 @@ import shutil
 import sys
 import uuid
 import warnings
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -54,6 +53,7 @@ import orbax.checkpoint as ocp
 
 from jaxprune.core.masks import PyTree, leaves_with_paths
 from jaxprune.io import integrity
+from jaxprune.io.data import IndexedIterator  # noqa: F401 - re-exported (it used to live here)
 from jaxprune.io.integrity import IntegrityError, _at_exit, _step_index
 from jaxprune.io.trees import (
     CheckpointMismatchError,
@@ -113,32 +113,6 @@ class TrainState(NamedTuple):
                    jnp.zeros([], jnp.int32))
 
 
-class IndexedIterator:
-    """A deterministic data iterator: batch ``i`` is ``fn(i)``; ``position`` is all its state.
-
-    Saving ``position`` (e.g. as ``TrainState.data_pos``) and restarting from it reproduces the
-    exact batch sequence, which is what makes resumed runs bit-identical.
-
-    >>> it = IndexedIterator(lambda i: i * 10, position=2)
-    >>> next(it), next(it), it.position
-    (20, 30, 4)
-    """
-
-    def __init__(self, fn: Callable[[int], Any], position: int = 0):
-        if int(position) < 0:
-            raise ValueError(f"jaxprune: IndexedIterator position must be >= 0, got {position}")
-        self.fn = fn
-        self.position = int(position)
-
-    def __iter__(self) -> IndexedIterator:
-        return self
-
-    def __next__(self) -> Any:
-        out = self.fn(self.position)
-        self.position += 1
-        return out
-
-
 def _free_bytes(path: str) -> int:
     return shutil.disk_usage(path).free
 
@@ -163,9 +137,9 @@ def _unwritable_reason(directory: str) -> str | None:
     return None
 
 
-def _handlers() -> dict[str, Any]:
+def _handlers(extra: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
-            "checksums": ocp.JsonCheckpointHandler()}
+            "checksums": ocp.JsonCheckpointHandler(), **(extra or {})}
 
 
 # Files without which a step cannot be read, and what each holds (for the error message).
@@ -216,6 +190,9 @@ class CheckpointManager:
       on_drop: what ``save`` does with a step it would not keep (it exists, or it is older than
         the latest step): ``"raise"`` (default, :class:`CheckpointError`) or ``"warn"`` (a
         ``UserWarning`` and ``save`` returns ``False``).
+      items: extra orbax items saved next to the state, ``{name: handler}`` (e.g. a data
+        iterator: ``{"data": jaxprune.io.data.ProcessBatchesHandler()}``); pass their
+        args as ``items=`` to :meth:`save` and :meth:`restore`.
 
     >>> import tempfile
     >>> mgr = CheckpointManager(tempfile.mkdtemp(), max_to_keep=2)
@@ -233,6 +210,7 @@ class CheckpointManager:
         async_save: bool = True,
         min_free_factor: float = 1.5,
         on_drop: str = "raise",
+        items: dict[str, Any] | None = None,
     ):
         if max_to_keep is not None and (isinstance(max_to_keep, bool) or max_to_keep < 1):
             raise ValueError(f"jaxprune: max_to_keep must be >= 1 or None, got {max_to_keep}")
@@ -256,6 +234,9 @@ class CheckpointManager:
         self.async_save = bool(async_save)
         self.save_interval_steps = save_interval_steps
         self.on_drop = on_drop
+        self._items = dict(items or {})
+        if set(self._items) & set(_handlers()):
+            raise ValueError(f"jaxprune: items may not be named {sorted(_handlers())}")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             save_interval_steps=save_interval_steps,
@@ -264,7 +245,7 @@ class CheckpointManager:
             read_only=self.read_only is not None,
         )
         self._mgr = ocp.CheckpointManager(self.directory, options=options,
-                                          item_handlers=_handlers())
+                                          item_handlers=_handlers(self._items))
         self._pending: int | None = None
 
     # context manager ------------------------------------------------------------------------
@@ -301,8 +282,9 @@ class CheckpointManager:
                               "with a warning)")
 
     def save(self, step: int, state: PyTree, *, config: dict[str, Any] | None = None,
-             force: bool = False, wait: bool = False) -> bool:
-        """Save ``state`` (and the JSON-serialisable ``config``) as ``step``.
+             force: bool = False, wait: bool = False, items: dict[str, Any] | None = None) -> bool:
+        """Save ``state`` (and the JSON-serialisable ``config``; ``items``: args of the extra
+        items, ``{name: args}``) as ``step``.
 
         Returns whether a save was started: ``False`` only when ``step`` is not on the save
         interval (or, with ``on_drop="warn"``, for a dropped step). A step that already exists,
@@ -350,6 +332,7 @@ class CheckpointManager:
             state=ocp.args.StandardSave(savable),
             config=ocp.args.JsonSave(dict(config or {})),
             checksums=ocp.args.JsonSave(integrity.checksums(savable)),
+            **self._item_args(items),
         )
         if step in steps:
             self._replace(step, args)
@@ -372,7 +355,7 @@ class CheckpointManager:
             if jax.process_index() == 0 and os.path.exists(staging):
                 shutil.rmtree(staging)
             options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
-            with ocp.CheckpointManager(staging, options=options, item_handlers=_handlers()) as m:
+            with ocp.CheckpointManager(staging, options=options, item_handlers=_handlers(self._items)) as m:
                 m.save(step, args=args, force=True)
                 m.wait_until_finished()
             if jax.process_index() == 0:
@@ -456,9 +439,12 @@ class CheckpointManager:
         return getattr(md, "tree", md)
 
     def restore(self, template: PyTree, step: int | None = None, *,
-                shardings: PyTree | None = None) -> tuple[PyTree, dict[str, Any]]:
+                shardings: PyTree | None = None,
+                items: dict[str, Any] | None = None) -> tuple[PyTree, dict[str, Any]]:
         """Restore ``(state, config)`` from ``step`` (default: latest) into ``template``'s tree.
 
+        ``items``: restore args of the extra items, ``{name: args}``, restored in place (e.g. a
+        data iterator's state); a step without such an item raises :class:`CheckpointError`.
         ``template`` is a state of the same model (e.g. freshly initialised, possibly sharded on
         another mesh); restored arrays get the template leaves' shardings unless ``shardings``
         (a tree of ``jax.sharding.Sharding`` like the state) is given. Raises
@@ -476,13 +462,14 @@ class CheckpointManager:
         jaxprune.io.trees.CheckpointMismatchError: jaxprune: checkpoint does not match the \
 model at 'w': checkpoint shape (2,), model shape (3,)
         """
-        step = self._resolve(step)
+        extra, step = items, self._resolve(step)
         check_structure(template, self.saved_structure(step))
         target = abstract_state(template, shardings)
         items = {"state": ocp.args.StandardRestore(target), "config": ocp.args.JsonRestore()}
         has_sums = os.path.isdir(os.path.join(self.directory, str(step), "checksums"))
         if has_sums:  # checkpoints written before checksums existed restore unchecked
             items["checksums"] = ocp.args.JsonRestore()
+        items.update(self._item_args(extra, step))
         try:
             out = self._mgr.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001
@@ -493,6 +480,16 @@ model at 'w': checkpoint shape (2,), model shape (3,)
             except IntegrityError as e:
                 raise IntegrityError(f"{e} (step {step} in '{self.directory}')") from None
         return _rewrap_keys(template, out["state"]), dict(out["config"] or {})
+
+    def _item_args(self, args: dict[str, Any] | None, step: int | None = None) -> dict[str, Any]:
+        for name in args or {}:
+            if name not in self._items:
+                raise ValueError(f"jaxprune: item '{name}' was not declared when the "
+                                 f"CheckpointManager was made (items={sorted(self._items)})")
+            if step is not None and not os.path.isdir(os.path.join(self.directory, str(step), name)):
+                raise CheckpointError(f"jaxprune: checkpoint step {step} in '{self.directory}' "
+                                      f"has no '{name}' item")
+        return dict(args or {})
 
     def config(self, step: int | None = None) -> dict[str, Any]:
         """The JSON config saved with ``step`` (default: latest)."""
