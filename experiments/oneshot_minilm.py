@@ -1,7 +1,8 @@
 """One-shot pruning of all-MiniLM-L6-v2: embedding cosine and retrieval agreement vs dense.
 
-Calibration: stdlib docstring sentences (train files), each sentence its own sequence, batched by
-length buckets with a token mask (padding counts in no statistic); evaluation: held-out sentences
+Calibration: stdlib docstring sentences (train files), each sentence its own sequence, packed into
+rows of one length with segment ids (attention stays within a sentence, positions restart; padding
+counts in no statistic); evaluation: held-out sentences
 (validation files). Methods at 50% and 2:4 through the sequential driver. Metrics: mean
 cosine(pruned, dense) embedding, and the fraction of sentences whose nearest neighbour (cosine,
 excluding itself) is the same as under the dense model.
@@ -41,11 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = _common.parser("jaxprune run oneshot_minilm", __doc__)
     ap.add_argument("--calib-sentences", type=_common.positive_int, default=600)
     ap.add_argument("--eval-sentences", type=_common.positive_int, default=200)
-    ap.add_argument("--batch", type=_common.positive_int, default=32, help="calibration batch (sentences)")
+    ap.add_argument("--batch", type=_common.positive_int, default=32,
+                    help="calibration batch (packed rows)")
     args = ap.parse_args(argv)
     model, params, tok = bert.load_minilm()
     n_cal, n_ev = (160, 48) if args.quick else (args.calib_sentences, args.eval_sentences)
-    calib = bert.calibration_batches(tok, stdlib_sentences(n_cal, "train"), args.batch)
+    calib = bert.calibration_batches(tok, stdlib_sentences(n_cal, "train"), args.batch, pack=True)
     token_masks = [m for _, m in calib]
     texts = stdlib_sentences(n_ev, "validation")
     dense = bert.embed_texts(model, params, tok, texts)

@@ -100,3 +100,77 @@ def test_bad_batches():
         calibrate(lambda x: x, params, [jnp.ones((2, 3))])
     with pytest.raises(TypeError, match="linen/nnx Module or a function"):
         calibrate(42, params, [jnp.ones((2, 3))])
+
+
+class _WordIds:
+    """A stand-in tokenizer: [CLS]=1, then each word (an integer) as its id, then [SEP]=2."""
+
+    def encode_batch(self, texts):
+        return [type("E", (), {"ids": [1] + [int(w) for w in t.split()] + [2]})() for t in texts]
+
+
+def _bert_case():
+    from jaxprune.zoo.models import bert
+
+    cfg = bert.BertConfig(vocab_size=40, hidden=16, layers=1, heads=2, intermediate=32,
+                          max_position=64)
+    rng = np.random.default_rng(0)
+    texts = [" ".join(str(w) for w in rng.integers(3, 40, n)) for n in (3, 7, 7, 3, 3)]
+    model = bert.Bert(cfg)
+    params = model.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4)))["params"]
+    return bert, cfg, model, params, texts
+
+
+def test_packed_sentences_calibrate_as_one_sentence_per_row():
+    """Sentences packed into rows with segment ids give the statistics of each sentence run alone
+    (its own row, no padding, no mask): attention stays in the segment, positions restart."""
+    bert, _, model, params, texts = _bert_case()
+    packed = bert.calibration_batches(_WordIds(), texts, batch=2, pack=True)
+    assert len({x.shape for x, _ in packed}) == 1 and packed[0][0].shape[1] == 16
+    assert int(sum(m.max(1).sum() for _, m in packed)) == 5  # one segment per sentence
+    got = calibrate(model, params, packed, token_masks=[m for _, m in packed])
+    alone = [(np.asarray(e.ids, np.int32)[None], np.ones((1, len(e.ids)), np.int32))
+             for e in _WordIds().encode_batch(texts)]
+    want = calibrate(model, params, alone)
+    assert set(got) == set(want) and len(got) == 6
+    for k, st in want.items():
+        assert got[k].count == st.count == 33  # real tokens only
+        np.testing.assert_allclose(got[k].gram, st.gram, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got[k].sum, st.sum, rtol=1e-4, atol=1e-4)
+
+
+def test_bert_positions_and_bias_match_padding_masks():
+    """For a 0/1 padding mask: positions 0..t-1 and key-padding attention, as before packing."""
+    from jaxprune.zoo.models import bert
+
+    m = jnp.array([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1], [1, 0, 1, 1, 0]])
+    np.testing.assert_array_equal(bert.positions(m), np.broadcast_to(np.arange(5), (3, 5)))
+    want = np.where(np.asarray(m)[:, None, None, :] > 0, 0.0, np.finfo(np.float32).min)
+    np.testing.assert_array_equal(bert.attention_bias(m), np.broadcast_to(want, (3, 1, 5, 5)))
+    seg = jnp.array([[1, 1, 2, 2, 2, 3, 0]])
+    np.testing.assert_array_equal(bert.positions(seg), [[0, 1, 0, 1, 2, 0, 1]])
+    allowed = np.asarray(bert.attention_bias(seg))[0, 0] == 0
+    s = np.asarray(seg)[0]
+    np.testing.assert_array_equal(allowed[s > 0], (s[:, None] == s[None, :])[s > 0])
+
+
+def test_embed_texts_length_buckets_equal_fixed_padding():
+    bert, _, model, params, texts = _bert_case()
+    tok = _WordIds()
+
+    class _Tok(_WordIds):  # embed_texts' fixed padding goes through tokenize(): pad by hand
+        def enable_padding(self, length=None, **_):
+            self.length = length
+
+        def encode_batch(self, texts):
+            n = getattr(self, "length", None) or max(len(t.split()) + 2 for t in texts)
+            out = []
+            for e in super().encode_batch(texts):
+                ids = e.ids + [0] * (n - len(e.ids))
+                out.append(type("E", (), {"ids": ids,
+                                          "attention_mask": [1] * len(e.ids) + [0] * (n - len(e.ids))})())
+            return out
+
+    got = bert.embed_texts(model, params, tok, texts, batch=3)
+    want = bert.embed_texts(model, params, _Tok(), texts, batch=3, pad_to=32)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

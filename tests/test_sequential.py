@@ -366,3 +366,55 @@ def test_token_masks_equal_unpadded_batches():
     assert not np.allclose(get_path(a, "fc2/weight"), get_path(c, "fc2/weight"))  # padding counts
     with pytest.raises(ValueError, match="1 token masks for 2"):
         prune_sequential(params, blocks, padded, "sparsegpt", 0.5, token_masks=tm[:1])
+
+
+class _Widths(nn.Module):
+    """Layers of shapes (24, 24), (24, 40) and (40, 24) (fan-in, out)."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(24, name="q")(x)
+        return x + nn.Dense(24, name="down")(nn.relu(nn.Dense(40, name="up")(x)))
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_sparsegpt_layers_of_equal_width_share_one_program(monkeypatch, pattern):
+    """A smaller layer runs in the compiled sweep of a wider-fan-in layer of the same output width
+    (rows padded with zero weights and identity rows of U): the same masks and weights as its own
+    program, and one program fewer."""
+    from jaxprune.oneshot import sparsegpt as sg
+
+    xs = [jax.random.normal(jax.random.key(i), (32, 24)) for i in range(2)]
+    params = {"b": _Widths().init(jax.random.key(7), xs[0])["params"]}
+    meth = sg.SparseGPT(blocksize=8)  # (24, 24) = 3 blocks, padded to the 5 of (40, 24)
+    runs = {}
+    for share in (True, False):
+        monkeypatch.setattr(sg, "_SHARED_ROWS", {})
+        monkeypatch.setattr(sg, "_SHARE_MAX_ROWS", 4096 if share else 0)
+        before = sg._sparsegpt_core._cache_size()
+        runs[share] = prune_sequential(params, [BlockSpec("b", _Widths())], xs, meth, 0.5,
+                                       pattern=pattern, progress=False)
+        runs[share] += (sg._sparsegpt_core._cache_size() - before,)
+    assert runs[True][2] == 2 and runs[False][2] == 3  # (40|24, 24) shared, (24, 40) alone
+    for layer in ("q", "up", "down"):
+        p = f"b/{layer}/kernel"
+        np.testing.assert_array_equal(np.asarray(get_path(runs[True][1], p)),
+                                      np.asarray(get_path(runs[False][1], p)))
+        np.testing.assert_allclose(np.asarray(get_path(runs[True][0], p)),
+                                   np.asarray(get_path(runs[False][0], p)), rtol=1e-6, atol=1e-6)
+    assert abs(float(get_path(runs[True][1], "b/q/kernel").mean()) - 0.5) < 1e-6
+
+
+def test_shared_rows_policy(monkeypatch):
+    """Reuse the smallest compiled row count within 4x of the layer's own; never above 4096."""
+    from jaxprune.oneshot import sparsegpt as sg
+
+    monkeypatch.setattr(sg, "_SHARED_ROWS", {})
+    assert sg._shared_rows(1536, 384, 128, None) == 1536
+    assert sg._shared_rows(384, 384, 128, None) == 1536      # 4x: shared
+    assert sg._shared_rows(383, 384, 128, None) == 383       # > 4x: its own program
+    assert sg._shared_rows(200, 384, 128, None) == 383       # now within 4x of 383
+    assert sg._shared_rows(1000, 384, 128, None) == 1536
+    assert sg._shared_rows(384, 1536, 128, None) == 384      # another width: its own
+    assert sg._shared_rows(384, 384, 64, None) == 384        # another block size: its own
+    assert sg._shared_rows(8192, 384, 128, None) is None     # large layers: never padded

@@ -121,8 +121,8 @@ def _weights(mask: jax.Array | None, free: tuple[int, ...], path: str) -> jax.Ar
             f"jaxprune: token mask of shape {ms} does not match the leading axes {free} of the "
             f"inputs of '{path}' (rows of a matmul input must start with the mask's axes)"
         )
-    w = jnp.broadcast_to(mask.reshape(ms + (1,) * (len(free) - len(ms))), free)
-    return w.reshape(-1).astype(jnp.float32)
+    w = jnp.broadcast_to(mask.reshape(ms + (1,) * (len(free) - len(ms))) != 0, free)
+    return w.reshape(-1).astype(jnp.float32)  # any nonzero entry is a token (e.g. segment ids)
 
 
 def _partial(rows: jax.Array, w: jax.Array | None, gram: bool) -> dict[str, jax.Array]:
@@ -195,8 +195,8 @@ def observe(
       params: its params.
       batches: inputs; a tuple is unpacked into positional arguments. Shapes may vary.
       gram: also accumulate ``XᵀX`` (SparseGPT / OBS / DSnoT need it; Wanda needs only norms).
-      token_masks: one mask per batch (e.g. ``(batch, seq)``, 1 = real token); rows of every
-        weight's input are weighted by it, so padding counts nowhere.
+      token_masks: one mask per batch (e.g. ``(batch, seq)``, nonzero = real token, such as
+        packed segment ids); padding (0) counts in no statistic.
       progress: a progress bar over batches.
 
     Raises ``ValueError`` for zero batches, masks that do not fit a layer's inputs, or weights the

@@ -27,7 +27,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
+import jax.numpy as jnp  # noqa: F401 - the doctests use it
+import numpy as np
 
 from jaxprune.core import patterns as pat_lib
 from jaxprune.core.allocation import check_sparsity
@@ -151,7 +152,8 @@ def _prune_layers(params: PyTree, stats: Mapping[str, LayerStats], plan: _Plan, 
     masks: dict[str, jax.Array] = {}
     seen: set[str] = set()
     leaves = dict(leaves_with_paths(params))
-    for path, st in stats.items():
+    # widest fan-in first: a smaller layer of the same width can then run in its compiled program
+    for path, st in sorted(stats.items(), key=lambda kv: -kv[1].fan_in):
         full = f"{prefix}/{path}" if prefix else path
         seen.add(full)
         if path not in leaves:
@@ -339,7 +341,9 @@ def prune_sequential(
     if not inputs:
         raise ValueError("jaxprune: prune_sequential needs at least one calibration batch")
     if token_masks is not None:
-        token_masks = [jnp.asarray(m) for m in token_masks]
+        # (device_put: jnp.asarray of a numpy array compiles a copy per shape)
+        token_masks = [m if isinstance(m, jax.Array) else jax.device_put(np.asarray(m))
+                       for m in token_masks]
         if len(token_masks) != len(inputs):
             raise ValueError(f"jaxprune: {len(token_masks)} token masks for {len(inputs)} batches")
     known = {p for p, _ in leaves_with_paths(params)}

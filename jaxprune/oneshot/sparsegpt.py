@@ -45,7 +45,7 @@ import numpy as np
 from jaxprune.core import patterns as pat_lib
 from jaxprune.core import pipeline
 from jaxprune.oneshot.calibration import LayerStats
-from jaxprune.oneshot.common import damped_inverse_cholesky, prepare_hessian
+from jaxprune.oneshot.common import damped_inverse_cholesky, prepare_hessian, zero_dead
 from jaxprune.oneshot.methods import LayerMethod, register_method
 from jaxprune.oneshot.quant import (
     QuantizedWeight,
@@ -64,23 +64,34 @@ __all__ = ["SparseGPT", "GPTQ"]
 def _sparsegpt_core(w: jax.Array, u: jax.Array, sparsity: jax.Array, blocksize: int,
                     nm: pat_lib.NM | None, quant: int | None = None, prune: bool = True,
                     qc: jax.Array | None = None,
-                    qrows: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, ...]:
+                    qrows: tuple[jax.Array, jax.Array] | None = None,
+                    fixed: jax.Array | None = None,
+                    nrows: jax.Array | None = None) -> tuple[jax.Array, ...]:
     """The one column sweep: prune (``prune``), quantize (``quant``: the group size, 0 with
     ``qrows``) or both, with compensation; ``qc``: :func:`~jaxprune.oneshot.quant.grid_constants`.
+    ``fixed``: a given ``(fan_in, out)`` mask instead of the adaptive one (OBR's GPTQ stage).
 
     ``qrows``: static per-row grid params ``(scale, zero)`` (per channel / act-order groups);
     otherwise each group's params come from its kept, current weights when the sweep reaches its
     first row (N:M: the mask the group would get now). Returns ``(w, mask)`` and, with ``quant``,
     the per-row params too.
+
+    ``nrows`` (traced): only the first ``nrows`` rows are real, the rest padding (zero weights,
+    identity rows and columns of ``u``: exact, they never change a real row); the sweep stops
+    after the last real row, so one program serves every layer of the same width with at most
+    ``w.shape[0]`` rows (:func:`_shared_rows`).
     """
-    fin, out = w.shape
+    rows_in, out = w.shape
+    fin = rows_in if nrows is None else nrows
     bs = blocksize
-    nb = math.ceil(fin / bs)
-    pad = nb * bs - fin
+    nb = math.ceil(rows_in / bs)
+    pad = nb * bs - rows_in
     wp = jnp.pad(w, ((0, pad), (0, 0)))
     up = jnp.pad(u, ((0, pad), (0, pad)))
-    up = up + jnp.diag(jnp.concatenate([jnp.zeros(fin), jnp.ones(pad)]).astype(u.dtype))
+    up = up + jnp.diag(jnp.concatenate([jnp.zeros(rows_in), jnp.ones(pad)]).astype(u.dtype))
     rows = jnp.arange(bs)
+    if fixed is not None:
+        fixed = jnp.pad(fixed, ((0, pad), (0, 0)), constant_values=True)
     if quant is not None:
         if qrows is not None:
             srows = jnp.pad(qrows[0], ((0, pad), (0, 0)), constant_values=1.0)
@@ -95,7 +106,9 @@ def _sparsegpt_core(w: jax.Array, u: jax.Array, sparsity: jax.Array, blocksize: 
         u1 = jax.lax.dynamic_slice(up, (i1, i1), (bs, bs))
         d = jnp.diag(u1)
         real = jnp.clip(fin - i1, 0, bs)
-        if nm is None and prune:
+        if fixed is not None:
+            mask1 = jax.lax.dynamic_slice(fixed, (i1, 0), (bs, out))
+        elif nm is None and prune:
             sc = (w1 / d[:, None]) ** 2
             sc = jnp.where((rows < real)[:, None], sc, jnp.inf)  # padding rows: always kept
             k_prune = jnp.round(sparsity * (real * out).astype(jnp.float32)).astype(jnp.int32)
@@ -108,7 +121,7 @@ def _sparsegpt_core(w: jax.Array, u: jax.Array, sparsity: jax.Array, blocksize: 
 
         def col(i: jax.Array, c: tuple) -> tuple:
             w1, mask1, q1, e1 = c[:4]
-            if nm is not None:
+            if nm is not None and fixed is None:
                 g = jax.lax.dynamic_slice(w1, (i, 0), (nm.m, out))
                 dg = jax.lax.dynamic_slice(d, (i,), (nm.m,))
                 gm = pipeline.leaf_mask((g / dg[:, None]) ** 2, sparsity, pattern=nm,
@@ -145,7 +158,7 @@ def _sparsegpt_core(w: jax.Array, u: jax.Array, sparsity: jax.Array, blocksize: 
         init = (w1, mask1, z, z) if quant is None else (w1, mask1, z, z, s1, z1)
         res = jax.lax.fori_loop(0, bs, col, init)
         mask1, q1, e1 = res[1:4]
-        urows = jax.lax.dynamic_slice(up, (i1, 0), (bs, fin + pad))
+        urows = jax.lax.dynamic_slice(up, (i1, 0), (bs, rows_in + pad))
         wcur = wcur - jnp.matmul(urows.T, e1, precision=jax.lax.Precision.HIGHEST)
         wcur = jax.lax.dynamic_update_slice(wcur, q1, (i1, 0))
         mcur = jax.lax.dynamic_update_slice(mcur, mask1, (i1, 0))
@@ -157,8 +170,51 @@ def _sparsegpt_core(w: jax.Array, u: jax.Array, sparsity: jax.Array, blocksize: 
     init = (wp, jnp.ones_like(wp, bool))
     if quant is not None:
         init = init + (srows, zrows)
-    res = jax.lax.fori_loop(0, nb, block, init)
-    return tuple(r[:fin] for r in res)
+    res = jax.lax.fori_loop(0, nb if nrows is None else (nrows + bs - 1) // bs, block, init)
+    return tuple(r[:rows_in] for r in res)
+
+
+# Compile-time sharing of the sweep between layers of equal width: {(out, blocksize, N:M): row
+# counts already compiled}. A layer reuses the smallest compiled row count within _SHARE_RATIO of
+# its own (padding costs only the lazy updates of the padded rows); layers above _SHARE_MAX_ROWS
+# rows, whose sweep outweighs a compilation, get their own program.
+_SHARED_ROWS: dict[tuple, list[int]] = {}
+_SHARE_RATIO = 4
+_SHARE_MAX_ROWS = 4096
+
+
+def _shared_rows(fin: int, out: int, bs: int, nm: pat_lib.NM | None) -> int | None:
+    """Rows of the program a ``(fin, out)`` sweep runs in (``None``: its own, unpadded)."""
+    if fin > _SHARE_MAX_ROWS:
+        return None
+    have = _SHARED_ROWS.setdefault((out, bs, nm), [])
+    fits = [r for r in have if fin <= r <= _SHARE_RATIO * fin]
+    if fits:
+        return min(fits)
+    have.append(fin)
+    return fin
+
+
+def _prune_sweep(w: jax.Array, u: jax.Array, sparsity: Any, bs: int, nm: pat_lib.NM | None
+                 ) -> tuple[jax.Array, jax.Array]:
+    """The pruning sweep of one layer, in a program shared with equal-width layers when small."""
+    s = np.float32(sparsity) if isinstance(sparsity, int | float | np.number) else \
+        jnp.asarray(sparsity, jnp.float32)
+    fin, out = w.shape
+    if isinstance(w, jax.core.Tracer):  # under the caller's jit: padded on the host it cannot be
+        return _sparsegpt_core(w, u, s, bs, nm)
+    rows = _shared_rows(fin, out, bs, nm)
+    if rows is None:
+        return _sparsegpt_core(w, u, s, bs, nm)
+    if rows == fin:
+        return _sparsegpt_core(w, u, s, bs, nm, nrows=np.int32(fin))
+    wp = np.zeros((rows, out), np.float32)
+    wp[:fin] = np.asarray(w)
+    up = np.eye(rows, dtype=np.float32)
+    up[:fin, :fin] = np.asarray(u)
+    # (host padding and slicing: jax.device_put compiles nothing, unlike jnp ops per shape)
+    res = _sparsegpt_core(jax.device_put(wp), jax.device_put(up), s, bs, nm, nrows=np.int32(fin))
+    return tuple(jax.device_put(np.asarray(r)[:fin]) for r in res)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,21 +286,25 @@ class SparseGPT(LayerMethod):
     def _default_sparsity(self, sparsity: float | None, pattern: Any) -> float | None:
         return sparsity
 
+    def _block(self, pattern: pat_lib.Pattern) -> tuple[int, pat_lib.NM | None]:
+        """The sweep's block size and N:M pattern (``None``: unstructured) for ``pattern``."""
+        bs = int(self.blocksize)
+        if isinstance(pattern, pat_lib.NM):
+            nm = pat_lib.NM(pattern.n, pattern.m)
+            return max(nm.m, bs - bs % nm.m), nm
+        return bs, None
+
     def _sweep(self, w: jax.Array, stats: LayerStats | None, sparsity: Any,
                pattern: pat_lib.Pattern, name: str) -> tuple[jax.Array, ...]:
         self.check_stats(stats, name)
         w = jnp.asarray(w, jnp.float32)
         h, dead = prepare_hessian(stats.hessian, name)
-        w = jnp.where(jnp.asarray(dead)[:, None], 0.0, w)
-        bs = int(self.blocksize)
-        nm = None
-        if isinstance(pattern, pat_lib.NM):
-            nm = pat_lib.NM(pattern.n, pattern.m)
-            bs = max(nm.m, bs - bs % nm.m)
+        w = zero_dead(w, dead)
+        bs, nm = self._block(pattern)
         q = self.quant
         if q is None:
             u = damped_inverse_cholesky(h, self.percdamp, name)
-            return _sparsegpt_core(w, u, jnp.asarray(sparsity, jnp.float32), bs, nm)
+            return _prune_sweep(w, u, sparsity, bs, nm)
         prune = nm is not None or float(sparsity) > 0
         if q.act_order and nm is not None:
             raise ValueError(f"jaxprune: layer '{name}': act_order permutes the fan-in and cannot "

@@ -31,7 +31,7 @@ from flax import linen as nn
 
 __all__ = ["BertConfig", "Bert", "BertEmbeddings", "BertLayer", "encode", "mean_pool",
            "minilm_dir", "load_minilm", "convert_hf", "tokenize", "embed_texts", "blocks",
-           "calibration_batches"]
+           "calibration_batches", "positions", "attention_bias"]
 
 
 class BertConfig(NamedTuple):
@@ -47,8 +47,43 @@ class BertConfig(NamedTuple):
     eps: float = 1e-12
 
 
+def positions(mask: jax.Array) -> jax.Array:
+    """Position ids ``(b, t)`` for a padding mask or packed segment ids (see :func:`attention_bias`):
+    ``0..t-1`` along a row (as Hugging Face, padding included), restarting at 0 where a later
+    segment of a packed row begins.
+
+    >>> positions(jnp.array([[1, 1, 2, 2, 2, 3, 0], [1, 1, 1, 0, 0, 0, 0]])).tolist()
+    [[0, 1, 0, 1, 2, 0, 1], [0, 1, 2, 3, 4, 5, 6]]
+    """
+    seg = jnp.asarray(mask).astype(jnp.int32)
+    idx = jnp.broadcast_to(jnp.arange(seg.shape[-1]), seg.shape)
+    before = jnp.pad(jax.lax.cummax(seg, axis=seg.ndim - 1)[..., :-1], [(0, 0)] * (seg.ndim - 1)
+                     + [(1, 0)])  # the largest segment id earlier in the row
+    start = (seg > before) & (before > 0)  # a new segment after an earlier one
+    return idx - jax.lax.cummax(jnp.where(start, idx, 0), axis=seg.ndim - 1)
+
+
+def attention_bias(mask: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+    """Additive attention bias ``(b, 1, q, k)``: 0 where query ``q`` may attend key ``k``, the
+    dtype's minimum elsewhere.
+
+    ``mask``: 1 = token, 0 = padding; or packed segment ids ``1, 2, ...`` (increasing along a row,
+    0 = padding), several sequences in one row: a token attends only to its own segment, exactly
+    as if each sequence were its own row. (Padding queries attend to every real key, as in
+    Hugging Face; their outputs are never used.)
+
+    >>> (attention_bias(jnp.array([[1, 1, 2, 0]]))[0, 0] == 0).astype(int).tolist()
+    [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [1, 1, 1, 0]]
+    """
+    seg = jnp.asarray(mask).astype(jnp.int32)
+    sq, sk = seg[:, None, :, None], seg[:, None, None, :]
+    ok = (sk > 0) & ((sk == sq) | (sq == 0))
+    return jnp.where(ok, 0.0, jnp.finfo(dtype).min).astype(dtype)
+
+
 class BertEmbeddings(nn.Module):
-    """Word + position + token-type embeddings, then LayerNorm. ``mask`` is passed through unused."""
+    """Word + position + token-type embeddings, then LayerNorm. ``mask`` (a padding mask or packed
+    segment ids, see :func:`attention_bias`) sets the positions (:func:`positions`)."""
 
     cfg: BertConfig
 
@@ -56,7 +91,7 @@ class BertEmbeddings(nn.Module):
     def __call__(self, ids: jax.Array, mask: jax.Array | None = None,
                  type_ids: jax.Array | None = None) -> jax.Array:
         c = self.cfg
-        pos = jnp.arange(ids.shape[-1])[None, :]
+        pos = jnp.arange(ids.shape[-1])[None, :] if mask is None else positions(mask)
         tt = jnp.zeros_like(ids) if type_ids is None else type_ids
         x = (nn.Embed(c.vocab_size, c.hidden, name="word")(ids)
              + nn.Embed(c.max_position, c.hidden, name="position")(pos)
@@ -65,7 +100,8 @@ class BertEmbeddings(nn.Module):
 
 
 class BertLayer(nn.Module):
-    """One post-norm encoder layer: ``(x, mask) -> x`` (``mask`` 1 = token, 0 = padding)."""
+    """One post-norm encoder layer: ``(x, mask) -> x`` (``mask`` 1 = token, 0 = padding, or packed
+    segment ids: :func:`attention_bias`)."""
 
     cfg: BertConfig
 
@@ -82,8 +118,7 @@ class BertLayer(nn.Module):
         k = heads(nn.Dense(d, name="key")(x))
         v = heads(nn.Dense(d, name="value_proj")(x))
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(hd)
-        bias = (1.0 - mask[:, None, None, :].astype(x.dtype)) * jnp.finfo(x.dtype).min
-        p = jax.nn.softmax(logits + bias, axis=-1)
+        p = jax.nn.softmax(logits + attention_bias(mask, x.dtype), axis=-1)
         a = jnp.einsum("bhqk,bkhd->bqhd", p, v).reshape(b, t, d)
         x = nn.LayerNorm(c.eps, name="attn_ln")(x + nn.Dense(d, name="attn_out")(a))
         h = jax.nn.gelu(nn.Dense(c.intermediate, name="intermediate")(x), approximate=False)
@@ -232,13 +267,48 @@ _encode_jit = jax.jit(encode, static_argnums=0)
 
 
 def embed_texts(model: Bert, params: Any, tok: Any, texts: list[str], batch: int = 64,
-                pad_to: int | None = 128) -> np.ndarray:
-    """Unit-norm sentence embeddings ``(len(texts), hidden)`` as numpy."""
+                pad_to: int | None = None,
+                lengths: tuple[int, ...] = (16, 32, 64, 128, 256)) -> np.ndarray:
+    """Unit-norm sentence embeddings ``(len(texts), hidden)`` as numpy, in the order of ``texts``.
+
+    Texts are sorted by length and run ``batch`` at a time, each batch padded to the smallest of
+    ``lengths`` that holds it (a few shapes, one compilation each, little padding); ``pad_to``
+    pads every batch to that one length instead. Padding never changes an embedding.
+    """
+    if pad_to is not None:
+        out = []
+        for s in range(0, len(texts), batch):
+            ids, mask = tokenize(tok, texts[s:s + batch], pad_to)
+            out.append(np.asarray(_encode_jit(model, params, ids, mask)))
+        return np.concatenate(out) if out else np.zeros((0, model.cfg.hidden), np.float32)
+    res = np.zeros((len(texts), model.cfg.hidden), np.float32)
+    for rows, ids, mask in _length_batches(_token_ids(tok, texts), batch, lengths):
+        res[rows] = np.asarray(_encode_jit(model, params, ids, mask))[:len(rows)]
+    return res
+
+
+def _token_ids(tok: Any, texts: list[str]) -> list[np.ndarray]:
+    """The token ids of each text, without padding (the tokenizer of :func:`load_minilm` pads)."""
+    return [np.asarray(e.ids, np.int32)[:sum(getattr(e, "attention_mask", None) or [1] * len(e.ids))]
+            for e in tok.encode_batch(list(texts))]
+
+
+def _length_batches(enc: list[np.ndarray], batch: int, lengths: tuple[int, ...]
+                    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``[(indices into enc, ids, mask)]``: sequences sorted by length, ``batch`` a batch, each
+    padded to the smallest of ``lengths`` holding its longest (and with empty rows to ``batch``)."""
+    _fit_length(lengths, max((len(e) for e in enc), default=0))
+    order = np.argsort([len(e) for e in enc], kind="stable")
     out = []
-    for s in range(0, len(texts), batch):
-        ids, mask = tokenize(tok, texts[s:s + batch], pad_to)
-        out.append(np.asarray(_encode_jit(model, params, ids, mask)))
-    return np.concatenate(out) if out else np.zeros((0, model.cfg.hidden), np.float32)
+    for s in range(0, len(order), batch):
+        rows = order[s:s + batch]
+        t = _fit_length(lengths, max(len(enc[i]) for i in rows))
+        ids = np.zeros((batch, t), np.int32)
+        mask = np.zeros((batch, t), np.int32)
+        for r, i in enumerate(rows):
+            ids[r, :len(enc[i])], mask[r, :len(enc[i])] = enc[i], 1
+        out.append((rows, ids, mask))
+    return out
 
 
 def blocks(cfg: BertConfig) -> list[Any]:
@@ -257,14 +327,22 @@ def blocks(cfg: BertConfig) -> list[Any]:
 
 
 def calibration_batches(tok: Any, texts: list[str], batch: int = 32,
-                        lengths: tuple[int, ...] = (16, 32, 64, 128, 256)
+                        lengths: tuple[int, ...] = (16, 32, 64, 128, 256), *, pack: bool = False
                         ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Calibration batches of whole sentences, each its own sequence: ``[(ids, mask)]``.
 
-    Sentences are sorted by length and grouped ``batch`` at a time; a group is padded to the
-    smallest of ``lengths`` that holds its longest sentence (and with empty rows to ``batch``), so
-    there are at most ``len(lengths)`` shapes (one compilation each). Pass the masks as
-    ``token_masks=`` so that padding counts in no statistic, e.g.
+    Unpacked (default): sentences are sorted by length and grouped ``batch`` at a time; a group is
+    padded to the smallest of ``lengths`` that holds its longest sentence (and with empty rows to
+    ``batch``), so there are at most ``len(lengths)`` shapes (one compilation each).
+
+    ``pack=True``: sentences are packed, longest first, into rows of one length (the smallest of
+    ``lengths`` that holds the longest sentence; first fit), at most ``batch`` rows a batch and
+    all batches of one shape (the rows spread evenly over the fewest batches); ``mask`` then
+    holds segment ids ``1, 2, ...`` (0 = padding) and the model keeps every sentence to itself
+    (:func:`attention_bias`, :func:`positions`) — the same statistics as one sentence per row, with
+    one input shape and almost no padding.
+
+    Pass the masks as ``token_masks=`` so that padding counts in no statistic (nonzero = token), e.g.
     ``prune_sequential(..., calib, ..., token_masks=[m for _, m in calib])``.
 
     >>> class _T:  # a stand-in tokenizer: [CLS] + one piece per word + [SEP]
@@ -273,25 +351,50 @@ def calibration_batches(tok: Any, texts: list[str], batch: int = 32,
     >>> b = calibration_batches(_T(), ["a b", "a", "a b c d e f g h i j k l m n o"], batch=2)
     >>> [x.shape for x, _ in b], [m.sum(1).tolist() for _, m in b]
     ([(2, 16), (2, 32)], [[3, 4], [17, 0]])
+    >>> p = calibration_batches(_T(), ["a b", "a", "a b c d e f g h i j"], batch=2, pack=True)
+    >>> [x.shape for x, _ in p], [np.bincount(r)[1:].tolist() for r in p[0][1]]  # row: 12+4, 3
+    ([(2, 16)], [[12, 4], [3]])
     """
     if batch < 1:
         raise ValueError(f"jaxprune: batch must be >= 1, got {batch}")
-    # the tokenizer of load_minilm pads a batch to its longest text: keep the real tokens only
-    enc = [np.asarray(e.ids, np.int32)[:sum(getattr(e, "attention_mask", None) or [1] * len(e.ids))]
-           for e in tok.encode_batch(list(texts))]
-    lens = sorted(lengths)
-    longest = max((len(e) for e in enc), default=0)
-    if longest > lens[-1]:
-        raise ValueError(f"jaxprune: a sentence has {longest} tokens, more than the longest "
-                         f"bucket {lens[-1]}; add a longer length to lengths=")
-    order = np.argsort([len(e) for e in enc], kind="stable")
+    enc = _token_ids(tok, texts)
+    if not pack:
+        return [(ids, mask) for _, ids, mask in _length_batches(enc, batch, lengths)]
+    return _packed(enc, batch, _fit_length(lengths, max((len(e) for e in enc), default=0)))
+
+
+def _fit_length(lengths: tuple[int, ...], n: int) -> int:
+    """The smallest of ``lengths`` holding ``n`` tokens (a clear error when none does)."""
+    fit = [t for t in lengths if t >= n]
+    if not fit:
+        raise ValueError(f"jaxprune: a sentence has {n} tokens, more than the longest bucket "
+                         f"{max(lengths)}; add a longer length to lengths=")
+    return min(fit)
+
+
+def _packed(enc: list[np.ndarray], batch: int, t: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """First-fit-decreasing packing of token sequences into rows of ``t``; at most ``batch`` rows a
+    batch, the rows spread evenly over the fewest batches (one shape, little padding)."""
+    rows: list[list[np.ndarray]] = []
+    free: list[int] = []
+    for i in sorted(range(len(enc)), key=lambda i: (-len(enc[i]), i)):
+        e = enc[i]
+        r = next((r for r, f in enumerate(free) if f >= len(e)), None)
+        if r is None:
+            rows.append([])
+            free.append(t)
+            r = len(rows) - 1
+        rows[r].append(e)
+        free[r] -= len(e)
+    per = -(-len(rows) // -(-len(rows) // batch)) if rows else batch
     out = []
-    for s in range(0, len(order), batch):
-        group = [enc[i] for i in order[s:s + batch]]
-        t = next(n for n in lens if n >= max(len(e) for e in group))
-        ids = np.zeros((batch, t), np.int32)
-        mask = np.zeros((batch, t), np.int32)
-        for r, e in enumerate(group):
-            ids[r, :len(e)], mask[r, :len(e)] = e, 1
-        out.append((ids, mask))
+    for s in range(0, len(rows), per):
+        ids = np.zeros((per, t), np.int32)
+        seg = np.zeros((per, t), np.int32)
+        for r, row in enumerate(rows[s:s + per]):
+            at = 0
+            for k, e in enumerate(row):
+                ids[r, at:at + len(e)], seg[r, at:at + len(e)] = e, k + 1
+                at += len(e)
+        out.append((ids, seg))
     return out
