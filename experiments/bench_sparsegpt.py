@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {"backend": jax.default_backend(), "tokens": args.tokens, "repeats": reps, "layers": []}
     for fin, fout in shapes:
         x = rng.normal(size=(args.tokens, fin)).astype(np.float32)
-        st = LayerStats(x.T @ x, x.sum(0), (x**2).sum(0), args.tokens, fin)
+        st = LayerStats.from_inputs(x)
         w = rng.normal(size=(fin, fout)).astype(np.float32)
         for tgt in (0.5, "2:4"):
             sp, pat = (None, tgt) if isinstance(tgt, str) else (tgt, "unstructured")

@@ -15,7 +15,7 @@ def _layer(fin=32, out=8, seed=0):
     rng = np.random.default_rng(seed)
     x = (rng.normal(0.5, 1.0, size=(200, fin)) @ rng.normal(size=(fin, fin)) / 4).astype(np.float32)
     w = rng.normal(size=(fin, out)).astype(np.float32)
-    return w, LayerStats(x.T @ x, x.sum(0), (x**2).sum(0), 200, fin), x
+    return w, LayerStats.from_inputs(x), x
 
 
 @pytest.mark.parametrize("init", ["magnitude", "wanda"])

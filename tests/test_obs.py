@@ -13,7 +13,7 @@ from jaxprune.oneshot.obs import OBS, budget_counts, obs_greedy
 def _setup(seed=0):
     rng = np.random.default_rng(seed)
     x = (rng.normal(size=(40, 8)) @ rng.normal(size=(8, 8))).astype(np.float32)
-    st = LayerStats(x.T @ x, x.sum(0), (x**2).sum(0), 40, 8)
+    st = LayerStats.from_inputs(x)
     w = rng.normal(size=(8, 6)).astype(np.float32)
     return w, st, st.hessian.astype(np.float64)
 

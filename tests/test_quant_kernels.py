@@ -65,7 +65,7 @@ def test_sweep_codes_pack_exactly():
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 32)).astype(np.float32)
-    st = LayerStats(x.T @ x, x.sum(0), (x**2).sum(0), 64, 32)
+    st = LayerStats.from_inputs(x)
     w = rng.normal(size=(32, 6)).astype(np.float32)  # the shapes/config of test_gptq: one compile
     meth = SparseGPT(blocksize=16, quant=QuantSpec(4, 16, symmetric=False))
     wq, mask = meth(w, st, pattern="2:4")

@@ -57,8 +57,7 @@ def ref_sparsegpt(W, H, sparsity, prunen=0, prunem=0, blocksize=128, percdamp=0.
 
 
 def _stats(x):
-    x = x.astype(np.float32)
-    return LayerStats(x.T @ x, x.sum(0), (x**2).sum(0), x.shape[0], x.shape[1])
+    return LayerStats.from_inputs(x)
 
 
 def _layer(fin=20, out=6, n=64, seed=0, dead=()):

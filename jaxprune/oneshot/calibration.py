@@ -54,6 +54,21 @@ class LayerStats(NamedTuple):
     fan_in: int
     view: Any = None  # the weight's LeafOp (matrix view) when calibration traced it
 
+    @classmethod
+    def from_inputs(cls, x: Any, *, gram: bool = True) -> LayerStats:
+        """The statistics calibration records for one layer whose inputs are the rows of ``x``
+        ``(tokens, fan_in)`` (float32), e.g. to prune a layer from activations you already have.
+
+        >>> st = LayerStats.from_inputs(np.ones((4, 3)))
+        >>> st.count, st.fan_in, st.hessian[0, 0]
+        (4, 3, np.float32(1.0))
+        """
+        x = np.asarray(x, np.float32)
+        if x.ndim != 2:
+            raise ValueError(f"jaxprune: LayerStats.from_inputs needs (tokens, fan_in) rows, got "
+                             f"shape {x.shape}")
+        return cls(x.T @ x if gram else None, x.sum(0), (x * x).sum(0), x.shape[0], x.shape[1])
+
     @property
     def norms(self) -> np.ndarray:
         """Column norms ``‖X_j‖₂`` over all calibration tokens (the Wanda statistic)."""

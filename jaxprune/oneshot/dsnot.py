@@ -24,7 +24,7 @@ Example:
     >>> import numpy as np
     >>> from jaxprune.oneshot.calibration import LayerStats
     >>> x = np.random.default_rng(0).normal(1.0, 1.0, size=(64, 8)).astype(np.float32)
-    >>> st = LayerStats(x.T @ x, x.sum(0), (x**2).sum(0), 64, 8)
+    >>> st = LayerStats.from_inputs(x)
     >>> w = np.random.default_rng(1).normal(size=(8, 3)).astype(np.float32)
     >>> m0 = np.abs(w) > np.median(np.abs(w))
     >>> _, m = DSnoT().refine(w, st, m0)

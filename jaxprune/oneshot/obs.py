@@ -16,7 +16,7 @@ Example:
     >>> import numpy as np
     >>> from jaxprune.oneshot.calibration import LayerStats
     >>> x = np.random.default_rng(0).normal(size=(32, 6)).astype(np.float32)
-    >>> st = LayerStats(x.T @ x, x.sum(0), (x**2).sum(0), 32, 6)
+    >>> st = LayerStats.from_inputs(x)
     >>> w, m = OBS()(np.ones((6, 3), np.float32), st, 0.5)
     >>> int(np.asarray(m).sum())
     9

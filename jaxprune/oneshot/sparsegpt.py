@@ -25,7 +25,7 @@ Example:
     >>> import numpy as np
     >>> from jaxprune.oneshot.calibration import LayerStats
     >>> x = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
-    >>> st = LayerStats(x.T @ x, x.sum(0), (x**2).sum(0), 64, 8)
+    >>> st = LayerStats.from_inputs(x)
     >>> w, m = SparseGPT()(np.ones((8, 4), np.float32), st, 0.5)
     >>> int(m.sum()), bool(np.all(np.asarray(w)[~np.asarray(m)] == 0))
     (16, True)
