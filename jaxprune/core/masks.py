@@ -129,6 +129,23 @@ filter=jp.filters.select(exclude=...).
         )
 
 
+def find_nonfinite(a: Any) -> tuple[tuple[int, ...], Any, int] | None:
+    """``(index of the first non-finite entry, its value, how many there are)`` of a concrete
+    array, or ``None`` when every entry is finite (for error messages that point at the value).
+
+    >>> find_nonfinite(np.array([1.0, np.nan, np.inf]))
+    ((1,), np.float64(nan), 2)
+    >>> find_nonfinite(np.ones(3)) is None
+    True
+    """
+    a = np.asarray(a)
+    bad = ~np.isfinite(a)
+    if not bad.any():
+        return None
+    idx = tuple(int(i) for i in np.argwhere(bad)[0])
+    return idx, a[idx], int(bad.sum())
+
+
 def _check_float(path: str, leaf: Any) -> None:
     if not hasattr(leaf, "dtype"):
         raise TypeError(f"jaxprune: leaf '{path}' is a {type(leaf).__name__}, not an array")

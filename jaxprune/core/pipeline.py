@@ -48,6 +48,7 @@ from jaxprune.core.masks import (
     _is_none,
     apply_masks,
     check_masks,
+    find_nonfinite,
     init_masks,
     leaves_with_paths,
 )
@@ -136,13 +137,12 @@ def _pattern_mask(pat: pat_lib.Pattern, scores: jax.Array, sparsity: Any, path: 
 def _check_scores(path: str, s: Any) -> None:
     if not _concrete(s):
         return
-    a = np.asarray(s)
-    bad = ~np.isfinite(a)
-    if bad.any():
-        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+    bad = find_nonfinite(s)
+    if bad is not None:
+        idx, v, n = bad
         raise ValueError(
-            f"jaxprune: scores for '{path}' contain a non-finite value {a[idx]} at index {idx} "
-            f"({int(bad.sum())} of {a.size} entries); check the criterion's inputs"
+            f"jaxprune: scores for '{path}' contain a non-finite value {v} at index {idx} "
+            f"({n} of {np.size(s)} entries); check the criterion's inputs"
         )
 
 

@@ -9,12 +9,15 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxprune.core.masks import find_nonfinite
 
 __all__ = ["check_hessian", "prepare_hessian", "zero_dead", "damped_inverse_cholesky",
            "recon_error", "check_layer_weight"]
@@ -39,11 +42,11 @@ kernels (cast it, or leave the layer out)
     if isinstance(weight, jax.core.Tracer):
         return
     a = np.asarray(jnp.asarray(weight, jnp.float32))
-    bad = ~np.isfinite(a)
-    if bad.any():
-        idx = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(f"jaxprune: layer '{name}' has a non-finite weight {a[idx]} at {idx} "
-                         f"({int(bad.sum())} of {a.size}); fix the weights before pruning")
+    bad = find_nonfinite(a)
+    if bad is not None:
+        idx, v, n = bad
+        raise ValueError(f"jaxprune: layer '{name}' has a non-finite weight {v} at {idx} "
+                         f"({n} of {a.size}); fix the weights before pruning")
 
 
 def check_hessian(h: Any, name: str) -> np.ndarray:
@@ -57,33 +60,22 @@ def check_hessian(h: Any, name: str) -> np.ndarray:
     h = np.asarray(h, np.float32)
     if h.ndim != 2 or h.shape[0] != h.shape[1]:
         raise ValueError(f"jaxprune: Hessian of layer '{name}' must be square, got {h.shape}")
-    bad = ~np.isfinite(h)
-    if bad.any():
-        idx = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(
-            f"jaxprune: Hessian of layer '{name}' has {int(bad.sum())} non-finite entries "
-            f"(first at {idx}: {h[idx]})"
-        )
+    bad = find_nonfinite(h)
+    if bad is not None:
+        idx, v, n = bad
+        raise ValueError(f"jaxprune: Hessian of layer '{name}' has {n} non-finite entries "
+                         f"(first at {idx}: {v})")
     return h
 
 
-@jax.jit
-def _inv_chol_xla(h: jax.Array, damp: jax.Array) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=2)
+def _inv_xla(h: jax.Array, damp: jax.Array, upper_cholesky: bool) -> jax.Array:
+    """``(H + damp·I)⁻¹``, or its upper Cholesky factor ``U`` (``H⁻¹ = UᵀU``), in one program."""
     n = h.shape[0]
-    hd = h + damp * jnp.eye(n, dtype=h.dtype)
-    lo = jnp.linalg.cholesky(hd)
+    lo = jnp.linalg.cholesky(h + damp * jnp.eye(n, dtype=h.dtype))
     hinv = jax.scipy.linalg.cho_solve((lo, True), jnp.eye(n, dtype=h.dtype))
     hinv = 0.5 * (hinv + hinv.T)
-    return jnp.linalg.cholesky(hinv).T  # upper U with H^-1 = U^T U
-
-
-@jax.jit
-def _inv_xla(h: jax.Array, damp: jax.Array) -> jax.Array:
-    n = h.shape[0]
-    hd = h + damp * jnp.eye(n, dtype=h.dtype)
-    lo = jnp.linalg.cholesky(hd)
-    hinv = jax.scipy.linalg.cho_solve((lo, True), jnp.eye(n, dtype=h.dtype))
-    return 0.5 * (hinv + hinv.T)
+    return jnp.linalg.cholesky(hinv).T if upper_cholesky else hinv
 
 
 _BLAS_LIMIT: list[Any] = []
@@ -142,8 +134,7 @@ def _inv_chol(h: np.ndarray, damp: float, upper_cholesky: bool) -> Any:
     Cholesky/triangular solve at one layer's size); on accelerators: one jitted program."""
     if jax.default_backend() == "cpu":
         return _inv_chol_host(h, damp, upper_cholesky)
-    fn = _inv_chol_xla if upper_cholesky else _inv_xla
-    return fn(jnp.asarray(h), jnp.asarray(damp, jnp.float32))
+    return _inv_xla(jnp.asarray(h), jnp.asarray(damp, jnp.float32), upper_cholesky)
 
 
 def prepare_hessian(h: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
