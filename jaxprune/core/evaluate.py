@@ -32,7 +32,7 @@ from jax.extend import core as jcore
 
 from jaxprune.core import walker as wk
 
-__all__ = ["evaluate", "Hook", "has_taps", "dot_rows", "conv_rows"]
+__all__ = ["evaluate", "Hook", "has_taps", "dot_rows", "dot_operand", "conv_rows", "tapped_program"]
 
 # hook(eqn, input values, [(operand index, param path, scanned)]) -> output values, or None to run
 # the equation as it is
@@ -103,6 +103,35 @@ def evaluate(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], taps: dict,
 # The data operand of a tapped equation as rows of the weight's fan-in (op-level calibration reads
 # them; export multiplies them with a packed matrix view).
 # ------------------------------------------------------------------------------------------------
+
+
+def tapped_program(fn: Callable[..., Any], treedef: Any,
+                   make_hook: Callable[..., Hook]) -> Callable[..., dict]:
+    """``jax.jit`` of ``run(leaves, args, *extra) -> out``: trace ``fn(params, *args)`` (``params =
+    treedef.unflatten(leaves)``) to its operator map and evaluate it; at every tapped matmul/conv
+    the hook ``make_hook(out, analysis, *extra)`` sees the operands and fills the dict ``out``.
+    Observers (calibration, expert statistics) cache the result per model function.
+
+    >>> import jax, jax.numpy as jnp
+    >>> def grab(out, an):
+    ...     def hook(eqn, ins, taps):
+    ...         out["x"] = ins[0]  # returns None: the equation runs as usual
+    ...     return hook
+    >>> leaves, td = jax.tree_util.tree_flatten({"w": jnp.ones((3, 2))})
+    >>> run = tapped_program(lambda p, x: x @ p["w"], td, grab)
+    >>> run(leaves, (jnp.ones((4, 3)),))["x"].shape
+    (4, 3)
+    """
+    from jaxprune.core import opmap as om_lib
+
+    def run(leaves: list[jax.Array], args: tuple, *extra: Any) -> dict:
+        closed, an, _ = om_lib.trace(fn, treedef.unflatten(leaves), *args)
+        out: dict = {}
+        evaluate(closed.jaxpr, closed.consts, [*leaves, *jax.tree_util.tree_leaves(args)],
+                 an.taps, make_hook(out, an, *extra))
+        return out
+
+    return jax.jit(run)
 
 
 def dot_rows(eqn: Any, x: jax.Array, opi: int, path: str) -> tuple[jax.Array, tuple[int, ...]]:

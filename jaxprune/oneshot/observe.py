@@ -166,16 +166,8 @@ def _observer(out: dict, gram: bool, mask: jax.Array | None, shared: set[int] = 
 @functools.lru_cache(maxsize=64)
 def _program(fn: Callable[..., Any], treedef: Any, gram: bool) -> Callable[..., Any]:
     """One jitted observer per (model function, params structure, gram); jit caches per shape."""
-
-    def run(leaves: list[jax.Array], args: tuple, mask: jax.Array | None) -> dict:
-        params = treedef.unflatten(leaves)
-        closed, an, _ = om_lib.trace(fn, params, *args)
-        out: dict = {}
-        ev.evaluate(closed.jaxpr, closed.consts, [*leaves, *jax.tree_util.tree_leaves(args)],
-                    an.taps, _observer(out, gram, mask, an.shared))
-        return out
-
-    return jax.jit(run)
+    return ev.tapped_program(
+        fn, treedef, lambda out, an, mask: _observer(out, gram, mask, an.shared))
 
 
 def observe(

@@ -231,14 +231,7 @@ def _reap(lay: ExpertLayer, st: dict, out: dict) -> None:
 def _program(fn: Callable, treedef: Any, layers: tuple, gates: Callable) -> Callable:
     """One jitted calibration program per (model function, params structure, layers, gates)."""
 
-    def run(leaves_: list, args: tuple) -> dict:
-        closed, an, _ = om_lib.trace(fn, treedef.unflatten(leaves_), *args)
-        out: dict = {}
-        ev.evaluate(closed.jaxpr, closed.consts, [*leaves_, *jax.tree_util.tree_leaves(args)],
-                    an.taps, _hook(layers, gates, out))
-        return out
-
-    return jax.jit(run)
+    return ev.tapped_program(fn, treedef, lambda out, an: _hook(layers, gates, out))
 
 
 def calibrate_experts(
