@@ -15,8 +15,7 @@ Costs ``O(out · in³)``; for small layers (the reference for SparseGPT's approx
 Example:
     >>> import numpy as np
     >>> from jaxprune.oneshot.calibration import LayerStats
-    >>> x = np.random.default_rng(0).normal(size=(32, 6)).astype(np.float32)
-    >>> st = LayerStats.from_inputs(x)
+    >>> st = LayerStats.from_inputs(np.random.default_rng(0).normal(size=(32, 6)))
     >>> w, m = OBS()(np.ones((6, 3), np.float32), st, 0.5)
     >>> int(np.asarray(m).sum())
     9
