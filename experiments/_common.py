@@ -35,7 +35,7 @@ from typing import IO, Any
 __all__ = [
     "RESULTS_ENV", "positive_int", "nonnegative_int", "positive_float", "unit_fraction", "parser",
     "results_dir", "output_path", "atomic_open", "write_csv", "write_json", "figure", "save_figure",
-    "errorbar_plot",
+    "errorbar_plot", "peak_rss",
 ]
 
 #: environment variable naming the default results directory (``--results-dir`` wins over it)
@@ -331,6 +331,61 @@ def set_xla_threads(n: int) -> bool:
     extra += f"intra_op_parallelism_threads={n}"
     os.environ["XLA_FLAGS"] = f"{flags} {extra}".strip()
     return True
+
+
+class PeakRSS:
+    """Peak resident memory seen by :func:`peak_rss` (``mb``), and whether it was sampled over the
+    block (``sampled``) or is the process-lifetime peak (no ``/proc``: ``ru_maxrss``)."""
+
+    def __init__(self) -> None:
+        self.mb, self.sampled = 0.0, False
+
+
+def _rss_mb() -> float | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@contextlib.contextmanager
+def peak_rss(interval: float = 0.05) -> Iterator[PeakRSS]:
+    """Peak resident set size (MiB) *during* the block: a thread samples ``/proc/self/statm``
+    every ``interval`` s (a short spike between samples can be missed). Without ``/proc`` it
+    reports the process-lifetime peak ``ru_maxrss`` and sets ``sampled=False``.
+
+    >>> with peak_rss() as p:
+    ...     x = bytearray(50 * 2**20)
+    >>> p.mb > 50 or not p.sampled
+    True
+    """
+    import resource
+    import threading
+
+    out = PeakRSS()
+    first = _rss_mb()
+    if first is None:
+        try:
+            yield out
+        finally:
+            out.mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return
+    out.mb, out.sampled = first, True
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(interval):
+            out.mb = max(out.mb, _rss_mb() or 0.0)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        t.join()
+        out.mb = max(out.mb, _rss_mb() or 0.0)
 
 
 @contextlib.contextmanager

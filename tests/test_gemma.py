@@ -55,6 +55,7 @@ def numpy_gemma(cfg: GemmaConfig, t: dict[str, np.ndarray], ids: list[int]) -> n
     pos = np.arange(T, dtype=np.float64)
     x = t["token_embd.weight"][ids] * np.sqrt(cfg.d)
     for i in range(cfg.layers):
+        n, k = cfg.heads_at(i), cfg.kv_heads_at(i)  # per-layer heads of a slimmed model
         w = lambda s, i=i: t[f"blk.{i}.{s}.weight"]  # noqa: E731
         a = _rms(x, w("attn_norm"), e)
         q = _rms((a @ w("attn_q").T).reshape(T, n, h), w("attn_q_norm"), e)
@@ -369,3 +370,161 @@ def test_tiny_block_scores_and_keep_layers(tiny_gguf):
             blk[norm] = {"scale": np.zeros_like(blk[norm]["scale"])}
         zeroed = {**zeroed, f"layer_{i}": blk}
     np.testing.assert_allclose(got, np.asarray(run(Gemma(TINY), zeroed, ids)), rtol=1e-5, atol=1e-5)
+
+
+def test_tiny_drop_blocks_keeps_index_dependent_layer_types(tiny_gguf):
+    """``drop_blocks(renumber=False)`` keeps each block's original index, so Gemma's local/global
+    pattern survives block removal; renumbering hands the global block 1 to a model that runs it
+    as local block 0 (the sliding window of 3 then changes the output on 8 tokens)."""
+    from jaxprune.structured import drop_blocks
+
+    _, params, _ = tiny_gguf
+    ids = jnp.asarray([[2, 260, 261, 262, 263, 264, 265, 266]])
+    run = jax.jit(lambda m, p, t: m.apply({"params": p}, t), static_argnums=0)
+    kept = drop_blocks(params, [0], prefix="layer_", renumber=False)
+    assert sorted(k for k in kept if k.startswith("layer_")) == ["layer_1"]
+    got = np.asarray(run(Gemma(TINY, keep_layers=(1,)), kept, ids))
+    # oracle: the full model with block 0's residual updates zeroed (post-norm scales 0)
+    zeroed = {**params, "layer_0": {**params["layer_0"],
+                                    "post_attention_norm": {"scale": np.zeros(TINY.d, np.float32)},
+                                    "post_ffw_norm": {"scale": np.zeros(TINY.d, np.float32)}}}
+    np.testing.assert_allclose(got, np.asarray(run(Gemma(TINY), zeroed, ids)), rtol=1e-5, atol=1e-5)
+    renum = drop_blocks(params, [0], prefix="layer_")
+    wrong = np.asarray(run(Gemma(dataclasses.replace(TINY, layers=1)), renum, ids))
+    assert not np.allclose(wrong, got, atol=1e-3)
+
+
+def _tiny_structured(params):
+    from jaxprune.structured import discover_groups
+
+    v = {"params": params}
+    groups = discover_groups(Gemma(TINY).apply, v, jnp.zeros((1, 6), jnp.int32))
+    from jaxprune_experiments.structured_gemma import head_ffn_groups
+
+    return (v, *head_ffn_groups(groups))
+
+
+def test_tiny_slim_heads_ffn_matches_oracle_and_masked(tiny_gguf):
+    """Heads and FFN units found by tracing; the slimmed Gemma (per-layer sizes read back from the
+    params) equals the numpy oracle on the slim tensors and the masked full-size model; FLAP bias
+    compensation into the optional output biases keeps slim == masked."""
+    from jaxprune.core.masks import apply_masks
+    from jaxprune.structured import compensate_bias, group_masks, slim
+    from jaxprune.zoo.models.gemma import config_from_params, with_out_bias
+
+    _, params, _ = tiny_gguf
+    v, kvg, heads, ffn = _tiny_structured(params)
+    assert len(kvg) == len(heads) == len(ffn) == TINY.layers
+    # GQA, 2 kv heads of 2 query heads each: a KV group (a kv head with its 2 query heads) and a
+    # query-head group (one query head in every kv group) per layer
+    assert {g.size for g in kvg} == {TINY.kv_heads} and {g.size for g in ffn} == {24}
+    assert {g.size for g in heads} == {TINY.heads // TINY.kv_heads}
+    keep = {kvg[0].name: [1], heads[0].name: [1], heads[1].name: [0, 1],
+            ffn[0].name: np.arange(0, 24, 2), ffn[1].name: np.arange(5, 24)}
+    groups = kvg + heads + ffn
+    sv = slim(v, groups, keep)["params"]
+    scfg = config_from_params(TINY, sv)
+    assert scfg.layer_heads == (1, 4) and scfg.layer_kv_heads == (1, 2) and scfg.layer_ffn == (12, 19)
+    assert not scfg.out_bias
+    ids = [2, 260, 261, 262, 263, 264, 265, 266, 267]
+    run = jax.jit(lambda m, p, t: m.apply({"params": p}, t), static_argnums=0)
+    got = np.asarray(run(Gemma(scfg), sv, jnp.asarray([ids])))[0]
+    want = numpy_gemma(scfg, tensors_from_params(scfg, sv), ids)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+    masked = apply_masks(v, group_masks(v, groups, keep))["params"]
+    np.testing.assert_allclose(got, np.asarray(run(Gemma(TINY), masked, jnp.asarray([ids])))[0],
+                               rtol=1e-4, atol=1e-4)
+    # optional output biases: zero biases change nothing; compensated biases are non-zero and the
+    # slim and masked models still agree
+    vb = {"params": with_out_bias(params)}
+    bcfg = dataclasses.replace(TINY, out_bias=True)
+    dense = np.asarray(run(Gemma(TINY), params, jnp.asarray([ids])))[0]
+    np.testing.assert_allclose(np.asarray(run(Gemma(bcfg), vb["params"], jnp.asarray([ids])))[0], dense,
+                               rtol=1e-6, atol=1e-6)
+    rng = np.random.default_rng(0)
+    means = {f"params/layer_{i}/{n}": rng.standard_normal(f) for i in range(TINY.layers)
+             for n, f in (("attn/attn_vec_einsum", TINY.heads * TINY.head_dim), ("mlp/linear", 24))}
+    vc = compensate_bias(vb, groups, keep, means)
+    assert float(np.abs(vc["params"]["layer_0"]["mlp"]["bias"]).max()) > 0
+    svc = slim(vc, groups, keep)["params"]
+    scfg_b = config_from_params(TINY, svc)
+    assert scfg_b.out_bias and scfg_b.layer_heads == (1, 4)
+    mc = apply_masks(vc, group_masks(vc, groups, keep))["params"]
+    np.testing.assert_allclose(np.asarray(run(Gemma(scfg_b), svc, jnp.asarray([ids])))[0],
+                               np.asarray(run(Gemma(bcfg), mc, jnp.asarray([ids])))[0], rtol=1e-4, atol=1e-4)
+
+
+def test_config_per_layer_sizes_validated():
+    with pytest.raises(ValueError, match="layer_heads must give one count"):
+        dataclasses.replace(TINY, layer_heads=(4,))
+    with pytest.raises(ValueError, match="not a multiple of kv_heads=2"):
+        dataclasses.replace(TINY, layer_heads=(3, 4))
+    with pytest.raises(ValueError, match="params 'layer_0' lacks"):
+        from jaxprune.zoo.models.gemma import config_from_params
+
+        config_from_params(TINY, {"layer_0": {"attn": {}}})
+
+
+def test_experiments_run_end_to_end_on_tiny_gguf(tiny_gguf, tmp_path, monkeypatch):
+    """``oneshot_gemma`` and ``structured_gemma`` (``--quick --gguf``) on the tiny GGUF and a small
+    folder of ``.rst.txt`` files: every row is written, perplexities are finite, the dense row
+    equals ``perplexity`` on the same windows, the slim model equals the masked one."""
+    import csv
+
+    from jaxprune.zoo.data import pydocs
+    from jaxprune.zoo.models.gguf_loader import load_gemma
+    from jaxprune_experiments import oneshot_gemma, structured_gemma
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    rng = np.random.default_rng(0)
+    words = ["abc", "bca", "cab", "a", "bc", "ab c", "ca"]
+    for i in range(40):
+        (docs / f"f{i}.rst.txt").write_text(" ".join(rng.choice(words, 400)) + "\n")
+    monkeypatch.setenv("JAXPRUNE_PYDOCS", str(docs))
+    assert {pydocs.split_of(f"f{i}.rst.txt") for i in range(40)} == {"test", "calibration"}
+    path, _, _ = tiny_gguf
+    out = tmp_path / "res"
+    common = ["--quick", "--gguf", str(path), "--results-dir", str(out), "--gen", "0"]
+    assert oneshot_gemma.main([*common, "--targets", "0.5", "--methods", "magnitude",
+                               "--owl", "magnitude"]) == 0
+    rows = list(csv.DictReader(open(out / "oneshot_gemma_quick.csv")))
+    got = [(r["method"], r["target"], r["allocation"]) for r in rows]
+    assert got == [("dense", "-", "-"), ("magnitude", "0.5", "uniform"),
+                   ("magnitude+dsnot", "0.5", "uniform"), ("magnitude", "0.5", "owl")]
+    # the dense row is the documented evaluation: --quick = 2 test windows of 64 tokens after <bos>
+    model, p, tok = load_gemma(path)
+    text = pydocs.split_text("test", max_chars=8 * 2 * 64)
+    ev = pydocs.token_windows(tok.encode(text, add_bos=False), 64, tok.bos, 2)
+    assert ev.shape == (2, 65)
+    assert float(rows[0]["ppl"]) == pytest.approx(perplexity(model, p, ev), rel=1e-4)
+    assert all(np.isfinite(float(r["ppl"])) and float(r["peak_rss_mb"]) > 0 for r in rows)
+    assert {float(r["sparsity"]) for r in rows if r["method"] != "dense"} == {0.5}
+    assert structured_gemma.main([*common, "--drop", "1", "--ratios", "0.5"]) == 0
+    res = json.loads((out / "structured_gemma_quick.json").read_text())
+    kinds = [(r["kind"], r["method"]) for r in res["rows"]]
+    assert kinds == [("dense", "-"), ("heads+ffn", "l2"), ("heads+ffn", "taylor"), ("heads+ffn", "flap"),
+                     ("heads+ffn", "flap+bias"), ("blocks", "angular"), ("blocks", "influence"),
+                     ("blocks", "last"), ("blocks", "best single blocks (sweep)")]
+    # 50% of the 2 query heads per kv group and of the 24 FFN units, in both layers
+    assert all(r["heads"] == "2 2" and r["ffn"] == "12 12" for r in res["rows"][1:5])
+    dense = res["rows"][0]
+    assert all(r["params"] < dense["params"] for r in res["rows"][1:])
+    check = res["info"]["slim_vs_masked"]
+    assert check["max_abs_diff_final_hidden"] < 1e-3 * max(1.0, check["max_abs_final_hidden"])
+    sweep = res["info"]["sweep"]["ppl_without_block"]
+    best = min(sweep, key=lambda k: (sweep[k], int(k)))
+    assert res["rows"][-1]["notes"] == f"removed blocks [{best}]"
+
+
+def test_greedy_matches_step_by_step_argmax(tiny_gguf):
+    """The fixed-buffer greedy equals the plain loop that reruns the growing prefix each step
+    through the numpy oracle."""
+    from jaxprune.zoo.models.gemma import greedy
+
+    _, params, tensors = tiny_gguf
+    prompt, steps = [2, 260, 261, 262], 5
+    ref = list(prompt)
+    for _ in range(steps):
+        ref.append(int(numpy_gemma(TINY, tensors, ref)[-1].argmax()))
+    assert greedy(Gemma(TINY), params, prompt, steps) == ref

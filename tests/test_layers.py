@@ -21,7 +21,8 @@ def _model():
     return m, v, x
 
 
-def test_scores_match_reference():
+@pytest.mark.parametrize("jit", [True, False])
+def test_scores_match_reference(jit):
     m, v, x = _model()
     captured = {}
 
@@ -30,7 +31,7 @@ def test_scores_match_reference():
                        and mdl.name.startswith("Block_"), mutable=["intermediates"])
     for i in range(3):
         captured[i] = np.asarray(state["intermediates"][f"Block_{i}"]["__call__"][0])
-    sc = block_scores(m.apply, v, [x])
+    sc = block_scores(m.apply, v, [x[:2], x[2:]], jit=jit)  # two batches: sums accumulate
     assert [s.index for s in sc] == [0, 1, 2]
     emb = np.asarray(v["params"]["embed"]["embedding"])[np.asarray(x)] + np.asarray(
         v["params"]["pos"])[None, :8]
@@ -74,3 +75,13 @@ def test_last_baseline_and_bad_input():
         drop_blocks(v, [7])
     with pytest.raises(ValueError, match="no module name matched"):
         block_scores(m.apply, v, [x], pattern=r"^Layer_(\d+)$")
+
+
+def test_drop_blocks_without_renumbering_keeps_original_names():
+    v = {"params": {"Block_0": {"w": 0}, "Block_1": {"w": 1}, "Block_2": {"w": 2}, "head": 3},
+         "cache": {"Block_1": 5, "Block_2": 6}}
+    out = drop_blocks(v, [0, 1], renumber=False)
+    assert out == {"params": {"Block_2": {"w": 2}, "head": 3}, "cache": {"Block_2": 6}}
+    assert drop_blocks(v, [0, 1])["params"] == {"Block_0": {"w": 2}, "head": 3}
+    with pytest.raises(ValueError, match="refusing to remove every block"):
+        drop_blocks(v, [0, 1, 2], renumber=False)

@@ -8,12 +8,17 @@ Scores per block, from the block's input ``h_in`` and output ``h_out`` (per toke
 A block that barely changes its input scores near 0 and is removed first. Blocks are linen modules
 whose name matches ``pattern`` (default ``Block_<i>``), captured with ``nn.intercept_methods``;
 :func:`drop_blocks` deletes them from every collection and renumbers the rest, so the shallower
-model is the same class with ``n_layers - n``.
+model is the same class with ``n_layers - n``. Renumbering is wrong for a model whose blocks
+depend on their index (Gemma's sliding-window/global pattern, per-layer RoPE bases, per-layer
+sizes): ``drop_blocks(..., renumber=False)`` keeps every remaining block under its original name,
+for a model that runs only the listed blocks (e.g. ``Gemma(cfg, keep_layers=...)``).
 
 Example:
     >>> v = {"params": {"Block_0": {"w": 0}, "Block_1": {"w": 1}, "Block_2": {"w": 2}, "head": 3}}
     >>> drop_blocks(v, [1])["params"]
     {'Block_0': {'w': 0}, 'Block_1': {'w': 2}, 'head': 3}
+    >>> drop_blocks(v, [1], renumber=False)["params"]
+    {'Block_0': {'w': 0}, 'Block_2': {'w': 2}, 'head': 3}
 """
 
 from __future__ import annotations
@@ -44,10 +49,20 @@ def block_scores(
     variables: PyTree,
     batches: Iterable[Any],
     pattern: str = r"^Block_(\d+)$",
+    *,
+    jit: bool = True,
 ) -> list[BlockScore]:
     """Angular distance and block influence of every block, averaged over calibration tokens.
 
     ``pattern`` must match the block module's name and capture its index.
+
+    The per-batch work is one function of ``(variables, batch)`` that returns each block's summed
+    scores as arrays (the interceptor only adds traced ``jnp`` values, no host ``float()``), so it
+    runs under ``jax.jit`` (``jit=True``: compiled once per batch shape and reused across batches)
+    and can be traced inside a caller's own jit; the final averaging into Python floats, sorting
+    and naming happen on the host, so ``block_scores`` itself returns host values and is not
+    meant to be called under ``jit``. ``jit=False`` runs eagerly (for an ``apply_fn`` that cannot
+    be traced).
 
     >>> import jax, jax.numpy as jnp
     >>> from jaxprune.zoo.models.toy_transformer import ToyConfig, ToyGPT
@@ -57,39 +72,50 @@ def block_scores(
     >>> [s.index for s in block_scores(m.apply, v, [jnp.zeros((2, 4), jnp.int32)])]
     [0, 1]
     """
+    import jax
+
     rx = re.compile(pattern)
-    acc: dict[str, list[float]] = {}
     idx: dict[str, int] = {}
 
-    def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        mod = context.module
-        name = mod.name or ""
-        mt = rx.search(name)
-        if context.method_name == "__call__" and mt and args:
-            h_in = jnp.asarray(args[0], jnp.float32).reshape(-1, args[0].shape[-1])
-            h_out = jnp.asarray(out, jnp.float32).reshape(-1, out.shape[-1])
-            cos = jnp.sum(h_in * h_out, -1) / (
-                jnp.linalg.norm(h_in, axis=-1) * jnp.linalg.norm(h_out, axis=-1) + 1e-12)
-            cos = jnp.clip(cos, -1.0, 1.0)
-            key = "/".join(mod.path) if mod.path else name
-            s = acc.setdefault(key, [0.0, 0.0, 0])
-            s[0] += float(jnp.sum(jnp.arccos(cos) / jnp.pi))
-            s[1] += float(jnp.sum(1.0 - cos))
-            s[2] += int(cos.shape[0])
-            idx[key] = int(mt.group(1)) if mt.groups() else len(idx)
-        return out
+    def sums(variables, batch):
+        acc: dict[str, Any] = {}
 
-    for b in batches:
+        def interceptor(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            mod = context.module
+            name = mod.name or ""
+            mt = rx.search(name)
+            if context.method_name == "__call__" and mt and args:
+                h_in = jnp.asarray(args[0], jnp.float32).reshape(-1, args[0].shape[-1])
+                h_out = jnp.asarray(out, jnp.float32).reshape(-1, out.shape[-1])
+                cos = jnp.sum(h_in * h_out, -1) / (
+                    jnp.linalg.norm(h_in, axis=-1) * jnp.linalg.norm(h_out, axis=-1) + 1e-12)
+                cos = jnp.clip(cos, -1.0, 1.0)
+                key = "/".join(mod.path) if mod.path else name
+                a, inf, n = acc.get(key, (0.0, 0.0, 0))
+                acc[key] = (a + jnp.sum(jnp.arccos(cos) / jnp.pi), inf + jnp.sum(1.0 - cos),
+                            n + int(cos.shape[0]))
+                idx[key] = int(mt.group(1)) if mt.groups() else len(idx)
+            return out
+
         with nn.intercept_methods(interceptor):
-            apply_fn(variables, b)
-    if not acc:
+            apply_fn(variables, batch)
+        return {k: (a, inf, jnp.asarray(n, jnp.float32)) for k, (a, inf, n) in acc.items()}
+
+    fn = jax.jit(sums) if jit else sums
+    total: dict[str, list[float]] = {}
+    for b in batches:
+        for k, vals in jax.device_get(fn(variables, b)).items():
+            t = total.setdefault(k, [0.0, 0.0, 0.0])
+            for j in range(3):
+                t[j] += float(vals[j])
+    if not total:
         raise ValueError(
             f"jaxprune.structured.block_scores: no module name matched pattern '{pattern}'; "
             "pass the pattern of your block modules' names (with one group capturing the index)"
         )
     return sorted(
-        (BlockScore(idx[k], k, a / n, inf / n) for k, (a, inf, n) in acc.items()),
+        (BlockScore(idx[k], k, a / n, inf / n) for k, (a, inf, n) in total.items()),
         key=lambda s: s.index,
     )
 
@@ -119,14 +145,24 @@ def choose_blocks(scores: Sequence[BlockScore], n: int, metric: str = "angular")
     return sorted(s.index for s in order[:n])
 
 
-def drop_blocks(variables: PyTree, remove: Sequence[int], prefix: str = "Block_") -> PyTree:
-    """Delete blocks ``prefix<i>`` for ``i`` in ``remove`` from every collection; renumber the rest.
+def drop_blocks(variables: PyTree, remove: Sequence[int], prefix: str = "Block_", *,
+                renumber: bool = True) -> PyTree:
+    """Delete blocks ``prefix<i>`` for ``i`` in ``remove`` from every collection.
+
+    ``renumber=True`` renames the rest ``prefix0 .. prefix<n-1>`` (a model whose blocks are all
+    alike, built again with fewer layers). ``renumber=False`` keeps each remaining block under its
+    original name, so its original index stays with it: use it when a block's behaviour depends
+    on its index (Gemma's local/global attention pattern, per-layer RoPE bases or sizes) and run
+    only the kept blocks (``Gemma(cfg, keep_layers=...)``); renumbering would hand block 6's
+    weights to a model that treats them as block 5 (global instead of local attention).
 
     Works on nested dicts (linen ``variables`` or ``params``): any dict level whose keys include
     ``prefix<i>`` entries is rewritten.
 
     >>> drop_blocks({"Block_0": 1, "Block_1": 2}, [0])
     {'Block_0': 2}
+    >>> drop_blocks({"Block_0": 1, "Block_1": 2}, [0], renumber=False)
+    {'Block_1': 2}
     """
     rx = re.compile("^" + re.escape(prefix) + r"(\d+)$")
     remove = {int(i) for i in remove}
@@ -149,7 +185,7 @@ def drop_blocks(variables: PyTree, remove: Sequence[int], prefix: str = "Block_"
             raise ValueError("jaxprune.structured.drop_blocks: refusing to remove every block")
         new = {}
         for j, i in enumerate(kept):
-            new[f"{prefix}{j}"] = rec(d[blocks[i]])
+            new[f"{prefix}{j if renumber else i}"] = rec(d[blocks[i]])
         # keep blocks first in insertion order, like linen does
         return {**new, **out}
 

@@ -34,7 +34,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import jax
@@ -42,8 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-__all__ = ["GemmaConfig", "Gemma", "GemmaBlock", "config_from_metadata", "rope", "perplexity",
-           "nll_sum", "greedy"]
+__all__ = ["GemmaConfig", "Gemma", "GemmaBlock", "config_from_metadata", "config_from_params",
+           "with_out_bias", "rope", "perplexity", "nll_sum", "greedy"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,11 @@ class GemmaConfig:
 
     A layer ``i`` is global when ``(i + 1) % sliding_pattern == 0``, otherwise it attends to the last
     ``sliding_window`` positions only. ``query_scale`` defaults to ``head_dim ** -0.5``.
+    ``layer_heads`` / ``layer_kv_heads`` / ``layer_ffn`` give per-layer query-head and KV-head counts
+    and FFN widths (a structurally
+    pruned model, see :func:`config_from_params`); ``out_bias`` adds a ``bias`` (d,) after the
+    attention output and the MLP down projection (Gemma has none; FLAP bias compensation folds the
+    removed units' mean contribution into it).
 
     >>> GemmaConfig(layers=18).global_layers()
     (5, 11, 17)
@@ -71,6 +76,33 @@ class GemmaConfig:
     sliding_pattern: int = 6
     query_scale: float | None = None
     final_softcap: float | None = None
+    layer_heads: tuple[int, ...] | None = None
+    layer_ffn: tuple[int, ...] | None = None
+    layer_kv_heads: tuple[int, ...] | None = None
+    out_bias: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("layer_heads", "layer_ffn", "layer_kv_heads"):
+            v = getattr(self, name)
+            if v is not None and (len(v) != self.layers or any(int(n) < 1 for n in v)):
+                raise ValueError(f"jaxprune.zoo gemma: {name} must give one count >= 1 for each of "
+                                 f"the {self.layers} layers, got {v!r}")
+        for i in range(self.layers):
+            if self.heads_at(i) % self.kv_heads_at(i):
+                raise ValueError(f"jaxprune.zoo gemma: layer {i} has {self.heads_at(i)} query heads, "
+                                 f"not a multiple of kv_heads={self.kv_heads_at(i)}")
+
+    def heads_at(self, i: int) -> int:
+        """Query heads of layer ``i`` (``layer_heads[i]`` of a slimmed model, else ``heads``)."""
+        return self.heads if self.layer_heads is None else int(self.layer_heads[i])
+
+    def kv_heads_at(self, i: int) -> int:
+        """KV heads of layer ``i`` (``layer_kv_heads[i]`` of a slimmed model, else ``kv_heads``)."""
+        return self.kv_heads if self.layer_kv_heads is None else int(self.layer_kv_heads[i])
+
+    def ffn_at(self, i: int) -> int:
+        """FFN width of layer ``i`` (``layer_ffn[i]`` of a slimmed model, else ``ffn``)."""
+        return self.ffn if self.layer_ffn is None else int(self.layer_ffn[i])
 
     def is_global(self, i: int) -> bool:
         """Whether layer ``i`` attends globally (else: sliding window)."""
@@ -130,6 +162,63 @@ def config_from_metadata(meta: Mapping[str, Any]) -> GemmaConfig:
     return GemmaConfig(**kw)
 
 
+def config_from_params(cfg: GemmaConfig, params: Mapping[str, Any]) -> GemmaConfig:
+    """``cfg`` with the per-layer query-head / KV-head counts and FFN widths (and ``out_bias``)
+    that ``params`` carries: the config of a structurally pruned (slimmed) Gemma. Layers absent
+    from ``params`` (blocks removed) keep ``cfg``'s sizes.
+
+    >>> cfg = GemmaConfig(vocab=8, d=8, layers=2, heads=2, kv_heads=1, head_dim=4, ffn=8)
+    >>> kv = np.zeros((2, 1, 8, 4))
+    >>> p = {"layer_0": {"attn": {"q_einsum": np.zeros((1, 8, 4)), "kv_einsum": kv},
+    ...                  "mlp": {"linear": np.zeros((5, 8))}},
+    ...      "layer_1": {"attn": {"q_einsum": np.zeros((2, 8, 4)), "kv_einsum": kv},
+    ...                  "mlp": {"linear": np.zeros((8, 8))}}}
+    >>> c = config_from_params(cfg, p); c.layer_heads, c.layer_ffn, c.out_bias
+    ((1, 2), (5, 8), False)
+    """
+    heads, kv, ffn, bias = [], [], [], False
+    for i in range(cfg.layers):
+        blk = params.get(f"layer_{i}")
+        if blk is None:
+            heads.append(cfg.heads_at(i))
+            kv.append(cfg.kv_heads_at(i))
+            ffn.append(cfg.ffn_at(i))
+            continue
+        try:
+            heads.append(int(np.shape(blk["attn"]["q_einsum"])[0]))
+            kv.append(int(np.shape(blk["attn"]["kv_einsum"])[1]))
+            ffn.append(int(np.shape(blk["mlp"]["linear"])[0]))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"jaxprune.zoo gemma: params 'layer_{i}' lacks attn/q_einsum, "
+                             f"attn/kv_einsum or mlp/linear ({e!r}); pass the Gemma params dict") from None
+        bias = bias or "bias" in blk["attn"] or "bias" in blk["mlp"]
+    def per_layer(v: list[int], full: int) -> tuple[int, ...] | None:
+        return None if v == [full] * cfg.layers else tuple(v)
+
+    return replace(cfg, layer_heads=per_layer(heads, cfg.heads), layer_ffn=per_layer(ffn, cfg.ffn),
+                   layer_kv_heads=per_layer(kv, cfg.kv_heads), out_bias=bias)
+
+
+def with_out_bias(params: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of Gemma ``params`` with a zero ``bias`` (d,) after every attention output and MLP
+    down projection (for ``GemmaConfig(out_bias=True)``: the model computes the same function until
+    something, e.g. FLAP bias compensation, writes into the biases).
+
+    >>> p = {"layer_0": {"attn": {"attn_vec_einsum": np.ones((1, 2, 3))}, "mlp": {"linear": np.ones((4, 3))}}}
+    >>> with_out_bias(p)["layer_0"]["mlp"]["bias"].shape
+    (3,)
+    """
+    out = dict(params)
+    for k, blk in params.items():
+        if not k.startswith("layer_"):
+            continue
+        attn, mlp = dict(blk["attn"]), dict(blk["mlp"])
+        attn.setdefault("bias", jnp.zeros(np.shape(attn["attn_vec_einsum"])[-1], jnp.float32))
+        mlp.setdefault("bias", jnp.zeros(np.shape(mlp["linear"])[-1], jnp.float32))
+        out[k] = {**blk, "attn": attn, "mlp": mlp}
+    return out
+
+
 def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
     """NEOX-style rotary embedding of ``x`` ``(..., T, heads, H)`` at ``positions`` ``(..., T)``:
     dimension ``j`` of the first half rotates with ``j + H/2``.
@@ -162,14 +251,17 @@ class Attention(nn.Module):
 
     cfg: GemmaConfig
     is_global: bool
+    heads: int | None = None
+    kv_heads: int | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         c = self.cfg
         init = nn.initializers.normal(0.02)
-        wq = self.param("q_einsum", init, (c.heads, c.d, c.head_dim))
-        wkv = self.param("kv_einsum", init, (2, c.kv_heads, c.d, c.head_dim))
-        wo = self.param("attn_vec_einsum", init, (c.heads, c.head_dim, c.d))
+        nq, nkv = self.heads or c.heads, self.kv_heads or c.kv_heads
+        wq = self.param("q_einsum", init, (nq, c.d, c.head_dim))
+        wkv = self.param("kv_einsum", init, (2, nkv, c.d, c.head_dim))
+        wo = self.param("attn_vec_einsum", init, (nq, c.head_dim, c.d))
         q = jnp.einsum("BTD,NDH->BTNH", x, wq)
         k, v = jnp.einsum("BSD,CKDH->CBSKH", x, wkv)
         q = RMSNorm(c.eps, name="q_norm")(q)
@@ -178,8 +270,8 @@ class Attention(nn.Module):
         q = rope(q, positions, base) * c.scale
         k = rope(k, positions, base)
         b, t, n, h = q.shape
-        g = n // c.kv_heads
-        q = q.reshape(b, t, c.kv_heads, g, h)
+        g = n // nkv
+        q = q.reshape(b, t, nkv, g, h)
         logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k)
         qpos, kpos = positions[:, None, None, :, None], positions[:, None, None, None, :]
         allowed = kpos <= qpos
@@ -188,22 +280,30 @@ class Attention(nn.Module):
         logits = jnp.where(allowed, logits, jnp.finfo(logits.dtype).min)
         probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
         out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, n, h)
-        return jnp.einsum("BTNH,NHD->BTD", out, wo)
+        out = jnp.einsum("BTNH,NHD->BTD", out, wo)
+        if c.out_bias:
+            out = out + self.param("bias", nn.initializers.zeros, (c.d,))
+        return out
 
 
 class MLP(nn.Module):
     """GeGLU feed-forward: ``linear(gelu(gate(x)) · up(x))`` with gate/up stacked in one param."""
 
     cfg: GemmaConfig
+    ffn: int | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.cfg
         init = nn.initializers.normal(0.02)
-        wg = self.param("gating_einsum", init, (2, c.ffn, c.d))
-        w2 = self.param("linear", init, (c.ffn, c.d))
+        f = self.ffn or c.ffn
+        wg = self.param("gating_einsum", init, (2, f, c.d))
+        w2 = self.param("linear", init, (f, c.d))
         gate, up = jnp.einsum("BTD,CFD->CBTF", x, wg)
-        return jnp.einsum("BTF,FD->BTD", nn.gelu(gate, approximate=True) * up, w2)
+        out = jnp.einsum("BTF,FD->BTD", nn.gelu(gate, approximate=True) * up, w2)
+        if c.out_bias:
+            out = out + self.param("bias", nn.initializers.zeros, (c.d,))
+        return out
 
 
 class GemmaBlock(nn.Module):
@@ -215,14 +315,17 @@ class GemmaBlock(nn.Module):
 
     cfg: GemmaConfig
     is_global: bool
+    heads: int | None = None
+    ffn: int | None = None
+    kv_heads: int | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         eps = self.cfg.eps
-        a = Attention(self.cfg, self.is_global, name="attn")(RMSNorm(eps, name="pre_attention_norm")(x),
-                                                             positions)
+        a = Attention(self.cfg, self.is_global, self.heads, self.kv_heads, name="attn")(
+            RMSNorm(eps, name="pre_attention_norm")(x), positions)
         x = x + RMSNorm(eps, name="post_attention_norm")(a)
-        f = MLP(self.cfg, name="mlp")(RMSNorm(eps, name="pre_ffw_norm")(x))
+        f = MLP(self.cfg, self.ffn, name="mlp")(RMSNorm(eps, name="pre_ffw_norm")(x))
         return x + RMSNorm(eps, name="post_ffw_norm")(f)
 
 
@@ -245,7 +348,8 @@ class Gemma(nn.Module):
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape)
         layers = range(c.layers) if self.keep_layers is None else self.keep_layers
         for i in layers:
-            x = GemmaBlock(c, c.is_global(i), name=f"layer_{i}")(x, positions)
+            x = GemmaBlock(c, c.is_global(i), c.heads_at(i), c.ffn_at(i), c.kv_heads_at(i),
+                           name=f"layer_{i}")(x, positions)
         x = RMSNorm(c.eps, name="final_norm")(x)
         if hidden:
             return x
@@ -288,18 +392,29 @@ def perplexity(model: Gemma, params: Any, windows: Iterable[np.ndarray], batch: 
     return float(np.exp(total / (w.shape[0] * (w.shape[1] - 1))))
 
 
+def _logits(model: Gemma, params: Any, tokens: jax.Array) -> jax.Array:
+    return model.apply({"params": params}, tokens)
+
+
+_logits_jit = jax.jit(_logits, static_argnums=0)  # shared: one compilation per (config, length)
+
+
 def greedy(model: Gemma, params: Any, tokens: list[int], steps: int) -> list[int]:
-    """Greedy continuation of a prompt by ``steps`` tokens (recomputes the prefix each step; for
-    short demos).
+    """Greedy continuation of a prompt by ``steps`` tokens (for short demos).
+
+    Runs the model on a fixed buffer of ``len(tokens) + steps`` ids (the tail padded with 0): the
+    model is causal, so the logits at position ``i`` never see the padding after it, and the whole
+    continuation compiles once per model config and length instead of once per step.
 
     >>> cfg = GemmaConfig(vocab=8, d=8, layers=1, heads=1, kv_heads=1, head_dim=4, ffn=8)
     >>> p = jax.jit(Gemma(cfg).init)(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"]
     >>> len(greedy(Gemma(cfg), p, [1, 2], 2))
     4
     """
-    out = list(tokens)
-    fn = jax.jit(lambda p, t: model.apply({"params": p}, t))
-    for _ in range(steps):
-        logits = fn(params, jnp.asarray([out], jnp.int32))
-        out.append(int(jnp.argmax(logits[0, -1])))
-    return out
+    n0 = len(tokens)
+    buf = np.zeros((1, n0 + steps), np.int32)
+    buf[0, :n0] = tokens
+    for i in range(n0, n0 + steps):
+        logits = _logits_jit(model, params, jnp.asarray(buf))
+        buf[0, i] = int(jnp.argmax(logits[0, i - 1]))
+    return [int(t) for t in buf[0]]

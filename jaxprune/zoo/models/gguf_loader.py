@@ -142,13 +142,14 @@ def _contiguous(tree: dict[str, Any]) -> dict[str, Any]:
 
 def tensors_from_params(cfg: GemmaConfig, params: dict[str, Any]) -> dict[str, np.ndarray]:
     """Inverse of :func:`params_from_tensors`: llama.cpp-named ``(out, in)`` float32 tensors."""
-    n, k, d, h = cfg.heads, cfg.kv_heads, cfg.d, cfg.head_dim
+    d, h = cfg.d, cfg.head_dim
     a = lambda x: np.asarray(x, np.float32)  # noqa: E731
     out = {"token_embd.weight": a(params["embedder"]["input_embedding"]),
            "output_norm.weight": a(params["final_norm"]["scale"])}
     for i in range(cfg.layers):
         lp, b = params[f"layer_{i}"], f"blk.{i}."
         at, mlp = lp["attn"], lp["mlp"]
+        n, k = cfg.heads_at(i), cfg.kv_heads_at(i)  # a slimmed model has per-layer head counts
         out[b + "attn_q.weight"] = a(at["q_einsum"]).transpose(0, 2, 1).reshape(n * h, d)
         out[b + "attn_k.weight"] = a(at["kv_einsum"][0]).transpose(0, 2, 1).reshape(k * h, d)
         out[b + "attn_v.weight"] = a(at["kv_einsum"][1]).transpose(0, 2, 1).reshape(k * h, d)
