@@ -303,3 +303,40 @@ def test_conv_wanda_uses_patch_norms():
     norms = st[c2].norms.reshape(w.shape[:-1])
     ref = (np.abs(w) * norms[..., None]).sum(axis=(0, 1, 3))
     np.testing.assert_allclose(group_scores(v, [g], "wanda", stats=st)[g.name], ref, rtol=1e-4)
+
+
+def test_wanda_and_flap_scores_on_einsum_and_pytorch_layouts():
+    """Members whose fan-in is not on leading axes (einsum q (heads, d, head_dim), a PyTorch
+    (out, in) weight) are scored from the traced matrix view: the same numbers as a numpy oracle
+    over the true consumer rows, and no error (the Flax-layout guess used to raise)."""
+    rng = np.random.default_rng(0)
+    d, n, hd, f = 6, 3, 2, 5
+    p = {"q": jnp.asarray(rng.normal(size=(n, d, hd)), jnp.float32),     # producer, fan-in d
+         "o": jnp.asarray(rng.normal(size=(n, hd, d)), jnp.float32),     # consumer, fan-in (n, hd)
+         "up": jnp.asarray(rng.normal(size=(f, d)), jnp.float32),        # PyTorch (out, in)
+         "down": jnp.asarray(rng.normal(size=(d, f)), jnp.float32)}      # PyTorch (out, in)
+
+    def fn(p, x):
+        h = jnp.einsum("bd,ndh->bnh", x, p["q"])
+        x = x + jnp.einsum("bnh,nhd->bd", jnp.tanh(h), p["o"])
+        return x + jax.nn.relu(x @ p["up"].T) @ p["down"].T
+
+    x = jnp.asarray(rng.normal(size=(40, d)), jnp.float32)
+    gs = discover_groups(fn, p, x)
+    st = calibrate(fn, p, [x], gram=False)
+    heads = next(g for g in gs if any(m.path == "o" and m.axis == 0 for m in g.members))
+    ffn = next(g for g in gs if any(m.path == "down" and m.axis == 1 for m in g.members))
+    a = np.tanh(np.einsum("bd,ndh->bnh", np.asarray(x), np.asarray(p["q"])))     # o's input
+    x2 = np.asarray(x) + np.einsum("bnh,nhd->bd", a, np.asarray(p["o"]))
+    u = np.maximum(x2 @ np.asarray(p["up"]).T, 0.0)                                 # down's input
+    o, dn = np.asarray(p["o"]), np.asarray(p["down"])
+    for crit in ("flap", "wanda"):
+        sc = group_scores(p, gs, crit, stats=st)
+        if crit == "flap":
+            want_h = (a.var(0) * (o**2).sum(-1)).sum(1)
+            want_f = u.var(0) * (dn**2).sum(0)
+        else:
+            want_h = (np.sqrt((a**2).sum(0)) * np.abs(o).sum(-1)).sum(1)
+            want_f = np.sqrt((u**2).sum(0)) * np.abs(dn).sum(0)
+        np.testing.assert_allclose(sc[heads.name], want_h, rtol=2e-4, err_msg=crit)
+        np.testing.assert_allclose(sc[ffn.name], want_f, rtol=2e-4, err_msg=crit)

@@ -98,6 +98,27 @@ def _fan_in_ndim(shape: tuple[int, ...], fan_in: int, path: str) -> int:
                      f"of leading axes of its shape {shape}")
 
 
+def _consumer_rows(w: Any, st: LayerStats, axis: int, path: str
+                   ) -> tuple[Any, tuple[int, ...], int] | None:
+    """``(W as (fan_in, out), the fan-in axes' sizes in row order, where ``axis`` is among them)``,
+    or ``None`` when ``axis`` is not a fan-in axis of the weight. Uses the traced matrix view the
+    calibration recorded (any layout: einsum ``(heads, d, head_dim)``, PyTorch ``(out, in)``), else
+    the Flax convention (fan-in = leading axes)."""
+    view = st.view
+    if view is not None and view.has_view:
+        if view.batch:
+            raise ValueError(f"jaxprune.structured: '{path}' is a batched matmul weight (axes "
+                             f"{view.batch} are einsum batch axes); activation criteria (wanda, "
+                             "flap) do not support it, use l2 or taylor")
+        if axis not in view.fan_in:
+            return None
+        return view.to_view(w), tuple(w.shape[a] for a in view.fan_in), view.fan_in.index(axis)
+    k = _fan_in_ndim(tuple(w.shape), st.fan_in, path)
+    if axis >= k:
+        return None
+    return w.reshape(matrix_view(w.shape, st.fan_in)), tuple(w.shape[:k]), axis
+
+
 def _member_vectors(leaf_scores: Mapping[str, Any], g: Group) -> list[np.ndarray]:
     vecs = []
     for m in g.members:
@@ -167,17 +188,16 @@ def group_scores(
             st = stats.get(m.path)
             if st is None:
                 continue
-            w = jnp.asarray(leaves[m.path], jnp.float32)
-            k = _fan_in_ndim(tuple(w.shape), st.fan_in, m.path)
-            if m.axis >= k:
+            rows = _consumer_rows(jnp.asarray(leaves[m.path], jnp.float32), st, m.axis, m.path)
+            if rows is None:
                 continue  # only input (consumer) axes carry activation statistics
-            wm = w.reshape(matrix_view(w.shape, st.fan_in))
-            if criterion == "wanda":
-                s = criteria.wanda({"w": wm}, act_norms={"w": jnp.asarray(st.norms)})["w"]
-                s = np.asarray(s).reshape(w.shape)
-            else:  # flap: fluctuation metric
-                s = (st.var * np.asarray(jnp.sum(wm**2, axis=1))).reshape(w.shape[:k])
-            other = tuple(i for i in range(s.ndim) if i != m.axis)
+            wm, fan_shape, pos = rows
+            if criterion == "wanda":  # sum over outputs of |w| * ||x_j||
+                r = st.norms * np.asarray(jnp.sum(jnp.abs(wm), axis=1))
+            else:  # flap: fluctuation metric Var[x_j] * ||W[j]||^2
+                r = st.var * np.asarray(jnp.sum(wm**2, axis=1))
+            s = r.reshape(fan_shape)
+            other = tuple(i for i in range(s.ndim) if i != pos)
             v = s.sum(axis=other) if other else s
             acc += np.bincount(m.unit_of_index(), weights=np.asarray(v, np.float64),
                                minlength=g.size)
