@@ -11,12 +11,10 @@ see ``jaxprune.zoo.data.text_tfds``). The trained params go to ``results/gpt_par
 from __future__ import annotations
 
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxprune.zoo.data import text_tfds
 from jaxprune.zoo.models.gpt import GPT, GPTConfig, loss_fn, perplexity
@@ -34,36 +32,15 @@ def load_data(data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
 def train(cfg: GPTConfig, steps: int, batch: int, lr: float, seed: int = 0,
           data_dir: str | None = None, progress: bool = True) -> tuple[dict, dict]:
     """Train; returns ``(params, info)`` with validation perplexity."""
-    from tqdm.auto import tqdm
-
     tr, va = load_data(data_dir)
     tr, va = tr[:, : cfg.seq + 1], va[:VAL_RECORDS, : cfg.seq + 1]
     model = GPT(cfg)
-    params = model.init(jax.random.key(seed), jnp.zeros((1, cfg.seq), jnp.int32))["params"]
-    sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 20, 1), steps, lr * 0.1)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.1))
-    opt = tx.init(params)
-
-    @jax.jit
-    def step(p, o, r):
-        loss, g = jax.value_and_grad(lambda p: loss_fn(model, p, r))(p)
-        u, o = tx.update(g, o, p)
-        return optax.apply_updates(p, u), o, loss
-
-    rng = np.random.default_rng(seed)
-    t0 = time.time()
-    bar = tqdm(range(steps), desc="train gpt", disable=not progress)
-    losses = []
-    for i in bar:
-        r = tr[rng.integers(0, len(tr), batch)]
-        params, opt, loss = step(params, opt, r)
-        if i % 20 == 0 or i == steps - 1:
-            losses.append(float(loss))
-            bar.set_postfix(loss=f"{float(loss):.3f}")
-    secs = time.time() - t0
+    params, run = _common.train_lm(model, lambda p, r: loss_fn(model, p, r), tr, steps=steps,
+                                   batch=batch, lr=lr, seed=seed, desc="train gpt",
+                                   progress=progress)
     ppl = perplexity(model, params, va)
-    info = {"steps": steps, "batch": batch, "lr": lr, "train_seconds": round(secs, 1),
-            "final_train_loss": losses[-1], "val_ppl": ppl, "val_bits_per_byte": float(np.log2(ppl)),
+    info = {"steps": steps, "batch": batch, "lr": lr, **run, "val_ppl": ppl,
+            "val_bits_per_byte": float(np.log2(ppl)),
             "train_records": int(len(tr)), "val_records": int(len(va)), "config": cfg._asdict()}
     return params, info
 

@@ -11,12 +11,10 @@ it retrains when they are absent.
 from __future__ import annotations
 
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxprune.zoo.models.moe import MoE, MoEConfig, loss_fn, perplexity
 
@@ -52,33 +50,15 @@ def expert_load(model: MoE, params: dict, records: np.ndarray) -> list[list[floa
 def train(cfg: MoEConfig, steps: int, batch: int, lr: float, aux_weight: float = 0.01, seed: int = 0,
           progress: bool = True) -> tuple[dict, dict]:
     """Train; returns ``(params, info)`` with validation perplexity and the expert load."""
-    from tqdm.auto import tqdm
-
     tr, va = load_data(cfg.seq)
     model = MoE(cfg)
-    params = model.init(jax.random.key(seed), jnp.zeros((1, cfg.seq), jnp.int32))["params"]
-    sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 20, 1), steps, lr * 0.1)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.1))
-    opt = tx.init(params)
-
-    @jax.jit
-    def step(p, o, r):
-        loss, g = jax.value_and_grad(lambda p: loss_fn(model, p, r, aux_weight))(p)
-        u, o = tx.update(g, o, p)
-        return optax.apply_updates(p, u), o, loss
-
-    rng = np.random.default_rng(seed)
-    t0 = time.time()
-    losses = []
-    for i in tqdm(range(steps), desc="train moe", disable=not progress):
-        params, opt, loss = step(params, opt, tr[rng.integers(0, len(tr), batch)])
-        if i % 20 == 0 or i == steps - 1:
-            losses.append(float(loss))
-    secs = time.time() - t0
+    params, run = _common.train_lm(model, lambda p, r: loss_fn(model, p, r, aux_weight), tr,
+                                   steps=steps, batch=batch, lr=lr, seed=seed, desc="train moe",
+                                   progress=progress)
     ppl = perplexity(model, params, va)
     n_params = int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
     info = {"steps": steps, "batch": batch, "lr": lr, "aux_weight": aux_weight,
-            "train_seconds": round(secs, 1), "final_train_loss": losses[-1], "val_ppl": ppl,
+            **run, "val_ppl": ppl,
             "val_records": int(len(va)), "params": n_params,
             "expert_load": expert_load(model, params, va[:64]), "config": cfg._asdict()}
     return params, info
