@@ -68,20 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     import jax
     import jax.numpy as jnp
 
+    from jaxprune import structured as sx
     from jaxprune.core.masks import apply_masks
-    from jaxprune.structured import (
-        block_scores,
-        choose_blocks,
-        choose_units,
-        compensate_bias,
-        discover_groups,
-        drop_blocks,
-        group_masks,
-        group_scores,
-        input_stats,
-        param_count,
-        slim,
-    )
     from jaxprune.structured.importance import gqa_note
     from jaxprune.zoo.models.gemma import Gemma, config_from_params, nll_sum, perplexity, with_out_bias
 
@@ -123,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             ppl = perplexity(m, p, s.ev if ev is None else ev)
             ev_s = time.time() - t0
         kept = m.keep_layers or range(cfg.layers)
-        n = param_count({k: v for k, v in p.items() if k == "embedder" or
+        n = sx.param_count({k: v for k, v in p.items() if k == "embedder" or
                          k.startswith("layer_") and int(k.split("_")[1]) in kept or
                          not k.startswith("layer_")})
         r = {"kind": kind, "method": method, "ratio": round(ratio, 4), "params": n,
@@ -143,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     fn = lambda p, t: model.apply({"params": p}, t, hidden=True)  # noqa: E731
     v = {"params": params}
     t0 = time.time()
-    groups = discover_groups(model.apply, v, jnp.zeros((1, 8), jnp.int32))
+    groups = sx.discover_groups(model.apply, v, jnp.zeros((1, 8), jnp.int32))
     kvg, heads, ffn = head_ffn_groups(groups)
     info["kv_groups"] = len(kvg)
     if len(heads) != cfg.layers or len(ffn) != cfg.layers:
@@ -152,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     prunable = heads + ffn
     info["groups_s"] = round(time.time() - t0, 1)
     t0 = time.time()
-    stats = input_stats(fn, v, s.batches)
+    stats = sx.input_stats(fn, v, s.batches)
     info["input_stats_s"] = round(time.time() - t0, 1)
     t0 = time.time()
     gfn = jax.jit(jax.grad(lambda p, b: nll_sum(model, p, b)))
@@ -186,13 +174,13 @@ def main(argv: list[str] | None = None) -> int:
         for label, crit, comp in METHODS:
             t0 = time.time()
             if crit not in score_cache:
-                score_cache[crit] = group_scores(v, prunable, crit, grads=grads, stats=stats)
+                score_cache[crit] = sx.group_scores(v, prunable, crit, grads=grads, stats=stats)
             sc = score_cache[crit]
-            sh = choose_units(sc, heads, r, allocation=args.allocation)
-            sf = choose_units(sc, ffn, r, allocation=args.allocation)
+            sh = sx.choose_units(sc, heads, r, allocation=args.allocation)
+            sf = sx.choose_units(sc, ffn, r, allocation=args.allocation)
             keep = {**sh.keep, **sf.keep}
-            vv = compensate_bias(vb, prunable, keep, means) if comp else v
-            sv = slim(vv, prunable, keep)
+            vv = sx.compensate_bias(vb, prunable, keep, means) if comp else v
+            sv = sx.slim(vv, prunable, keep)
             scfg = config_from_params(cfg, sv["params"])
             secs = time.time() - t0
             h = sum(scfg.heads_at(i) for i in range(cfg.layers))
@@ -203,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             if comp and r == ratios[0]:
                 kept_for_gen[f"flap+bias {r:.0%}"] = (Gemma(scfg), sv["params"])
                 # the slim model is the masked full-size model (same function, smaller shapes)
-                masked = apply_masks(vv, group_masks(vv, prunable, keep))["params"]
+                masked = apply_masks(vv, sx.group_masks(vv, prunable, keep))["params"]
                 x = jnp.asarray(s.ev[:1, :64])
                 a = np.asarray(Gemma(scfg).apply({"params": sv["params"]}, x, hidden=True))
                 b = np.asarray(model.clone(cfg=config_from_params(cfg, masked)).apply(
@@ -217,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     del stats, grads, score_cache
 
     t0 = time.time()
-    bs = block_scores(lambda vv, t: model.apply(vv, t, hidden=True), v, s.batches,
+    bs = sx.block_scores(lambda vv, t: model.apply(vv, t, hidden=True), v, s.batches,
                       pattern=r"^layer_(\d+)$")
     score_s = time.time() - t0
     info["block_scores"] = [b._asdict() for b in bs]
@@ -229,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(cfg.layers):
             keep = tuple(j for j in range(cfg.layers) if j != i)
             sweep[i] = row("sweep", f"without block {i}", 1 / cfg.layers, Gemma(cfg, keep_layers=keep),
-                           drop_blocks(params, [i], prefix="layer_", renumber=False), 0.0,
+                           sx.drop_blocks(params, [i], prefix="layer_", renumber=False), 0.0,
                            "global" if cfg.is_global(i) else "local", ev=sev, record=False)
         info["sweep"] = {"eval_windows": int(len(sev)), "dense_ppl": sweep_ppl0,
                          "ppl_without_block": {str(i): round(q, 4) for i, q in sweep.items()}}
@@ -241,9 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         for metric in metrics:
             t0 = time.time()
             gone = (sorted(sorted(sweep, key=lambda i: (sweep[i], i))[:n]) if metric == "sweep"
-                    else choose_blocks(bs, n, metric))
+                    else sx.choose_blocks(bs, n, metric))
             keep = tuple(i for i in range(cfg.layers) if i not in gone)
-            dropped = drop_blocks(params, gone, prefix="layer_", renumber=False)
+            dropped = sx.drop_blocks(params, gone, prefix="layer_", renumber=False)
             label = f"{metric}" if metric != "sweep" else "best single blocks (sweep)"
             q = row("blocks", label, n / cfg.layers, Gemma(cfg, keep_layers=keep), dropped,
                     time.time() - t0 + (score_s if metric in ("angular", "influence") else 0.0),
