@@ -554,3 +554,48 @@ def test_sparse_pretrain_stop_and_resume(tmp_path):
         assert mgr.latest_step() == 6
         st = mgr._mgr.restore(6, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     assert int(st["state"]["data_pos"]) == 6
+
+
+@pytest.mark.parametrize("bits,sym", [(4, True), (8, False)])
+def test_compact_nm_quant_packed_saved_as_is(tmp_path, bits, sym):
+    """An NMQuantPacked leaf (2:4 + int codes + group scales; None zeros when symmetric) is stored
+    as it is: every array bit-exact after load_packed, and load_sparse gives its dequantized
+    weight and its mask."""
+    from jaxprune.kernels import quant_formats as QF
+
+    rng = np.random.default_rng(bits)
+    k, n_out, g = 64, 6, 32
+    params, masks = _nm_params(rng, k, n_out, 2, 4)
+    mask = np.asarray(masks["kernel"])
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if sym else (0, 2**bits - 1)
+    codes = np.where(mask, rng.integers(lo, hi + 1, size=(k, n_out)), 0)
+    codes = codes.astype(np.int8 if sym else np.uint8)
+    scales = rng.uniform(0.01, 1.0, size=(k // g, n_out)).astype(np.float32)
+    zeros = None if sym else rng.integers(0, 2**bits, size=(k // g, n_out)).astype(np.uint8)
+    if not sym:  # pruned entries hold the code of value 0: the zero point
+        codes = np.where(mask, codes, np.repeat(zeros, g, axis=0)).astype(np.uint8)
+    p = QF.pack_nm_quant(codes, mask, scales, zeros, bits=bits, group_size=g)
+    tree = {"q": {"kernel": p, "bias": jnp.ones(n_out)}, "d": params}
+    mtree = {"q": {"kernel": None, "bias": None}, "d": masks}
+    info = sc.save_sparse(tmp_path / "s", tree, mtree, pattern="2:4")
+    assert info["bytes"] > 0
+    back = sc.load_packed(tmp_path / "s")
+    q = back["q"]["kernel"]
+    assert isinstance(q, QF.NMQuantPacked) and (q.zeros is None) == sym
+    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(q), strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert (q.shape, q.n, q.m, q.bits, q.group_size) == (p.shape, p.n, p.m, p.bits, p.group_size)
+    c2, m2, s2, _ = QF.unpack_nm_quant(q)
+    np.testing.assert_array_equal(np.asarray(c2), codes)
+    np.testing.assert_array_equal(np.asarray(m2), mask)
+    w, m = sc.load_sparse(tmp_path / "s")
+    zr = 0.0 if sym else np.repeat(zeros, g, axis=0).astype(np.float64)
+    ref = np.where(mask, (codes.astype(np.float64) - zr) * np.repeat(scales, g, axis=0), 0.0)
+    np.testing.assert_allclose(np.asarray(w["q"]["kernel"]), ref, rtol=1e-6, atol=0)
+    np.testing.assert_array_equal(np.asarray(m["q"]["kernel"]), mask)
+    np.testing.assert_array_equal(np.asarray(w["d"]["kernel"]), np.asarray(params["kernel"]))
+    # a mask that disagrees with the packed leaf's own is refused, naming the leaf
+    bad = {"q": {"kernel": jnp.asarray(~mask), "bias": None}, "d": masks}
+    with pytest.raises(ValueError, match="q/kernel"):
+        sc.save_sparse(tmp_path / "bad", tree, bad, pattern="2:4")

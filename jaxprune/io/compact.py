@@ -10,6 +10,12 @@ in the format of its pattern:
   another axis, 1-d leaves, an empty group of ``1:2**b``) → :class:`~jaxprune.kernels.formats.Bitmask`
   (1 bit per entry + the kept values).
 
+A leaf that is *already packed* (any of these formats, or
+:class:`~jaxprune.kernels.quant_formats.NMQuantPacked`: N:M + integer codes + group scales, e.g. from
+``SparseGPT(quant=...).compress`` and :func:`~jaxprune.kernels.quant_formats.pack_nm_quant`) is saved
+as it is, bit for bit; its mask leaf must be ``None`` or equal to the mask the format holds.
+``None`` array fields (the zero points of symmetric codes) are recorded as ``None``.
+
 Unpruned leaves are stored dense. Restoring gives back *exactly* the params and the masks (a kept
 weight that happens to be ``0.0`` stays kept). The directory is one orbax checkpoint with two items:
 ``meta`` (``JsonSave``: format version, and per leaf its path, shape, dtype, format and the format's
@@ -48,12 +54,42 @@ from jaxprune.core import patterns as pat_lib
 from jaxprune.core.masks import PyTree, check_masks, leaves_with_paths, tree_map_with_path_masked
 from jaxprune.io.trees import check_structure, dir_size
 from jaxprune.kernels import formats as F
+from jaxprune.kernels import quant_formats as QF
 
 __all__ = ["save_sparse", "load_sparse", "load_packed", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 2
-_CLASSES: dict[str, type] = {"nm": F.NMPacked, "block": F.BlockSparse, "bitmask": F.Bitmask}
+_CLASSES: dict[str, type] = {"nm": F.NMPacked, "block": F.BlockSparse, "bitmask": F.Bitmask,
+                             "nm_quant": QF.NMQuantPacked}
 _FORMAT_OF = {cls: name for name, cls in _CLASSES.items()}
+_PACKED = tuple(_CLASSES.values())
+
+
+def _is_leaf(x: Any) -> bool:
+    return x is None or isinstance(x, _PACKED)
+
+
+def _packed_dtype(p: Any) -> Any:
+    """dtype of the dense weight a packed leaf stands for (dequantized: float32)."""
+    return jnp.float32 if isinstance(p, QF.NMQuantPacked) else p.values.dtype
+
+
+def _packed_mask(p: Any) -> jax.Array:
+    return QF.unpack_nm_quant(p)[1] if isinstance(p, QF.NMQuantPacked) else F.to_mask(p)
+
+
+def _packed_dense(p: Any) -> jax.Array:
+    return QF.dequantize(p) if isinstance(p, QF.NMQuantPacked) else F.unpack(p)
+
+
+def _record(p: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """``({"format", "static", "none"}, arrays)`` of a packed format value."""
+    fields = dataclasses.fields(p)
+    static = {f.name: getattr(p, f.name) for f in fields if not _is_array_field(f)}
+    arr = {f.name: getattr(p, f.name) for f in fields if _is_array_field(f)}
+    none = sorted(k for k, v in arr.items() if v is None)
+    return ({"format": _FORMAT_OF[type(p)], "static": static, "none": none},
+            {k: np.asarray(v) for k, v in arr.items() if v is not None})
 
 
 def _is_array_field(f: dataclasses.Field) -> bool:
@@ -88,8 +124,15 @@ def _entry(path: str, key: str, w: np.ndarray, m: np.ndarray | None, pat: pat_li
            drop: dict[str, int] | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """JSON record and arrays of one leaf; with ``drop`` (a dict), nonzero values where the mask
     is off are zeroed and counted in ``drop[path]`` instead of refused."""
+    dtype = _packed_dtype(w) if isinstance(w, _PACKED) else w.dtype
     info: dict[str, Any] = {"path": path, "key": key, "shape": list(w.shape),
-                            "dtype": str(jnp.dtype(w.dtype))}
+                            "dtype": str(jnp.dtype(dtype))}
+    if isinstance(w, _PACKED):  # already packed: saved as it is
+        if m is not None and not np.array_equal(m, np.asarray(_packed_mask(w))):
+            raise ValueError(f"mask differs from the one its packed {type(w).__name__} holds; "
+                             "pass None for a packed leaf")
+        rec, arrays = _record(w)
+        return info | rec, arrays
     if m is None:
         return info | {"format": "dense"}, {"value": w}
     if m.shape != w.shape:
@@ -105,11 +148,8 @@ def _entry(path: str, key: str, w: np.ndarray, m: np.ndarray | None, pat: pat_li
             "pass drop_off_mask=True to zero them, or save a dense checkpoint "
             "(jaxprune.io.checkpoint)"
         )
-    p = _pack_leaf(path, w, m, pat)
-    fields = dataclasses.fields(p)
-    static = {f.name: getattr(p, f.name) for f in fields if not _is_array_field(f)}
-    arrays = {f.name: np.asarray(getattr(p, f.name)) for f in fields if _is_array_field(f)}
-    return info | {"format": _FORMAT_OF[type(p)], "static": static}, arrays
+    rec, arrays = _record(_pack_leaf(path, w, m, pat))
+    return info | rec, arrays
 
 
 def _packed_leaf(info: dict[str, Any], arrays: dict[str, Any]) -> Any:
@@ -120,7 +160,8 @@ def _packed_leaf(info: dict[str, Any], arrays: dict[str, Any]) -> Any:
     if fmt not in _CLASSES:
         raise ValueError(f"jaxprune: unknown packed format '{fmt}' at '{info['path']}'")
     static = {k: tuple(v) if isinstance(v, list) else v for k, v in info["static"].items()}
-    return _CLASSES[fmt](**{k: jnp.asarray(v) for k, v in arrays.items()}, **static)
+    none = dict.fromkeys(info.get("none", ()))
+    return _CLASSES[fmt](**{k: jnp.asarray(v) for k, v in arrays.items()}, **none, **static)
 
 
 def save_sparse(directory: str | os.PathLike, params: PyTree, masks: PyTree, *,
@@ -147,19 +188,25 @@ def save_sparse(directory: str | os.PathLike, params: PyTree, masks: PyTree, *,
     if not isinstance(drop_off_mask, bool):
         raise TypeError(f"jaxprune.io.compact.save_sparse: drop_off_mask must be True or False, "
                         f"got {drop_off_mask!r}")
-    check_masks(params, masks)
+    # already-packed leaves are single leaves, checked against masks by their dense shape
+    flat, treedef = jax.tree_util.tree_flatten(params, is_leaf=_is_leaf)
+    shapes = jax.tree_util.tree_unflatten(treedef, [
+        jax.ShapeDtypeStruct(tuple(x.shape), _packed_dtype(x)) if isinstance(x, _PACKED) else x
+        for x in flat])
+    check_masks(shapes, masks)
     pattern = pat_lib.parse(pattern)
     dropped: dict[str, int] | None = {} if drop_off_mask else None
     leaves: list[dict[str, Any]] = []
     arrays: dict[str, dict[str, np.ndarray]] = {}
-    for i, ((path, p), (_, m)) in enumerate(
-        zip(leaves_with_paths(params), leaves_with_paths(masks), strict=True)
+    packed_leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_leaf)[0]
+    for i, ((_, p), (path, m)) in enumerate(
+        zip(packed_leaves, leaves_with_paths(masks), strict=True)
     ):
         if p is None:
             continue
         key = f"leaf_{i}"
         try:
-            info, arrays[key] = _entry(path, key, np.asarray(p),
+            info, arrays[key] = _entry(path, key, p if isinstance(p, _PACKED) else np.asarray(p),
                                        None if m is None else np.asarray(m).astype(bool),
                                        pat_lib.for_path(pattern, path), dropped)
         except (ValueError, TypeError) as e:
@@ -170,8 +217,11 @@ def save_sparse(directory: str | os.PathLike, params: PyTree, masks: PyTree, *,
         ckptr.save(directory, ocp.args.Composite(meta=ocp.args.JsonSave(meta),
                                                  arrays=ocp.args.StandardSave(arrays)))
     dense = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
-                for x in jax.tree.leaves(params))
+                for x in jax.tree.leaves(shapes))
     dense += sum(int(np.prod(x.shape)) for x in jax.tree.leaves(masks))
+    dense += sum(int(np.prod(x.shape)) for (_, x), (_, m) in  # a packed leaf's mask
+                 zip(packed_leaves, leaves_with_paths(masks), strict=True)
+                 if isinstance(x, _PACKED) and m is None)
     size = dir_size(directory)
     if dropped:
         warnings.warn(f"jaxprune.io.compact.save_sparse: dropped {sum(dropped.values())} nonzero "
@@ -252,9 +302,9 @@ def load_sparse(directory: str | os.PathLike, template: PyTree | None = None
     infos, packed = _read(directory, template)
     params, masks = {}, {}
     for path, x in packed.items():
-        if F.is_packed(x):
-            params[path] = F.unpack(x).astype(jnp.dtype(infos[path]["dtype"]))
-            masks[path] = F.to_mask(x)
+        if isinstance(x, _PACKED):
+            params[path] = _packed_dense(x).astype(jnp.dtype(infos[path]["dtype"]))
+            masks[path] = _packed_mask(x)
         else:
             params[path], masks[path] = x, None
     return _assemble(params, template), _assemble(masks, template)

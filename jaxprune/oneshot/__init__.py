@@ -26,6 +26,7 @@ from jaxprune.oneshot.calibration import LayerStats, as_matrix, calibrate, layer
 from jaxprune.oneshot.common import recon_error
 from jaxprune.oneshot.dsnot import DSnoT
 from jaxprune.oneshot.methods import METHODS, LayerMethod, get_method, register_method
+from jaxprune.oneshot.obr import OBR
 from jaxprune.oneshot.obs import OBS
 from jaxprune.oneshot.owl import OWL, owl_sparsities
 from jaxprune.oneshot.quant import QuantizedWeight, QuantSpec, qwix_rtn, rtn
@@ -38,5 +39,5 @@ __all__ = [
     "METHODS", "LayerMethod", "get_method", "register_method",
     "SparseGPT", "OBS", "Wanda", "Magnitude", "DSnoT", "PerOutput",
     "OWL", "owl_sparsities", "BlockSpec", "prune_layers", "prune_sequential",
-    "GPTQ", "QuantSpec", "QuantizedWeight", "rtn", "qwix_rtn",
+    "GPTQ", "OBR", "QuantSpec", "QuantizedWeight", "rtn", "qwix_rtn",
 ]

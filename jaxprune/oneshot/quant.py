@@ -43,8 +43,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxprune.core import patterns as pat_lib
+from jaxprune.oneshot.calibration import LayerStats
+from jaxprune.oneshot.methods import LayerMethod, get_method
+
 __all__ = ["QuantSpec", "QuantizedWeight", "grid_params", "grid_constants", "grid_params_traced",
-           "fake_quant", "encode", "rtn", "row_params", "qwix_rtn"]
+           "fake_quant", "encode", "rtn", "row_params", "qwix_rtn", "RoundToNearest"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +237,69 @@ def rtn(w: Any, spec: QuantSpec) -> QuantizedWeight:
 @jax.jit(static_argnums=1)
 def _rtn(w: jax.Array, spec: QuantSpec) -> QuantizedWeight:
     return encode(w, *row_params(w, spec), spec)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundToNearest(LayerMethod):
+    """Prune with ``base`` (a method or its name; ``None``: keep all), then put the kept weights on
+    the grid by :func:`rtn` (no compensation): the "prune, then quantize separately" baseline, and
+    dense RTN, as a layer method for the one-shot drivers. Needs what ``base`` needs.
+
+    >>> w = np.array([[1.0, -2.0], [0.5, 4.0], [-1.0, 0.0], [0.25, 1.0]], np.float32)
+    >>> q, m = RoundToNearest(None, QuantSpec(bits=4, group_size=None))(w, None)
+    >>> bool(m.all()), np.round(np.asarray(q)[:, 1] * 7 / 4).tolist()  # codes, scale 4/7
+    (True, [-3.0, 7.0, 0.0, 2.0])
+    >>> q, m = RoundToNearest("magnitude", QuantSpec(bits=8))(w, None, 0.5)
+    >>> int(m.sum()), RoundToNearest("sparsegpt").label
+    (4, 'sparsegpt+rtn')
+    """
+
+    base: LayerMethod | str | None = None
+    quant: QuantSpec = QuantSpec()
+
+    def __post_init__(self) -> None:
+        if self.base is not None:
+            object.__setattr__(self, "base", get_method(self.base))
+        if not isinstance(self.quant, QuantSpec):
+            raise ValueError(f"jaxprune: RoundToNearest.quant must be a QuantSpec, got {self.quant!r}")
+
+    @property
+    def needs(self) -> tuple[str, ...]:  # type: ignore[override]
+        """What ``base`` needs (nothing without one)."""
+        return () if self.base is None else self.base.needs
+
+    @property
+    def label(self) -> str:  # type: ignore[override]
+        """``"rtn"`` or ``"<base label>+rtn"``."""
+        return "rtn" if self.base is None else f"{self.base.label}+rtn"
+
+    def __call__(self, weight: Any, stats: LayerStats | None, sparsity: float | None = None, *,
+                 pattern: pat_lib.Pattern | str = "unstructured", name: str = "<layer>"
+                 ) -> tuple[jax.Array, jax.Array]:
+        """As :meth:`LayerMethod.__call__`; without ``base``, ``sparsity`` defaults to 0.
+
+        >>> RoundToNearest()(np.ones((2, 1), np.float32), None)[0].tolist()
+        [[1.0], [1.0]]
+        """
+        if self.base is None and sparsity is None:
+            sparsity = 0.0
+        return super().__call__(weight, stats, sparsity, pattern=pattern, name=name)
+
+    def prune_matrix(self, w: jax.Array, stats: LayerStats | None, sparsity: Any,
+                     pattern: pat_lib.Pattern, *, name: str = "<layer>"
+                     ) -> tuple[jax.Array, jax.Array]:
+        """``base`` (if any) on the ``(fan_in, out)`` matrix, then RTN of its kept weights.
+
+        >>> RoundToNearest().prune_matrix(jnp.ones((2, 1)), None, 0.0, pat_lib.Unstructured()
+        ...                               )[0].tolist()
+        [[1.0], [1.0]]
+        """
+        if self.base is None:
+            m = jnp.ones(w.shape, bool)
+        else:
+            w, m = self.base.prune_matrix(w, stats, sparsity, pattern, name=name)
+        q = _rtn(jnp.where(m, jnp.asarray(w, jnp.float32), 0.0), self.quant).dequantize()
+        return jnp.where(m, q, 0.0), m
 
 
 def qwix_rtn(w: Any, bits: int = 4, group_size: int | None = None) -> jax.Array:
