@@ -11,7 +11,8 @@ from jaxprune.oneshot.obr import OBR, group_compensation
 from jaxprune.oneshot.quant import QuantSpec, RoundToNearest, rtn
 from jaxprune.oneshot.sparsegpt import SparseGPT
 from jaxprune.oneshot.wanda import Wanda
-from tests.test_gptq import _layer, ref_grid, ref_q
+from tests.oracles import ref_grid, ref_q
+from tests.test_gptq import _layer
 
 
 def ref_rows(W, spec):
@@ -132,7 +133,7 @@ def test_obr_registered_and_bad_arguments():
 
 def test_round_to_nearest_method_is_base_then_numpy_rtn():
     """The prune-then-quantize baseline: base's weights, RTN on the numpy grid, pruned stay 0."""
-    from tests.test_gptq import ref_q as rq
+    from tests.oracles import ref_q as rq
 
     w, st = _layer(fin=32, out=6, seed=3)
     spec = QuantSpec(4, 16)

@@ -9,51 +9,12 @@ from jaxprune.core.patterns import nm_valid
 from jaxprune.oneshot.calibration import LayerStats
 from jaxprune.oneshot.common import recon_error
 from jaxprune.oneshot.sparsegpt import SparseGPT
+from tests.oracles import ref_sweep
 
-
-def ref_sparsegpt(W, H, sparsity, prunen=0, prunem=0, blocksize=128, percdamp=0.01):
-    """Frantar & Alistarh (2023), Algorithm 1 / reference code, W is (out, in), float64.
-
-    Only change to the reference: exactly round(s * numel) entries per block (the reference's
-    `<= thresh` prunes one more)."""
-    W = W.astype(np.float64).copy()
-    H = H.astype(np.float64).copy()
-    rows, cols = W.shape
-    dead = np.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    H += percdamp * np.mean(np.diag(H)) * np.eye(cols)
-    Hinv = np.linalg.cholesky(np.linalg.inv(H)).T  # upper: H^-1 = U^T U
-    keep = np.ones_like(W, bool)
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        count = i2 - i1
-        W1 = W[:, i1:i2].copy()
-        Q1 = np.zeros_like(W1)
-        Err1 = np.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        mask1 = np.zeros_like(W1, bool)  # True = pruned
-        if prunen == 0:
-            tmp = W1**2 / np.diag(Hinv1)[None, :] ** 2
-            k = int(round(tmp.size * sparsity))
-            mask1.flat[np.argsort(tmp.ravel(), kind="stable")[:k]] = True
-        for i in range(count):
-            w = W1[:, i]
-            d = Hinv1[i, i]
-            if prunen != 0 and i % prunem == 0:
-                tmp = W1[:, i:i + prunem] ** 2 / np.diag(Hinv1)[i:i + prunem][None, :] ** 2
-                idx = np.argsort(tmp, axis=1, kind="stable")[:, :prunen]
-                mask1[np.arange(rows)[:, None], i + idx] = True
-            q = w.copy()
-            q[mask1[:, i]] = 0
-            Q1[:, i] = q
-            err1 = (w - q) / d
-            W1[:, i:] -= np.outer(err1, Hinv1[i, i:])
-            Err1[:, i] = err1
-        W[:, i1:i2] = Q1
-        keep[:, i1:i2] = ~mask1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return W, keep
+# the published algorithm (Frantar & Alistarh 2023, Algorithm 1 / reference code) in numpy; the
+# only change to the reference: exactly round(s * numel) entries per block (its `<= thresh` prunes
+# one more)
+ref_sparsegpt = ref_sweep
 
 
 def _stats(x):
