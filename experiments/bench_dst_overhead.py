@@ -10,6 +10,7 @@ the JSON too. The target from the issue is ≤ 1.15× dense (SET on the digits M
     jaxprune run bench_dst_overhead                 # digits CNN (median of 7 runs)
     jaxprune run bench_dst_overhead --model mlp     # digits MLP 64-256-256-10
     jaxprune run bench_dst_overhead --quick         # smoke test
+    jaxprune run bench_dst_overhead --model mlp --breakdown   # + SET without / with every-step updates
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from jaxprune.zoo.models import CNN, MLP
 from . import _common
 
 METHODS = ("dense", "static", "set", "rigl")
+# --breakdown: where SET's cost goes (the same step with its mask update never taken / every step)
+BREAKDOWN = ("set_no_update", "set_every_step")
 
 
 def build(method: str, sparsity: float, period: int) -> optax.GradientTransformation:
@@ -40,6 +43,10 @@ def build(method: str, sparsity: float, period: int) -> optax.GradientTransforma
         return inner
     if method == "static":
         return static_sparse(inner, sparsity)
+    if method == "set_no_update":  # the lax.cond is there, its update branch is never taken
+        return set_training(inner, sparsity, update_period=period, end_step=1)
+    if method == "set_every_step":
+        return set_training(inner, sparsity, update_period=1, end_step=10**9)
     fn = rigl if method == "rigl" else set_training
     # end_step far away: every period has exactly one mask update
     return fn(inner, sparsity, update_period=period, end_step=10**9)
@@ -72,22 +79,22 @@ class Runner:
 
 
 def bench(model, params, x, y, *, sparsity: float, period: int, periods: int,
-          repeats: int) -> dict[str, Any]:
+          repeats: int, methods: tuple[str, ...] = METHODS) -> dict[str, Any]:
     """Interleaved runs of every method; medians and median paired ratios to dense."""
     from tqdm.auto import tqdm
 
     runners = {m: Runner(model, params, x, y, m, sparsity, period)
-               for m in tqdm(METHODS, desc="compile")}
-    cpu: dict[str, list[float]] = {m: [] for m in METHODS}
-    wall: dict[str, list[float]] = {m: [] for m in METHODS}
+               for m in tqdm(methods, desc="compile")}
+    cpu: dict[str, list[float]] = {m: [] for m in methods}
+    wall: dict[str, list[float]] = {m: [] for m in methods}
     for r in tqdm(range(repeats), desc="bench_dst_overhead"):
-        k = r % len(METHODS)
-        for m in METHODS[k:] + METHODS[:k]:  # rotate the order run by run
+        k = r % len(methods)
+        for m in methods[k:] + methods[:k]:  # rotate the order run by run
             c, w = runners[m].run(periods * period)
             cpu[m].append(c)
             wall[m].append(w)
     res: dict[str, Any] = {}
-    for m in METHODS:
+    for m in methods:
         res[m] = {
             "median_cpu_s_per_step": statistics.median(cpu[m]),
             "median_paired_ratio": statistics.median(
@@ -114,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="XLA:CPU intra-op threads (default 1: stable timings on a shared machine; "
                          "0 leaves XLA's default). Applied only before JAX starts.")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time SET with its mask update never taken and taken every step")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.quick:
@@ -131,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     params = model.init(jax.random.key(2), x[:1])["params"]
     n_params = sum(int(v.size) for v in jax.tree.leaves(params))
     res = bench(model, params, x, y, sparsity=args.sparsity, period=args.period,
-                periods=args.periods, repeats=args.repeats)
+                periods=args.periods, repeats=args.repeats,
+                methods=METHODS + (BREAKDOWN if args.breakdown else ()))
     report = {
         "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                    "n_params": n_params},
