@@ -10,7 +10,8 @@ the JSON too. The target from the issue is ≤ 1.15× dense (SET on the digits M
     jaxprune run bench_dst_overhead                 # digits CNN (median of 7 runs)
     jaxprune run bench_dst_overhead --model mlp     # digits MLP 64-256-256-10
     jaxprune run bench_dst_overhead --quick         # smoke test
-    jaxprune run bench_dst_overhead --model mlp --breakdown   # + SET without / with every-step updates
+    jaxprune run bench_dst_overhead --model mlp --breakdown   # + SET without / with every-step
+                                                              # updates, + a trivial update branch
 """
 
 from __future__ import annotations
@@ -25,15 +26,17 @@ from typing import Any
 import jax
 import optax
 
-from jaxprune.training.dst import rigl, set_training, static_sparse
+from jaxprune.training.dst import rigl, set_training, sparse_init, static_sparse
+from jaxprune.training.wrapper import masked
 from jaxprune.zoo.loops import cross_entropy
 from jaxprune.zoo.models import CNN, MLP
 
 from . import _common
 
 METHODS = ("dense", "static", "set", "rigl")
-# --breakdown: where SET's cost goes (the same step with its mask update never taken / every step)
-BREAKDOWN = ("set_no_update", "set_every_step")
+# --breakdown: where SET's cost goes (the same step with its mask update never taken / every step,
+# and SET's step structure with a trivial mask update in the cond's branch instead of drop/grow)
+BREAKDOWN = ("set_no_update", "set_every_step", "cond_trivial")
 
 
 def build(method: str, sparsity: float, period: int) -> optax.GradientTransformation:
@@ -47,6 +50,12 @@ def build(method: str, sparsity: float, period: int) -> optax.GradientTransforma
         return set_training(inner, sparsity, update_period=period, end_step=1)
     if method == "set_every_step":
         return set_training(inner, sparsity, update_period=1, end_step=10**9)
+    if method == "cond_trivial":  # SET's wrapper and cond, but the branch keeps the masks as they are
+        return masked(
+            inner, method="cond_trivial", mask_grads=True, restart_grown=True,
+            init_masks=lambda p: sparse_init(p, sparsity),
+            update_masks=lambda u: (u.masks, jax.tree.map(lambda m: m & False, u.masks)),
+            should_update=lambda c: (c > 0) & (c % period == 0))
     fn = rigl if method == "rigl" else set_training
     # end_step far away: every period has exactly one mask update
     return fn(inner, sparsity, update_period=period, end_step=10**9)
@@ -122,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="XLA:CPU intra-op threads (default 1: stable timings on a shared machine; "
                          "0 leaves XLA's default). Applied only before JAX starts.")
     ap.add_argument("--breakdown", action="store_true",
-                    help="also time SET with its mask update never taken and taken every step")
+                    help="also time SET with its mask update never taken and taken every step, "
+                         "and SET's cond with a trivial branch (masks kept) instead of drop/grow")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.quick:
