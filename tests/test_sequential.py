@@ -7,6 +7,7 @@ from flax import linen as nn
 
 from jaxprune.core import filters
 from jaxprune.core.masks import leaves_with_paths, path_str
+from jaxprune.core.patterns import nm_valid
 from jaxprune.oneshot.calibration import calibrate
 from jaxprune.oneshot.methods import get_method
 from jaxprune.oneshot.sequential import BlockSpec, get_path, prune_layers, prune_sequential
@@ -258,6 +259,50 @@ def test_user_models_sparsegpt_beats_magnitude_on_every_layer(name):
             for p, (e_sg, e_mag) in err.items():
                 assert e_sg < e_mag, f"{name} {p}: SparseGPT error {e_sg:.4g} >= magnitude {e_mag:.4g}"
             done.update({p: sg_w[p] for p in paths})
+
+
+@pytest.mark.parametrize("name", ["gqa", "einsum_mlp", "nnx", "torch"])
+def test_user_models_quantized_methods_through_the_driver(name):
+    """GPTQ (no sparsity given: quantize only), the joint 2:4 + int4 sweep and OBR, run block by
+    block on the user models: every kernel's traced matrix view holds at most 16 distinct values
+    per output column (int4, one group: fan-in <= 128), 2:4 along its fan-in where pruned, and
+    GPTQ reconstructs each block's outputs better than rounding the dense weights to nearest."""
+    import jaxprune as jp
+    from jaxprune.oneshot.quant import QuantSpec, RoundToNearest
+    from tests import user_models as um
+
+    fn, params, blocks, batches = _user_case(name)
+    om = jp.operator_map(fn, params, um.MAKERS[name]()[2])
+    dense = dict(leaves_with_paths(params))
+    results = {}
+    for meth, pattern in (("gptq", "unstructured"), ("sparsegpt+int4", "2:4"), ("obr", "2:4")):
+        q, m = prune_sequential(params, blocks, batches, meth, pattern=pattern, progress=False)
+        masks = {p: v for p, v in leaves_with_paths(m) if v is not None}
+        assert set(masks) == um.WEIGHTS[name], meth
+        qw = dict(leaves_with_paths(q))
+        for p, mk in masks.items():
+            view, mview = np.asarray(om[p].to_view(qw[p])), np.asarray(om[p].to_view(mk))
+            assert view.shape[0] <= 128  # one quantization group per column
+            for col in range(view.shape[1]):
+                assert len(np.unique(view[:, col])) <= 16, (meth, p, col)
+            if pattern == "2:4":
+                assert nm_valid(mview, 2, 4) and mview.mean() == 0.5, (meth, p)
+                assert np.all(view[~mview] == 0)
+            else:
+                assert mview.all()
+        results[meth] = qw
+    rtn = {p: RoundToNearest(None, QuantSpec(4))(dense[p], None, name=p)[0]
+           for p in um.WEIGHTS[name]}
+    done: dict = {}
+    big = jax.tree.map(lambda *xs: np.concatenate(xs), *batches)
+    for blk in blocks:  # as above: each block's error where it was calibrated
+        paths = sorted(p for p in um.WEIGHTS[name] if not blk.path or p.startswith(blk.path + "/"))
+        if paths:
+            err = _dot_outputs_error(fn, _set_leaves(params, done), paths,
+                                     {p: [results["gptq"][p], rtn[p]] for p in paths}, big)
+            for p, (e_gptq, e_rtn) in err.items():
+                assert e_gptq < e_rtn, f"{name} {p}: GPTQ error {e_gptq:.4g} >= RTN {e_rtn:.4g}"
+            done.update({p: results["gptq"][p] for p in paths})
 
 
 def _count_compiles(make_blocks, params_of, batches):

@@ -143,9 +143,23 @@ class LayerMethod:
         >>> np.asarray(m)[:, 0].tolist()
         [True, False, True, False]
         """
+        if sparsity is None:
+            sparsity = self.default_sparsity(pat_lib.parse(pattern))
         w2, s, pat, back = self.matrix_target(weight, stats, sparsity, pattern, name)
         q2, m2 = self.prune_matrix(w2, stats, s, pat, name=name)
         return back(q2), back(jnp.asarray(m2))
+
+    def default_sparsity(self, pattern: pat_lib.Pattern) -> float | None:
+        """The sparsity used when none is given (by a call or by the drivers): ``None``, i.e. an
+        N:M pattern implies ``1 - n/m`` and any other pattern needs one. Quantizers that prune
+        nothing unless asked (``GPTQ``, dense RTN) return ``0.0``.
+
+        >>> from jaxprune.oneshot import GPTQ, Magnitude
+        >>> u = pat_lib.Unstructured()
+        >>> Magnitude().default_sparsity(u), GPTQ().default_sparsity(u)
+        (None, 0.0)
+        """
+        return None
 
     def matrix_target(
         self, weight: Any, stats: LayerStats | None, sparsity: float | None,

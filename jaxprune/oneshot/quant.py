@@ -273,17 +273,13 @@ class RoundToNearest(LayerMethod):
         """``"rtn"`` or ``"<base label>+rtn"``."""
         return "rtn" if self.base is None else f"{self.base.label}+rtn"
 
-    def __call__(self, weight: Any, stats: LayerStats | None, sparsity: float | None = None, *,
-                 pattern: pat_lib.Pattern | str = "unstructured", name: str = "<layer>"
-                 ) -> tuple[jax.Array, jax.Array]:
-        """As :meth:`LayerMethod.__call__`; without ``base``, ``sparsity`` defaults to 0.
+    def default_sparsity(self, pattern: pat_lib.Pattern) -> float | None:
+        """Without ``base``: ``0.0`` (dense RTN); with one: ``base``'s default.
 
         >>> RoundToNearest()(np.ones((2, 1), np.float32), None)[0].tolist()
         [[1.0], [1.0]]
         """
-        if self.base is None and sparsity is None:
-            sparsity = 0.0
-        return super().__call__(weight, stats, sparsity, pattern=pattern, name=name)
+        return 0.0 if self.base is None else self.base.default_sparsity(pattern)
 
     def prune_matrix(self, w: jax.Array, stats: LayerStats | None, sparsity: Any,
                      pattern: pat_lib.Pattern, *, name: str = "<layer>"

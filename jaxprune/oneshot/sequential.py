@@ -128,6 +128,8 @@ def _plan(method: str | LayerMethod, sparsity: Any, pattern: pat_lib.Pattern | s
     """Check the driver arguments once, before any calibration runs."""
     meth = get_method(method)
     pat = pat_lib.parse(pattern)
+    if sparsity is None and not isinstance(pat, pat_lib.PerLeaf):
+        sparsity = meth.default_sparsity(pat)  # e.g. GPTQ: 0 (quantize only)
     if sparsity is None and not isinstance(pat, pat_lib.NM | pat_lib.PerLeaf):
         raise ValueError(
             f"jaxprune: pattern {pat} needs an explicit sparsity (only N:M patterns imply one)"

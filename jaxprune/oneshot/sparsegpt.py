@@ -278,13 +278,11 @@ class SparseGPT(LayerMethod):
         """
         if self.quant is None:
             raise ValueError(f"jaxprune: {self.label}.compress on '{name}' needs quant=QuantSpec(...)")
-        w2, s, pat, _ = self.matrix_target(weight, stats, self._default_sparsity(sparsity, pattern),
-                                           pattern, name)
+        if sparsity is None:
+            sparsity = self.default_sparsity(pat_lib.parse(pattern))
+        w2, s, pat, _ = self.matrix_target(weight, stats, sparsity, pattern, name)
         wq, m, srows, zrows = self._sweep(w2, stats, s, pat, name)
         return encode(wq, srows, zrows, self.quant), m
-
-    def _default_sparsity(self, sparsity: float | None, pattern: Any) -> float | None:
-        return sparsity
 
     def _block(self, pattern: pat_lib.Pattern) -> tuple[int, pat_lib.NM | None]:
         """The sweep's block size and N:M pattern (``None``: unstructured) for ``pattern``."""
@@ -349,23 +347,15 @@ class GPTQ(SparseGPT):
     label: ClassVar[str] = "gptq"
     quant: QuantSpec | None = QuantSpec()
 
-    def __call__(self, weight: Any, stats: LayerStats | None, sparsity: float | None = None, *,
-                 pattern: pat_lib.Pattern | str = "unstructured", name: str = "<layer>"
-                 ) -> tuple[jax.Array, jax.Array]:
-        """Quantize (``sparsity=None`` with the unstructured pattern means 0) or prune + quantize.
+    def default_sparsity(self, pattern: pat_lib.Pattern) -> float | None:
+        """``0.0`` (quantize only) unless ``pattern`` is N:M, which implies its own sparsity.
 
         >>> st = LayerStats(np.eye(4, dtype=np.float32), np.zeros(4), np.ones(4), 1, 4)
         >>> w = np.array([[0.6, 1], [-1, 1], [0, 1], [0, 1]], np.float32)
         >>> GPTQ()(w, st)[0][:2, 0].tolist()  # grid: k/7, |k| <= 7
         [0.5714285969734192, -1.0]
         """
-        return super().__call__(weight, stats, self._default_sparsity(sparsity, pattern),
-                                pattern=pattern, name=name)
-
-    def _default_sparsity(self, sparsity: float | None, pattern: Any) -> float | None:
-        if sparsity is None and not isinstance(pat_lib.parse(pattern), pat_lib.NM):
-            return 0.0
-        return sparsity
+        return None if isinstance(pattern, pat_lib.NM) else 0.0
 
 
 register_method("sparsegpt", SparseGPT())
