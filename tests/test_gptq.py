@@ -145,6 +145,14 @@ def test_prune_only_unchanged_and_errors_and_registry():
         SparseGPT().compress(w, st, 0.5, name="fc")
     with pytest.raises(ValueError, match="group_size"):
         QuantSpec(group_size=0)
+    with pytest.raises(ValueError, match="group_size must be a positive int or None, got True"):
+        QuantSpec(group_size=True)
+    with pytest.raises(ValueError, match="symmetric must be a bool, got 1"):
+        QuantSpec(symmetric=1)
+    with pytest.raises(ValueError, match="'fc'.*group_size=6 must be a multiple of m=4"):
+        SparseGPT(quant=QuantSpec(4, 6))(w, st, pattern="2:4", name="fc")
+    w_q, m_q = GPTQ(quant=QuantSpec(4, 16))(w, st)  # no sparsity: quantize only (default 0)
+    assert bool(np.asarray(m_q).all())
     assert oneshot.get_method("gptq") == GPTQ() and GPTQ().needs == ("gram",)
     assert oneshot.get_method("sparsegpt+int4").quant == QuantSpec(4)
     q4, m4 = GPTQ(blocksize=16, quant=QuantSpec(4, 16))(w.reshape(2, 16, 6), st)  # conv-like view

@@ -77,12 +77,16 @@ class QuantSpec:
     act_order: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise ValueError(f"jaxprune: QuantSpec.bits must be an int in 2..8, got {self.bits!r}")
         g = self.group_size
-        if g is not None and (not isinstance(g, int) or g < 1):
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
             raise ValueError(
                 f"jaxprune: QuantSpec.group_size must be a positive int or None, got {g!r}")
+        for flag in ("symmetric", "act_order"):
+            if not isinstance(getattr(self, flag), bool | np.bool_):
+                raise ValueError(f"jaxprune: QuantSpec.{flag} must be a bool, got "
+                                 f"{getattr(self, flag)!r}")
 
     @property
     def maxq(self) -> int:

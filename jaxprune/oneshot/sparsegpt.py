@@ -307,6 +307,11 @@ class SparseGPT(LayerMethod):
         if q.act_order and nm is not None:
             raise ValueError(f"jaxprune: layer '{name}': act_order permutes the fan-in and cannot "
                              f"keep {nm.n}:{nm.m} groups; use act_order=False with N:M")
+        if nm is not None and q.group_size is not None and q.group_size % nm.m:
+            raise ValueError(
+                f"jaxprune: layer '{name}': QuantSpec.group_size={q.group_size} must be a multiple "
+                f"of m={nm.m} with the {nm.n}:{nm.m} pattern (a quantization group holds whole "
+                "N:M groups of the fan-in)")
         unit = math.lcm(q.group_size or 1, nm.m if nm is not None else 1)
         bs = max(unit, bs - bs % unit)
         qrows = None
