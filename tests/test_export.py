@@ -182,3 +182,61 @@ def test_jitted_layer_shared_by_two_weights(monkeypatch):
     y = jax.jit(lambda p, x: export.apply_packed(fn, p, x))(packed, x)
     assert calls == ["NMPacked", "NMPacked"]
     np.testing.assert_allclose(np.asarray(y), np.asarray(fn(pruned, x)), **TOL)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2:4 + int codes: the quantized sweep's codes packed as NMQuantPacked and run through the kernel
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_quantized_codes_packed_model_equals_dequantized_model(name, monkeypatch):
+    from jaxprune import oneshot
+    from jaxprune.kernels import quant_formats as QF
+    from jaxprune.oneshot.quant import QuantSpec
+
+    fn, params, x = MAKERS[name]()
+    om = jp.operator_map(fn, params, x)
+    stats = oneshot.calibrate(fn, params, [x])
+    q, masks, codes = oneshot.prune_layers(params, stats, oneshot.SparseGPT(quant=QuantSpec(4, 16)),
+                                           pattern="2:4", return_codes=True)
+    assert set(codes) == {p for p, m in export.mask_lib.leaves_with_paths(masks) if m is not None}
+    packed = export.pack_params(q, masks, om, pattern="2:4", codes=codes)
+    pws = [w for w in jax.tree.leaves(packed, is_leaf=lambda v: isinstance(v, export.PackedWeight))
+           if isinstance(w, export.PackedWeight)]
+    assert len(pws) == len(codes) and all(isinstance(pw.data, QF.NMQuantPacked) for pw in pws)
+    flat = dict(export.mask_lib.leaves_with_paths(q))
+    for pw in pws:  # lossless: the packed codes are the sweep's, dequantized = the returned params
+        np.testing.assert_array_equal(np.asarray(pw.dense()), np.asarray(flat[pw.path]))
+        c, m, s, _ = QF.unpack_nm_quant(pw.data)
+        np.testing.assert_array_equal(np.asarray(c)[np.asarray(m)],
+                                      np.asarray(codes[pw.path].codes)[np.asarray(m)])
+        assert pw.nbytes < np.asarray(flat[pw.path]).nbytes / 4
+    calls = []
+    real = export.nm_quant_matmul
+    monkeypatch.setattr(export, "nm_quant_matmul", lambda a, w, **kw: calls.append(1) or real(a, w, **kw))
+    y = jax.jit(lambda p, x: export.apply_packed(fn, p, x))(packed, x)
+    assert len(calls) == len(pws)  # every quantized weight ran through the quantized kernel
+    np.testing.assert_allclose(np.asarray(y), np.asarray(fn(q, x)), rtol=1e-4, atol=1e-4)
+
+
+def test_quantized_codes_errors_name_the_leaf():
+    from jaxprune import oneshot
+    from jaxprune.oneshot.quant import QuantSpec
+
+    fn, params, x = MAKERS["torch"]()
+    om = jp.operator_map(fn, params, x)
+    stats = oneshot.calibrate(fn, params, [x])
+    meth = oneshot.SparseGPT(quant=QuantSpec(4, 16))
+    q, masks, codes = oneshot.prune_layers(params, stats, meth, pattern="2:4", return_codes=True)
+    bad = jax.tree.map(lambda v: v, q)
+    bad["fc1"]["weight"] = bad["fc1"]["weight"] * 1.001  # not the codes' values any more
+    with pytest.raises(ValueError, match="'fc1/weight'.*not the codes' dequantized values"):
+        export.pack_params(bad, masks, om, pattern="2:4", codes=codes)
+    with pytest.raises(ValueError, match="codes= for \\['fc1/bias'\\]"):
+        export.pack_params(q, masks, om, pattern="2:4", codes={"fc1/bias": codes["fc1/weight"]})
+    with pytest.raises(ValueError, match="magnitude on 'fc.*' does not quantize"):
+        oneshot.prune_layers(params, stats, "magnitude", pattern="2:4", return_codes=True)
+    with pytest.raises(TypeError, match="return_codes must be a bool"):
+        oneshot.prune_layers(params, stats, meth, pattern="2:4", return_codes="yes")
+    q2, m2, c2 = oneshot.prune_layers(params, stats, "gptq", return_codes=True)  # dense int4
+    with pytest.raises(ValueError, match="'fc1/weight'.*N:M patterns only"):
+        export.pack_params(q2, m2, om, pattern="unstructured", codes=c2)

@@ -46,9 +46,11 @@ from jaxprune.core import patterns as pat_lib
 from jaxprune.core import walker as wk
 from jaxprune.core.oprules import _regroup
 from jaxprune.kernels import formats as F
+from jaxprune.kernels import quant_formats as QF
 from jaxprune.kernels import reference as ref
 from jaxprune.kernels.block_sparse_matmul import block_sparse_matmul
 from jaxprune.kernels.nm_matmul import nm_matmul
+from jaxprune.kernels.nm_quant_matmul import nm_quant_matmul
 
 __all__ = ["PackedWeight", "pack_params", "packed_matmul", "apply_packed"]
 
@@ -67,7 +69,7 @@ class PackedWeight:
     ('w', (4, 8), (4, 8))
     """
 
-    data: F.NMPacked | F.BlockSparse | F.Bitmask
+    data: F.NMPacked | F.BlockSparse | F.Bitmask | QF.NMQuantPacked
     op: om_lib.LeafOp = struct.field(pytree_node=False)
 
     @property
@@ -82,16 +84,22 @@ class PackedWeight:
 
     @property
     def dtype(self) -> Any:
-        """The weight's dtype."""
+        """The weight's dtype (integer codes: their scales' float dtype)."""
+        if isinstance(self.data, QF.NMQuantPacked):
+            return self.data.scales.dtype
         return self.data.dtype
 
     @property
     def nbytes(self) -> int:
         """Bytes of the packed arrays."""
+        if isinstance(self.data, QF.NMQuantPacked):
+            return self.data.nbytes()
         return self.data.nbytes
 
     def dense(self) -> jax.Array:
-        """The dense leaf (pruned entries zero); works under ``jit``."""
+        """The dense leaf (pruned entries zero; integer codes dequantized); works under ``jit``."""
+        if isinstance(self.data, QF.NMQuantPacked):
+            return self.op.from_view(QF.dequantize(self.data))
         return self.op.from_view(F.unpack(self.data))
 
 
@@ -103,8 +111,33 @@ def _pack_view(view: np.ndarray, mask: np.ndarray, pat: pat_lib.Pattern) -> F.Pa
     return F.pack_bitmask(view, mask)
 
 
+def _pack_codes(path: str, qw: Any, view: np.ndarray, mview: np.ndarray,
+                pat: pat_lib.Pattern) -> QF.NMQuantPacked:
+    """The :class:`NMQuantPacked` of one leaf's codes, checked against its params and mask."""
+    if not isinstance(pat, pat_lib.NM):
+        raise ValueError(f"integer codes are packed for N:M patterns only (2:4 + int4/int8), "
+                         f"got {pat}")
+    for attr in ("codes", "scales", "zeros", "spec"):
+        if not hasattr(qw, attr):
+            raise TypeError(f"codes must be QuantizedWeight (codes, scales, zeros, spec), got "
+                            f"{type(qw).__name__}")
+    if tuple(np.shape(qw.codes)) != view.shape:
+        raise ValueError(f"codes of shape {tuple(np.shape(qw.codes))} for a matrix view of shape "
+                         f"{view.shape}")
+    deq = np.asarray(qw.dequantize())
+    off = (deq != view) & mview
+    if off.any() or np.any(view[~mview] != 0):
+        bad = np.argwhere(off)[:1].tolist() or np.argwhere((view != 0) & ~mview)[:1].tolist()
+        raise ValueError(f"the params are not the codes' dequantized values (first mismatch at "
+                         f"view index {tuple(bad[0])}); pass the params returned with the codes")
+    k = view.shape[0]
+    g = qw.spec.group_size or k
+    return QF.pack_nm_quant(qw.codes, mview, qw.scales, qw.zeros, bits=qw.spec.bits,
+                            group_size=k if g >= k else g, n=pat.n, m=pat.m)
+
+
 def pack_params(params: PyTree, masks: PyTree, opmap: om_lib.OperatorMap, *,
-                pattern: pat_lib.Pattern | str) -> PyTree:
+                pattern: pat_lib.Pattern | str, codes: dict[str, Any] | None = None) -> PyTree:
     """Packed copy of ``params``: each leaf with a mask becomes a :class:`PackedWeight`.
 
     Args:
@@ -115,6 +148,11 @@ def pack_params(params: PyTree, masks: PyTree, opmap: om_lib.OperatorMap, *,
       pattern: what the masks were built with (a spec, a pattern or a
         :class:`~jaxprune.core.patterns.PerLeaf`): N:M → ``NMPacked`` (groups of ``m`` fan-in rows of
         the view), block → ``BlockSparse`` (blocks of the view), anything else → ``Bitmask``.
+      codes: ``{path: QuantizedWeight}`` of quantized leaves (``prune_layers`` /
+        ``prune_sequential(..., return_codes=True)``): those become
+        :class:`~jaxprune.kernels.quant_formats.NMQuantPacked` (N:M + int codes + group scales;
+        :func:`apply_packed` runs them through ``nm_quant_matmul``). The params must be the codes'
+        dequantized values, exactly.
 
     Raises ``ValueError`` naming the leaf path when a mask does not fit its pattern on the view, or a
     pruned leaf has no matrix view; ``TypeError`` when ``opmap`` is not an operator map.
@@ -135,6 +173,12 @@ def pack_params(params: PyTree, masks: PyTree, opmap: om_lib.OperatorMap, *,
         )
     mask_lib.check_masks(params, masks)
     pattern = pat_lib.parse(pattern)
+    codes = dict(codes or {})
+    masked = {p for p, m in mask_lib.leaves_with_paths(masks) if m is not None}
+    stray = sorted(set(codes) - masked)
+    if stray:
+        raise ValueError(f"jaxprune.kernels.pack_params: codes= for {stray}, which are not pruned "
+                         f"leaves (leaves with a mask: {sorted(masked)})")
 
     def one(path: str, w: Any, m: Any) -> Any:
         if m is None or w is None:
@@ -153,7 +197,10 @@ def pack_params(params: PyTree, masks: PyTree, opmap: om_lib.OperatorMap, *,
         try:
             view = np.asarray(lo.to_view(F._concrete(w, "weight")))
             mview = np.asarray(lo.to_view(F._concrete(m, "mask")))
-            return PackedWeight(_pack_view(view, mview, pat_lib.for_path(pattern, path)), lo)
+            pat = pat_lib.for_path(pattern, path)
+            if path in codes:
+                return PackedWeight(_pack_codes(path, codes[path], view, mview, pat), lo)
+            return PackedWeight(_pack_view(view, mview, pat), lo)
         except (ValueError, TypeError) as e:
             raise type(e)(f"jaxprune.kernels.pack_params: leaf '{path}' (matrix view "
                           f"{lo.view_shape}): {e}") from e
@@ -174,6 +221,9 @@ def packed_matmul(x: jax.Array, w: Any, **kwargs: Any) -> jax.Array:
         w = w.data
     if isinstance(w, F.NMPacked):
         return nm_matmul(x, w, **kwargs)
+    if isinstance(w, QF.NMQuantPacked):
+        return nm_quant_matmul(x, w, **{k: v for k, v in kwargs.items()
+                                        if k in ("impl", "interpret", "tiles")})
     if isinstance(w, F.BlockSparse):
         return block_sparse_matmul(x, w, **kwargs)
     return ref.matmul_ref(x, w)

@@ -224,6 +224,42 @@ class LayerMethod:
         ``NM(n, m)`` along axis 0, ``sparsity`` already resolved. Returns ``(new_w, mask)``."""
         raise NotImplementedError(f"jaxprune: {type(self).__name__} must implement prune_matrix")
 
+    def compress(
+        self, weight: Any, stats: LayerStats | None, sparsity: float | None = None, *,
+        pattern: pat_lib.Pattern | str = "unstructured", name: str = "<layer>",
+    ) -> tuple[Any, jax.Array]:
+        """Like calling the method, but returns the integer codes + group scales
+        (:class:`~jaxprune.oneshot.quant.QuantizedWeight`) of the result's ``(fan_in, out)`` matrix
+        view and the mask in that view; only methods that quantize have codes.
+        ``compress(...)[0].dequantize()`` equals the matrix view of ``method(...)[0]``.
+
+        >>> from jaxprune.oneshot import GPTQ, Magnitude
+        >>> from jaxprune.oneshot.calibration import LayerStats
+        >>> st = LayerStats(np.eye(4, dtype=np.float32), np.zeros(4), np.ones(4), 1, 4)
+        >>> qw, m = GPTQ().compress(np.linspace(-1, 1, 8).reshape(4, 2), st)
+        >>> qw.codes.dtype, qw.scales.shape, qw.codes[:, 0].tolist(), bool(m.all())
+        (dtype('int8'), (1, 2), [-7, -3, 1, 5], True)
+        >>> Magnitude().compress(np.ones((4, 2)), None, 0.5, name="fc")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: jaxprune: magnitude on 'fc' does not quantize: integer codes come from GPTQ, ...
+        """
+        if sparsity is None:
+            sparsity = self.default_sparsity(pat_lib.parse(pattern))
+        w2, s, pat, _ = self.matrix_target(weight, stats, sparsity, pattern, name)
+        return self.compress_matrix(w2, stats, s, pat, name=name)
+
+    def compress_matrix(
+        self, w: jax.Array, stats: LayerStats | None, sparsity: Any, pattern: pat_lib.Pattern,
+        *, name: str = "<layer>",
+    ) -> tuple[Any, jax.Array]:
+        """:meth:`prune_matrix`, returning the result as ``(QuantizedWeight, mask)``; methods that
+        quantize implement it (the default raises ``ValueError`` naming the layer)."""
+        raise ValueError(
+            f"jaxprune: {self.label} on '{name}' does not quantize: integer codes come from GPTQ, "
+            "SparseGPT(quant=...), OBR or RoundToNearest"
+        )
+
 
 _REGISTRY: dict[str, LayerMethod] = {}
 

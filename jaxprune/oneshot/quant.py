@@ -294,12 +294,24 @@ class RoundToNearest(LayerMethod):
         ...                               )[0].tolist()
         [[1.0], [1.0]]
         """
+        qw, m = self.compress_matrix(w, stats, sparsity, pattern, name=name)
+        return jnp.where(m, qw.dequantize(), 0.0), m
+
+    def compress_matrix(self, w: jax.Array, stats: LayerStats | None, sparsity: Any,
+                        pattern: pat_lib.Pattern, *, name: str = "<layer>"
+                        ) -> tuple[QuantizedWeight, jax.Array]:
+        """:meth:`prune_matrix` as codes + scales (pruned entries hold the code of 0) and mask.
+
+        >>> qw, m = RoundToNearest().compress_matrix(jnp.ones((2, 1)), None, 0.0,
+        ...                                          pat_lib.Unstructured())
+        >>> qw.codes.tolist(), bool(m.all())
+        ([[7], [7]], True)
+        """
         if self.base is None:
             m = jnp.ones(w.shape, bool)
         else:
             w, m = self.base.prune_matrix(w, stats, sparsity, pattern, name=name)
-        q = _rtn(jnp.where(m, jnp.asarray(w, jnp.float32), 0.0), self.quant).dequantize()
-        return jnp.where(m, q, 0.0), m
+        return _rtn(jnp.where(m, jnp.asarray(w, jnp.float32), 0.0), self.quant), m
 
 
 def qwix_rtn(w: Any, bits: int = 4, group_size: int | None = None) -> jax.Array:

@@ -146,10 +146,13 @@ def _plan(method: str | LayerMethod, sparsity: Any, pattern: pat_lib.Pattern | s
     return _Plan(meth, sparsity, pat, None if filter is None else as_filter(filter), over)
 
 
-def _prune_layers(params: PyTree, stats: Mapping[str, LayerStats], plan: _Plan, prefix: str = ""
+def _prune_layers(params: PyTree, stats: Mapping[str, LayerStats], plan: _Plan, prefix: str = "",
+                  codes: dict[str, Any] | None = None,
                   ) -> tuple[dict[str, jax.Array], dict[str, jax.Array], set[str]]:
     """``({full path: new leaf}, {full path: mask}, full paths of all calibrated layers)`` for the
-    layers of ``params`` (a block's subtree at ``prefix``) that ``stats`` has."""
+    layers of ``params`` (a block's subtree at ``prefix``) that ``stats`` has; with ``codes``, each
+    layer's integer codes (:meth:`~jaxprune.oneshot.methods.LayerMethod.compress_matrix`) are
+    stored there by full path and its new leaf is their dequantized value."""
     new: dict[str, jax.Array] = {}
     masks: dict[str, jax.Array] = {}
     seen: set[str] = set()
@@ -163,8 +166,15 @@ def _prune_layers(params: PyTree, stats: Mapping[str, LayerStats], plan: _Plan, 
         w = leaves[path]
         if plan.filter is not None and not plan.filter(full, w):
             continue
-        new[full], masks[full] = plan.method(w, st, plan.sparsities.get(full, plan.sparsity),
-                                             pattern=pat_lib.for_path(plan.pattern, full), name=full)
+        sp, pat = plan.sparsities.get(full, plan.sparsity), pat_lib.for_path(plan.pattern, full)
+        if codes is None:
+            new[full], masks[full] = plan.method(w, st, sp, pattern=pat, name=full)
+            continue
+        if sp is None:
+            sp = plan.method.default_sparsity(pat_lib.parse(pat))
+        w2, sp, pat, back = plan.method.matrix_target(w, st, sp, pat, full)
+        codes[full], m2 = plan.method.compress_matrix(w2, st, sp, pat, name=full)
+        new[full], masks[full] = back(codes[full].dequantize()), back(jnp.asarray(m2))
     return new, masks, seen
 
 
@@ -194,7 +204,8 @@ def prune_layers(
     pattern: pat_lib.Pattern | str = "unstructured",
     filter: FilterLike = None,
     sparsities: Mapping[str, float] | None = None,
-) -> tuple[PyTree, PyTree]:
+    return_codes: bool = False,
+) -> tuple[PyTree, PyTree] | tuple[PyTree, PyTree, dict[str, Any]]:
     """Prune every kernel of ``params`` that has stats (and passes ``filter``), with ``method``.
 
     Args:
@@ -208,8 +219,12 @@ def prune_layers(
         ``(path, leaf) -> bool`` callable or a path regex; default: all calibrated layers).
       sparsities: per-path sparsity overrides ``{kernel path: sparsity}`` (e.g. from
         :func:`~jaxprune.oneshot.owl.owl_sparsities`).
+      return_codes: also return ``{kernel path: QuantizedWeight}``, the integer codes and group
+        scales of each layer's matrix view, for a quantizing ``method`` (GPTQ, ``SparseGPT(quant=
+        ...)``, OBR, RoundToNearest); :func:`jaxprune.kernels.pack_params` packs them (``codes=``).
 
-    Returns ``(new_params, masks)``, ``masks`` mirroring ``params`` (``None`` = not pruned).
+    Returns ``(new_params, masks)``, ``masks`` mirroring ``params`` (``None`` = not pruned), and
+    with ``return_codes`` the codes as a third element.
 
     >>> import numpy as np
     >>> st = {"k": LayerStats(None, np.zeros(2), np.ones(2), 1, 2)}
@@ -219,9 +234,17 @@ def prune_layers(
     ([[False, False], [True, True]], True)
     """
     plan = _plan(method, sparsity, pattern, filter, sparsities)
-    new, masks, seen = _prune_layers(params, stats, plan)
+    codes: dict[str, Any] | None = {} if _check_return_codes(return_codes) else None
+    new, masks, seen = _prune_layers(params, stats, plan, codes=codes)
     _check_overrides(plan, seen)
-    return _replace_leaves(params, new), _mask_tree(params, masks)
+    out = _replace_leaves(params, new), _mask_tree(params, masks)
+    return out if codes is None else (*out, codes)
+
+
+def _check_return_codes(flag: Any) -> bool:
+    if not isinstance(flag, bool):
+        raise TypeError(f"jaxprune: return_codes must be a bool, got {flag!r}")
+    return flag
 
 
 def _block_fn(blk: BlockSpec, sub: PyTree) -> Callable[..., Any]:
@@ -300,8 +323,10 @@ def prune_sequential(
     token_masks: Sequence[Any] | None = None,
     dense_inputs: bool = False,
     progress: bool = True,
-) -> tuple[PyTree, PyTree]:
-    """Prune block by block; returns ``(pruned params, mask tree mirroring params)``.
+    return_codes: bool = False,
+) -> tuple[PyTree, PyTree] | tuple[PyTree, PyTree, dict[str, Any]]:
+    """Prune block by block; returns ``(pruned params, mask tree mirroring params)`` (and with
+    ``return_codes`` the integer codes, as in :func:`prune_layers`).
 
     Each block is calibrated at the operator level (every matmul/conv weight it multiplies with
     data: Dense, DenseGeneral, einsum params, PyTorch-layout ``x @ W.T``, convs) on the outputs of
@@ -321,6 +346,7 @@ def prune_sequential(
         from every block's statistics (see :func:`jaxprune.oneshot.observe.observe`).
       dense_inputs: calibrate every block on the dense model's activations instead.
       progress: show a progress bar over blocks.
+      return_codes: also return ``{kernel path: QuantizedWeight}`` (see :func:`prune_layers`).
 
     >>> import jax, jax.numpy as jnp
     >>> from flax import linen as nn
@@ -339,6 +365,7 @@ def prune_sequential(
     from jaxprune.oneshot.observe import observe
 
     plan = _plan(method, sparsity, pattern, filter, sparsities)
+    codes: dict[str, Any] | None = {} if _check_return_codes(return_codes) else None
     inputs = list(inputs)
     if not inputs:
         raise ValueError("jaxprune: prune_sequential needs at least one calibration batch")
@@ -370,7 +397,7 @@ def prune_sequential(
         new_sub = sub
         if _has_layers(fn, sub, calib_x[0]):
             stats = observe(fn, sub, calib_x, gram=gram, token_masks=token_masks)
-            nl, ms, blk_seen = _prune_layers(sub, stats, plan, prefix=blk.path)
+            nl, ms, blk_seen = _prune_layers(sub, stats, plan, prefix=blk.path, codes=codes)
             del stats
             new_leaves.update(nl)
             all_masks.update(ms)
@@ -383,4 +410,5 @@ def prune_sequential(
         if dense_inputs:
             xs_dense = [run(sub, x) for x in xs_dense]
     _check_overrides(plan, seen)
-    return _replace_leaves(params, new_leaves), _mask_tree(params, all_masks)
+    out = _replace_leaves(params, new_leaves), _mask_tree(params, all_masks)
+    return out if codes is None else (*out, codes)

@@ -263,25 +263,20 @@ class SparseGPT(LayerMethod):
         """
         return self._sweep(w, stats, sparsity, pattern, name)[:2]
 
-    def compress(self, weight: Any, stats: LayerStats | None, sparsity: float | None = None, *,
-                 pattern: pat_lib.Pattern | str = "unstructured", name: str = "<layer>"
-                 ) -> tuple[QuantizedWeight, jax.Array]:
-        """Like calling the method, but returns the integer codes + group scales of the result's
-        ``(fan_in, out)`` matrix view and the mask in that view (needs ``quant``).
-
-        ``compress(...)[0].dequantize()`` equals the matrix view of ``method(...)[0]``.
+    def compress_matrix(self, w: jax.Array, stats: LayerStats | None, sparsity: Any,
+                        pattern: pat_lib.Pattern, *, name: str = "<layer>"
+                        ) -> tuple[QuantizedWeight, jax.Array]:
+        """The sweep's result as integer codes + group scales, and its mask (needs ``quant``).
 
         >>> st = LayerStats(np.eye(4, dtype=np.float32), np.zeros(4), np.ones(4), 1, 4)
-        >>> qw, m = GPTQ().compress(np.linspace(-1, 1, 8).reshape(4, 2), st)
-        >>> qw.codes.dtype, qw.scales.shape, qw.codes[:, 0].tolist(), bool(m.all())
-        (dtype('int8'), (1, 2), [-7, -3, 1, 5], True)
+        >>> qw, m = GPTQ().compress_matrix(jnp.linspace(-1, 1, 8).reshape(4, 2), st, 0.0,
+        ...                                pat_lib.Unstructured())
+        >>> qw.codes[:, 0].tolist()
+        [-7, -3, 1, 5]
         """
         if self.quant is None:
             raise ValueError(f"jaxprune: {self.label}.compress on '{name}' needs quant=QuantSpec(...)")
-        if sparsity is None:
-            sparsity = self.default_sparsity(pat_lib.parse(pattern))
-        w2, s, pat, _ = self.matrix_target(weight, stats, sparsity, pattern, name)
-        wq, m, srows, zrows = self._sweep(w2, stats, s, pat, name)
+        wq, m, srows, zrows = self._sweep(w, stats, sparsity, pattern, name)
         return encode(wq, srows, zrows, self.quant), m
 
     def _block(self, pattern: pat_lib.Pattern) -> tuple[int, pat_lib.NM | None]:
