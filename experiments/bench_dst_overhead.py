@@ -9,6 +9,7 @@ the JSON too. The target from the issue is ≤ 1.15× dense (SET on the digits M
 
     jaxprune run bench_dst_overhead                 # digits CNN (median of 7 runs)
     jaxprune run bench_dst_overhead --model mlp     # digits MLP 64-256-256-10
+    jaxprune run bench_dst_overhead --model mlp --depth 12   # 12 hidden layers of 256
     jaxprune run bench_dst_overhead --quick         # smoke test
     jaxprune run bench_dst_overhead --model mlp --breakdown   # + SET without / with every-step
                                                               # updates, + a trivial update branch
@@ -123,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", choices=["cnn", "mlp"], default="cnn")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--width", type=int, default=1, help="multiply the model's widths")
+    ap.add_argument("--depth", type=_common.positive_int, default=2,
+                    help="MLP: hidden layers of 256 x width units (default 2)")
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--period", type=int, default=100)
     ap.add_argument("--periods", type=int, default=2)
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         model = CNN(channels=(32 * w, 64 * w), hidden=128 * w)
         x = jax.random.uniform(jax.random.key(0), (args.batch, 8, 8, 1))
     else:
-        model = MLP(features=(256 * w, 256 * w, 10))
+        model = MLP(features=(256 * w,) * args.depth + (10,))
         x = jax.random.uniform(jax.random.key(0), (args.batch, 64))
     y = jax.random.randint(jax.random.key(1), (args.batch,), 0, 10)
     params = model.init(jax.random.key(2), x[:1])["params"]
@@ -163,14 +166,16 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_end": [round(v, 2) for v in os.getloadavg()],
         "target_ratio": 1.15, "results": res,
     }
-    print(f"\n{args.model} x{w}, batch {args.batch}, {n_params} params, sparsity {args.sparsity}, "
+    depth = f" depth {args.depth}" if args.model == "mlp" else ""
+    print(f"\n{args.model} x{w}{depth}, batch {args.batch}, {n_params} params, sparsity {args.sparsity}, "
           f"ΔT={args.period}, {args.repeats} interleaved runs x {args.periods * args.period} steps, "
           f"{jax.default_backend()}, load average {load0[0]:.1f} -> {os.getloadavg()[0]:.1f}")
     print(f"{'method':8s} {'cpu ms/step':>12s} {'× dense':>8s} {'wall × dense':>13s}")
     for m, v in res.items():
         print(f"{m:8s} {1e3 * v['median_cpu_s_per_step']:12.3f} {v['median_paired_ratio']:8.3f} "
               f"{v['wall_median_paired_ratio']:13.3f}")
-    name = f"bench_dst_overhead{'' if args.model == 'cnn' else '_' + args.model}.json"
+    name = f"bench_dst_overhead{'' if args.model == 'cnn' else '_' + args.model}"
+    name += f"_depth{args.depth}.json" if args.model == "mlp" and args.depth != 2 else ".json"
     out = _common.write_json(args.out or _common.output_path(args, name), report)
     print(f"wrote {out}")
     return 0
