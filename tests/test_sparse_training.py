@@ -168,6 +168,44 @@ def test_drop_grow_numpy_oracle():
         np.testing.assert_array_equal(np.asarray(grown["w"]), exp & ~m)
 
 
+def _drop_grow_oracle(m, w, s, f):
+    """numpy: drop the k smallest |w| of the active entries, grow the k best scores of the rest."""
+    n = m.size
+    k = int(np.round(np.float32(f) * np.float32(m.sum())))
+    act = np.flatnonzero(m)
+    kept = set(act[np.argsort(np.abs(w[act]), kind="stable")[k:]])
+    cand = [i for i in range(n) if i not in kept]
+    exp = np.zeros(n, bool)
+    exp[list(kept | set(sorted(cand, key=lambda i: -s[i])[:k]))] = True
+    return exp
+
+
+def test_drop_grow_many_leaves_equal_sizes_selected_together():
+    """Leaves of equal size (24 entries in three shapes) go through one stacked selection; each
+    must still get exactly its own per-leaf update (numpy oracle per leaf), others untouched."""
+    rng = np.random.default_rng(1)
+    shapes = {"a": (4, 6), "b": (6, 4), "c": (2, 3, 4), "d": (5,), "e": (3, 3)}
+    f_jit = jax.jit(st.drop_grow)
+    for _ in range(8):
+        ms = {k: rng.random(sh) < rng.uniform(0.2, 0.8) for k, sh in shapes.items()}
+        for v in ms.values():
+            v.flat[0] = True
+        ws = {k: (rng.normal(size=sh) * ms[k]).astype(np.float32) for k, sh in shapes.items()}
+        ss = {k: rng.random(sh).astype(np.float32) for k, sh in shapes.items()}
+        masks = {k: jnp.asarray(v) for k, v in ms.items()}
+        masks["e"] = None  # a leaf that is not pruned
+        f = float(rng.uniform(0.05, 0.95))
+        new, grown = f_jit(masks, {k: jnp.asarray(v) for k, v in ws.items()},
+                           {k: (None if masks[k] is None else jnp.asarray(v)) for k, v in ss.items()},
+                           jnp.float32(f))
+        assert new["e"] is None and grown["e"] is None
+        for k in "abcd":
+            exp = _drop_grow_oracle(ms[k].ravel(), ws[k].ravel(), ss[k].ravel(), f)
+            np.testing.assert_array_equal(np.asarray(new[k]).ravel(), exp, err_msg=k)
+            np.testing.assert_array_equal(np.asarray(grown[k]).ravel(), exp & ~ms[k].ravel())
+            assert new[k].shape == shapes[k]
+
+
 def test_static_sparse_keeps_mask_and_erk():
     params = _params()
     tx = st.static_sparse(optax.adam(1e-2), sparsity=0.8, allocation="erk")
