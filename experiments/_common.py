@@ -11,6 +11,11 @@
   temporary file in the same directory and ``os.replace`` it at the end: a run that fails half-way
   leaves the previous file intact; :func:`write_csv` refuses an empty table before touching anything.
 * :func:`figure`, :func:`errorbar_plot` -- matplotlib figures without pyplot's global state.
+* :func:`format_table` -- the aligned text table an experiment prints (one ``(header, format
+  spec)`` per column).
+* :func:`train_lm`, :func:`finish_lm_training`, :func:`save_model`, :func:`load_model`,
+  :func:`lm_template`, :func:`load_or_train_lm` -- the byte LMs trained once (``train_gpt``,
+  ``train_moe``) and reused from the results directory.
 
 Example:
     >>> ap = parser("jaxprune run example", "An example.", steps=100, seeds=3)
@@ -27,15 +32,17 @@ import csv
 import json
 import math
 import os
+import re
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 __all__ = [
     "RESULTS_ENV", "positive_int", "nonnegative_int", "positive_float", "unit_fraction", "parser",
     "results_dir", "output_path", "atomic_open", "write_csv", "write_json", "figure", "save_figure",
-    "errorbar_plot", "peak_rss",
+    "errorbar_plot", "peak_rss", "format_table", "lm_template", "save_model", "load_model",
+    "load_or_train_lm", "finish_lm_training", "train_lm",
 ]
 
 #: environment variable naming the default results directory (``--results-dir`` wins over it)
@@ -316,6 +323,46 @@ def errorbar_plot(path: str | os.PathLike,
     return save_figure(fig, path)
 
 
+# [[fill]align][sign][z][#][0][width][grouping][.precision][type] (Python's format mini-language)
+_SPEC = re.compile(r"(?:(?P<fill>.)?(?P<align>[<>=^]))?[-+ ]?z?#?0?(?P<width>\d*)[,_]?(?:\.\d+)?"
+                   r"(?P<type>[bcdeEfFgGnosxX%]?)")
+
+
+def format_table(columns: Sequence[tuple[str, str]], rows: Iterable[Sequence[Any]],
+                 sep: str = " ") -> str:
+    """An aligned text table: a header line, then one line per row, cells joined by ``sep``.
+
+    ``columns`` are ``(header, format spec)`` pairs; cell ``i`` of a row is formatted with spec
+    ``i`` (``"28s"``, ``">8.2f"``, ``"9d"``, ...). A header takes its spec's width and alignment;
+    without an explicit alignment it is right-aligned for a numeric type (``d``, ``f``, ``e``,
+    ``g``, ``%``, ...) and left-aligned otherwise, as the values are.
+
+    >>> print(format_table([("model", "8s"), ("ppl", "6.2f"), ("n", ">3")],
+    ...                    [("gpt", 3.14159, 7), ("moe", 12.5, 16)]))
+    model       ppl   n
+    gpt        3.14   7
+    moe       12.50  16
+    >>> format_table([("a", "q")], [])
+    Traceback (most recent call last):
+    ValueError: format_table: column 'a' has an invalid format spec 'q'
+    """
+    heads = []
+    for head, spec in columns:
+        m = _SPEC.fullmatch(spec)
+        if m is None:
+            raise ValueError(f"format_table: column {head!r} has an invalid format spec {spec!r}")
+        numeric = m["type"] not in ("", "s", "c")
+        align = {"=": ">", None: ">" if numeric else "<"}.get(m["align"], m["align"])
+        heads.append(f"{head:{align}{m['width']}}")
+    lines = [sep.join(heads)]
+    for i, row in enumerate(rows):
+        if len(row) != len(columns):
+            raise ValueError(f"format_table: row {i} has {len(row)} cells for {len(columns)} columns "
+                             f"({', '.join(h for h, _ in columns)})")
+        lines.append(sep.join(format(v, spec) for v, (_, spec) in zip(row, columns, strict=True)))
+    return "\n".join(lines)
+
+
 def set_xla_threads(n: int) -> bool:
     """Limit XLA:CPU to ``n`` intra-op threads if no JAX backend has started yet (benchmarks).
 
@@ -482,6 +529,77 @@ def load_model(stem: str, make: Any, results: str | os.PathLike | None = None) -
     meta = json.loads(config_file.read_text())
     cfg, template = make(meta["config"])
     return cfg, serialization.from_bytes(template, params_file.read_bytes()), meta["info"]
+
+
+def lm_template(model_cls: Callable[[Any], Any], cfg: Any) -> Any:
+    """The params tree of ``model_cls(cfg)`` as shapes and dtypes (``jax.eval_shape`` of its
+    ``init`` on ``(1, cfg.seq)`` tokens: nothing is computed), the template a saved LM is read into.
+
+    >>> from jaxprune.zoo.models.gpt import GPT, GPTConfig
+    >>> lm_template(GPT, GPTConfig(d=16, layers=1, heads=2, seq=8))["embed"]["pos"]["embedding"]
+    ShapeDtypeStruct(shape=(8, 16), dtype=float32)
+    """
+    import jax
+    import jax.numpy as jnp
+
+    tokens = jax.ShapeDtypeStruct((1, cfg.seq), jnp.int32)
+    return jax.eval_shape(model_cls(cfg).init, jax.random.key(0), tokens)["params"]
+
+
+def load_or_train_lm(stem: str, model_cls: Callable[[Any], Any], cfg: Any,
+                     train: Callable[[], tuple[Any, dict]], *, save: bool = True,
+                     retrain: bool = False, results: str | os.PathLike | None = None
+                     ) -> tuple[Any, Any, dict]:
+    """``(config, params, info)`` of the byte LM saved under ``stem`` in the results directory.
+
+    When none is saved (or ``retrain``), ``train()`` returns ``(params, info)`` for the config
+    ``cfg``, which are saved unless ``save=False`` (a smoke run). A saved config is rebuilt as
+    ``type(cfg)(**saved)`` and its params read into :func:`lm_template`'s tree for ``model_cls``.
+
+    >>> import tempfile, jax, jax.numpy as jnp
+    >>> from jaxprune.zoo.models.gpt import GPT, GPTConfig
+    >>> d, cfg = tempfile.mkdtemp(), GPTConfig(d=16, layers=1, heads=2, seq=8)
+    >>> trained = lambda: (GPT(cfg).init(jax.random.key(0), jnp.zeros((1, 8), int))["params"],
+    ...                    {"val_ppl": 9.0})
+    >>> c, p, info = load_or_train_lm("tiny", GPT, cfg, trained, results=d)   # trains and saves
+    >>> c2, p2, info2 = load_or_train_lm("tiny", GPT, cfg, None, results=d)   # loads: no training
+    >>> c2 == cfg, info2, bool((p2["head"]["lm_head"]["kernel"] == p["head"]["lm_head"]["kernel"]).all())
+    (True, {'val_ppl': 9.0}, True)
+    """
+    def make(config: dict) -> tuple[Any, Any]:
+        c = type(cfg)(**config)
+        return c, lm_template(model_cls, c)
+
+    if not retrain:
+        saved = load_model(stem, make, results)
+        if saved is not None:
+            return saved
+    params, info = train()
+    if save:
+        save_model(stem, params, cfg, info, results)
+    return cfg, params, info
+
+
+def finish_lm_training(args: argparse.Namespace, stem: str, params: Any, cfg: Any, info: dict,
+                       *extra: tuple[str, str, str]) -> str:
+    """The end of a ``train_<stem>`` run: unless ``args.quick``, save the model under ``stem``
+    (:func:`save_model`) and ``info`` as ``train_<stem>.json``; return the one-row summary table
+    (steps, batch, seconds, train loss, val ppl from ``info``, then each ``extra`` column given
+    as ``(header, format spec, info key)``).
+
+    >>> a = argparse.Namespace(quick=True, results_dir=None)   # --quick: nothing is written
+    >>> info = {"steps": 2, "batch": 4, "train_seconds": 0.5, "final_train_loss": 5.1,
+    ...         "val_ppl": 150.0, "bpb": 7.2}
+    >>> print(finish_lm_training(a, "gpt", None, None, info, ("bpb", ">6.3f", "bpb")))
+     steps batch  seconds train loss  val ppl    bpb
+         2     4      0.5      5.100  150.000  7.200
+    """
+    if not args.quick:  # a smoke run saves nothing
+        save_model(stem, params, cfg, info, args.results_dir)
+        write_json(output_path(args, f"train_{stem}.json"), info)
+    columns = [("steps", ">6", "steps"), ("batch", ">5", "batch"), ("seconds", ">8", "train_seconds"),
+               ("train loss", ">10.3f", "final_train_loss"), ("val ppl", ">8.3f", "val_ppl"), *extra]
+    return format_table([(h, spec) for h, spec, _ in columns], [[info[k] for _, _, k in columns]])
 
 
 def train_lm(model: Any, loss: Any, records: Any, *, steps: int, batch: int, lr: float,

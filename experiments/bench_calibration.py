@@ -130,11 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         out["minilm_sequential_sparsegpt50"] = json.loads(res.stdout.strip().splitlines()[-1])
     _common.write_json(_common.output_path(args, "bench_calibration.json"), out)
     print(f"load average at start: {out['loadavg_1min_start']} (times are inflated on a busy machine)")
-    print(f"{'calibrate':28s} {'cold s':>8s} {'compiles':>8s} {'compile s':>9s} {'warm s':>8s} "
-          f"{'compiles':>8s}")
-    for r in out["calibrate"]:
-        print(f"{r['model']:28s} {r['cold']['seconds']:8.2f} {r['cold']['compiles']:8d} "
-              f"{r['cold']['total_compile_s']:9.2f} {r['warm1']['seconds']:8.2f} {r['warm1']['compiles']:8d}")
+    print(_common.format_table(
+        [("calibrate", "28s"), ("cold s", "8.2f"), ("compiles", "8d"), ("compile s", "9.2f"),
+         ("warm s", "8.2f"), ("compiles", "8d")],
+        [(r["model"], r["cold"]["seconds"], r["cold"]["compiles"], r["cold"]["total_compile_s"],
+          r["warm1"]["seconds"], r["warm1"]["compiles"]) for r in out["calibrate"]]))
     if "minilm_sequential_sparsegpt50" in out:
         s = out["minilm_sequential_sparsegpt50"]
         print(f"MiniLM sequential SparseGPT 50% ({s['sentences']} sentences, {s['tokens']} tokens in "

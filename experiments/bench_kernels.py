@@ -191,18 +191,14 @@ def run(quick: bool, runs: int, warmup: int, out: Path) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     """Printable table of the result rows."""
-    hdr = f"{'kind':<12}{'M':>6}{'K':>6}{'N':>6}{'spars':>6}{'ms':>10}{'x dense':>9}" \
-          f"{'GB/s':>9}{'TFLOP/s':>9}  impl"
-    lines = [f"device: {result['device']} ({result['platform']}), jax {result['jax_version']}, "
-             f"{result['note']}", hdr]
-    for r in result["rows"]:
-        lines.append(
-            f"{r['kind']:<12}{r['M']:>6}{r['K']:>6}{r['N']:>6}{r['sparsity']:>6.2f}"
-            f"{1e3 * r['time_s']:>10.3f}{r['speedup_vs_dense']:>9.2f}{r['bandwidth_GBps']:>9.1f}"
-            f"{r['dense_equiv_TFLOPs']:>9.2f}  {r['impl']}"
-            + (f" err={r['max_abs_err']:.2g}" if "max_abs_err" in r else "")
-        )
-    return "\n".join(lines)
+    cols = [("kind", "<12"), ("M", ">6"), ("K", ">6"), ("N", ">6"), ("spars", ">6.2f"), ("ms", ">10.3f"),
+            ("x dense", ">9.2f"), ("GB/s", ">9.1f"), ("TFLOP/s", ">9.2f"), ("  impl", "s")]
+    rows = [(r["kind"], r["M"], r["K"], r["N"], r["sparsity"], 1e3 * r["time_s"], r["speedup_vs_dense"],
+             r["bandwidth_GBps"], r["dense_equiv_TFLOPs"],
+             f"  {r['impl']}" + (f" err={r['max_abs_err']:.2g}" if "max_abs_err" in r else ""))
+            for r in result["rows"]]
+    return (f"device: {result['device']} ({result['platform']}), jax {result['jax_version']}, "
+            f"{result['note']}\n" + _common.format_table(cols, rows, sep=""))
 
 
 def main(argv: list[str] | None = None) -> int:

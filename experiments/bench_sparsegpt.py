@@ -72,10 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     out["loadavg_1min"] = os.getloadavg()[0]
     _common.write_json(_common.output_path(args, "bench_sparsegpt.json"), out)
     print(f"backend: {out['backend']}, {args.tokens} calibration tokens, median of {reps}")
-    print(f"{'layer (in x out)':18s} {'target':>6s} {'prune s':>9s} {'1st call s':>10s} {'compile s':>9s}")
-    for r in out["layers"]:
-        print(f"{str(r['shape'][0]) + 'x' + str(r['shape'][1]):18s} {r['target']:>6s} {r['median_s']:9.3f} "
-              f"{r['first_call_s']:10.2f} {r['total_compile_s']:9.2f}")
+    print(_common.format_table(
+        [("layer (in x out)", "18s"), ("target", ">6s"), ("prune s", "9.3f"), ("1st call s", "10.2f"),
+         ("compile s", "9.2f")],
+        [(f"{r['shape'][0]}x{r['shape'][1]}", r["target"], r["median_s"], r["first_call_s"],
+          r["total_compile_s"]) for r in out["layers"]]))
     if "minilm_total_s" in out:
         mc = out["minilm_compile"]
         print(f"whole MiniLM sequential SparseGPT 50% ({out['minilm_calib_tokens']} tokens): "

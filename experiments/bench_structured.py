@@ -115,10 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     for fn, batch in tqdm([(bench_cnn, 256 if a.quick else 1024), (bench_gpt, 4 if a.quick else 16)],
                           desc="bench"):
         rows += fn(a.ratios, batch, iters, repeats)
-    print(f"{'model':<12} {'ratio':>5} {'params':>9} {'slim':>9} {'ms':>8} {'ms slim':>8} {'speedup':>7}")
-    for r in rows:
-        print(f"{r['model']:<12} {r['ratio']:>5.2f} {r['params']:>9d} {r['params_slim']:>9d} "
-              f"{r['ms']:>8.2f} {r['ms_slim']:>8.2f} {r['speedup']:>7.2f}")
+    print(_common.format_table(
+        [("model", "<12"), ("ratio", ">5.2f"), ("params", ">9d"), ("slim", ">9d"), ("ms", ">8.2f"),
+         ("ms slim", ">8.2f"), ("speedup", ">7.2f")],
+        [(r["model"], r["ratio"], r["params"], r["params_slim"], r["ms"], r["ms_slim"], r["speedup"])
+         for r in rows]))
     meta = {"device": str(jax.devices()[0]), "jax": jax.__version__, "iters": iters,
             "repeats": repeats, "quick": a.quick, "note": "median of repeats; CPU shared machine"}
     _common.write_json(out, {"meta": meta, "rows": rows})

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.zoo.data import text_tfds
@@ -22,6 +20,7 @@ from jaxprune.zoo.models.gpt import GPT, GPTConfig, loss_fn, perplexity
 from . import _common
 
 VAL_RECORDS = 512  # fixed held-out subset (first records of the validation split)
+QUICK = (40, 8)  # (steps, batch) of a --quick smoke run
 
 
 def load_data(data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -45,28 +44,13 @@ def train(cfg: GPTConfig, steps: int, batch: int, lr: float, seed: int = 0,
     return params, info
 
 
-def save(params: dict, cfg: GPTConfig, info: dict, results: str | os.PathLike | None = None) -> None:
-    """Write params and config/info to the results directory (atomically)."""
-    _common.save_model("gpt", params, cfg, info, results)
-
-
-def _make(config: dict) -> tuple[GPTConfig, dict]:
-    cfg = GPTConfig(**config)
-    return cfg, GPT(cfg).init(jax.random.key(0), jnp.zeros((1, cfg.seq), jnp.int32))["params"]
-
-
 def load_or_train(quick: bool = False, retrain: bool = False,
                   results: str | os.PathLike | None = None) -> tuple[GPTConfig, dict, dict]:
     """The trained GPT from the results directory (training and saving it first if absent)."""
-    saved = None if retrain else _common.load_model("gpt", _make, results)
-    if saved is not None:
-        return saved
     cfg = GPTConfig(seq=128)
-    steps, batch = (40, 8) if quick else (300, 16)
-    params, info = train(cfg, steps, batch, 3e-3)
-    if not quick:
-        save(params, cfg, info, results)
-    return cfg, params, info
+    steps, batch = QUICK if quick else (300, 16)
+    return _common.load_or_train_lm("gpt", GPT, cfg, lambda: train(cfg, steps, batch, 3e-3),
+                                    save=not quick, retrain=retrain, results=results)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,14 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pos", choices=["learned", "rope"], default="learned")
     args = ap.parse_args(argv)
     cfg = GPTConfig(pos=args.pos, seq=args.seq)
-    steps, batch = (40, 8) if args.quick else (args.steps, args.batch)
+    steps, batch = QUICK if args.quick else (args.steps, args.batch)
     params, info = train(cfg, steps, batch, args.lr)
-    if not args.quick:  # --quick saves nothing
-        save(params, cfg, info, args.results_dir)
-        _common.write_json(_common.output_path(args, "train_gpt.json"), info)
-    print(f"{'steps':>6} {'batch':>5} {'seconds':>8} {'train loss':>10} {'val ppl':>8} {'bpb':>6}")
-    print(f"{steps:>6} {batch:>5} {info['train_seconds']:>8} {info['final_train_loss']:>10.3f} "
-          f"{info['val_ppl']:>8.3f} {info['val_bits_per_byte']:>6.3f}")
+    print(_common.finish_lm_training(args, "gpt", params, cfg, info, ("bpb", ">6.3f", "val_bits_per_byte")))
     return 0
 
 

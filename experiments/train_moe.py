@@ -21,6 +21,7 @@ from jaxprune.zoo.models.moe import MoE, MoEConfig, loss_fn, perplexity
 from . import _common
 
 VAL_RECORDS = 256  # fixed held-out subset (first records of the validation split)
+QUICK = (30, 8)  # (steps, batch) of a --quick smoke run
 
 
 def load_data(seq: int, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -64,27 +65,13 @@ def train(cfg: MoEConfig, steps: int, batch: int, lr: float, aux_weight: float =
     return params, info
 
 
-def save(params: dict, cfg: MoEConfig, info: dict, results: str | os.PathLike | None = None) -> None:
-    """Write params and config/info to the results directory (atomically)."""
-    _common.save_model("moe", params, cfg, info, results)
-
-
-def _make(config: dict) -> tuple[MoEConfig, dict]:
-    cfg = MoEConfig(**config)
-    return cfg, MoE(cfg).init(jax.random.key(0), jnp.zeros((1, cfg.seq), jnp.int32))["params"]
-
-
 def load_or_train(quick: bool = False, results: str | os.PathLike | None = None
                   ) -> tuple[MoEConfig, dict, dict]:
     """The trained MoE from the results directory (trained and saved first when absent)."""
-    saved = _common.load_model("moe", _make, results)
-    if saved is not None:
-        return saved
     cfg = MoEConfig()
-    params, info = train(cfg, *((30, 8) if quick else (400, 16)), 3e-3)
-    if not quick:
-        save(params, cfg, info, results)
-    return cfg, params, info
+    steps, batch = QUICK if quick else (400, 16)
+    return _common.load_or_train_lm("moe", MoE, cfg, lambda: train(cfg, steps, batch, 3e-3),
+                                    save=not quick, results=results)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,14 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--aux-weight", type=float, default=0.01)
     args = ap.parse_args(argv)
     cfg = MoEConfig()
-    steps, batch = (30, 8) if args.quick else (args.steps, args.batch)
+    steps, batch = QUICK if args.quick else (args.steps, args.batch)
     params, info = train(cfg, steps, batch, args.lr, args.aux_weight)
-    if not args.quick:
-        save(params, cfg, info, args.results_dir)
-        _common.write_json(_common.output_path(args, "train_moe.json"), info)
-    print(f"{'steps':>6} {'batch':>5} {'seconds':>8} {'train loss':>10} {'val ppl':>8} {'params':>8}")
-    print(f"{steps:>6} {batch:>5} {info['train_seconds']:>8} {info['final_train_loss']:>10.3f} "
-          f"{info['val_ppl']:>8.3f} {info['params']:>8}")
+    print(_common.finish_lm_training(args, "moe", params, cfg, info, ("params", ">8", "params")))
     print("expert load per layer:", info["expert_load"])
     return 0
 

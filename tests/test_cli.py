@@ -12,6 +12,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from jaxprune import cli
@@ -235,3 +236,69 @@ def test_write_json_and_figure_are_atomic(tmp_path):
 def test_common_doctests():
     res = doctest.testmod(_common, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert res.attempted > 10 and res.failed == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# shared table printer and the trained byte LMs
+# ------------------------------------------------------------------------------------------------
+def test_format_table_matches_hand_written_fstrings():
+    rows = [("gpt", 3.14159, 7, "2:4"), ("a much longer name", -0.5, 123456, "")]
+    got = _common.format_table([("model", "8s"), ("ppl", "8.3f"), ("n", "5d"), ("pat", ">4")], rows)
+    want = [f"{'model':8s} {'ppl':>8s} {'n':>5s} {'pat':>4s}"]
+    want += [f"{m:8s} {p:8.3f} {n:5d} {t:>4}" for m, p, n, t in rows]  # values wider than the column too
+    assert got == "\n".join(want)
+    assert _common.format_table([("x", "=+6d"), ("y", "*^7s")], [(5, "ab")], sep="|") == \
+        f"{'x':>6}|{'y':^7}\n{5:=+6d}|{'ab':*^7s}"
+    with pytest.raises(ValueError, match=r"row 1 has 1 cells for 2 columns \(a, b\)"):
+        _common.format_table([("a", "3d"), ("b", "3d")], [(1, 2), (3,)])
+    with pytest.raises(ValueError, match="column 'b' has an invalid format spec '3q'"):
+        _common.format_table([("a", "3d"), ("b", "3q")], [])
+
+
+def test_load_or_train_lm_trains_once_then_loads_and_quick_writes_nothing(tmp_path):
+    import jax
+
+    from jaxprune.zoo.models.gpt import GPT, GPTConfig
+
+    cfg = GPTConfig(d=8, layers=2, heads=2, seq=4, layer_ffn=[4, 12])  # a tuple field: JSON -> tuple
+    calls = []
+
+    def train():
+        calls.append(1)
+        shapes = _common.lm_template(GPT, cfg)
+        p = jax.tree.map(lambda s: np.random.default_rng(len(calls)).normal(size=s.shape).astype(s.dtype),
+                         shapes)
+        return p, {"val_ppl": 2.5, "steps": len(calls)}
+
+    _, p0, _ = _common.load_or_train_lm("tiny", GPT, cfg, train, save=False, results=tmp_path)
+    assert calls == [1] and list(tmp_path.iterdir()) == []  # a smoke run saves nothing
+    c1, p1, i1 = _common.load_or_train_lm("tiny", GPT, cfg, train, results=tmp_path)
+    assert len(calls) == 2 and sorted(f.name for f in tmp_path.iterdir()) == \
+        ["tiny_config.json", "tiny_params.msgpack"]
+    c2, p2, i2 = _common.load_or_train_lm("tiny", GPT, cfg, train, results=tmp_path)
+    assert len(calls) == 2  # loaded, not trained
+    assert c2 == cfg and c2.layer_ffn == (4, 12) and i2 == i1 == {"val_ppl": 2.5, "steps": 2}
+    assert jax.tree.structure(p2) == jax.tree.structure(p1)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    _, p3, _ = _common.load_or_train_lm("tiny", GPT, cfg, train, retrain=True, results=tmp_path)
+    assert len(calls) == 3 and _common.load_model("tiny", lambda c: (c, p3), tmp_path)[2]["steps"] == 3
+
+
+def test_finish_lm_training_saves_unless_quick(tmp_path):
+    info = {"steps": 3, "batch": 2, "train_seconds": 1.5, "final_train_loss": 4.25, "val_ppl": 70.0,
+            "params": 1234}
+    cfg = argparse.Namespace(_asdict=lambda: {"d": 8})
+    quick = argparse.Namespace(quick=True, results_dir=tmp_path)
+    table = _common.finish_lm_training(quick, "lm", {"w": np.ones(2)}, cfg, info, ("params", ">8", "params"))
+    assert list(tmp_path.iterdir()) == []
+    assert table.splitlines() == [f"{'steps':>6} {'batch':>5} {'seconds':>8} {'train loss':>10} "
+                                  f"{'val ppl':>8} {'params':>8}",
+                                  f"{3:>6} {2:>5} {1.5:>8} {4.25:>10.3f} {70.0:>8.3f} {1234:>8}"]
+    full = argparse.Namespace(quick=False, results_dir=tmp_path)
+    assert _common.finish_lm_training(full, "lm", {"w": np.ones(2)}, cfg, info).splitlines() == \
+        [line[:-9] for line in table.splitlines()]  # the same without the 9-character extra column
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["lm_config.json", "lm_params.msgpack",
+                                                          "train_lm.json"]
+    assert json.loads((tmp_path / "train_lm.json").read_text()) == info
+    assert json.loads((tmp_path / "lm_config.json").read_text()) == {"config": {"d": 8}, "info": info}

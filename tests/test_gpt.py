@@ -92,3 +92,23 @@ def test_slim_gpt_per_layer_heads_ffn_equals_masked(pos):
     c1 = config_from_params(scfg, shallow)
     assert (c1.layers, c1.layer_heads, c1.layer_ffn) == (1, (3,), (7,))
     assert GPT(c1).apply(shallow, x).shape == (2, 8, 256)
+
+
+def test_perplexity_weights_records_not_batches_gpt_and_moe():
+    """``perplexity`` (GPT and MoE share ``batched_perplexity``) = exp of the mean next-byte NLL over
+    records, here from the logits in numpy; a short last batch must not count as much as a full one."""
+    from jaxprune.zoo.models import moe
+
+    rec = np.random.default_rng(0).integers(0, 256, (5, 9)).astype(np.uint8)
+    gc = GPTConfig(d=16, layers=1, heads=2, seq=8)
+    mc = moe.MoEConfig(d=16, layers=1, heads=2, experts=4, ffn=8, seq=8)
+    rng = np.random.default_rng(1)
+    for model, ppl in [(GPT(gc), perplexity), (moe.MoE(mc), moe.perplexity)]:
+        shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+        p = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.3, s.shape), s.dtype), shapes)
+        logits = np.asarray(model.apply({"params": p}, jnp.asarray(rec[:, :-1], jnp.int32)), np.float64)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        nll = -np.take_along_axis(logp, rec[:, 1:, None].astype(int), -1)[..., 0].mean(-1)  # per record
+        assert np.std(nll) > 1e-3  # records differ: batch weighting matters
+        np.testing.assert_allclose(ppl(model, p, rec, batch=2), np.exp(nll.mean()), rtol=1e-4)
+    assert moe.perplexity(moe.MoE(mc), {}, np.zeros((0, 9), np.uint8)) == 1.0

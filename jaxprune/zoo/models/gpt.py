@@ -28,7 +28,7 @@ Example:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import jax
@@ -37,7 +37,7 @@ import numpy as np
 from flax import linen as nn
 
 __all__ = ["GPTConfig", "GPT", "GPTEmbed", "GPTBlock", "GPTHead", "blocks", "config_from_params",
-           "loss_fn", "perplexity", "rope"]
+           "loss_fn", "perplexity", "batched_perplexity", "rope"]
 
 
 class _GPTFields(NamedTuple):
@@ -248,10 +248,22 @@ def perplexity(model: GPT, params: Any, records: Iterable[np.ndarray] | np.ndarr
     >>> perplexity(GPT(cfg), p, np.zeros((3, 9), np.uint8)) > 1.0
     True
     """
+    return batched_perplexity(lambda r: _loss_jit(model, params, r), records, batch)
+
+
+def batched_perplexity(mean_nll: Callable[[np.ndarray], Any],
+                       records: Iterable[np.ndarray] | np.ndarray, batch: int = 64) -> float:
+    """``exp`` of the record-weighted mean of ``mean_nll(chunk)`` (a chunk's mean next-byte NLL)
+    over consecutive chunks of ``batch`` records; ``1.0`` for no records.
+
+    >>> recs = np.arange(5)[:, None]          # 5 records, NLL of a record = its value, mean 2
+    >>> round(batched_perplexity(lambda r: r.mean(), recs, batch=2), 4)   # exp(2), not exp(7/3)
+    7.3891
+    """
     recs = np.asarray(records)
     tot, n = 0.0, 0
     for s in range(0, len(recs), batch):
         r = recs[s:s + batch]
-        tot += float(_loss_jit(model, params, r)) * len(r)
+        tot += float(mean_nll(r)) * len(r)
         n += len(r)
     return float(np.exp(tot / max(n, 1)))

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from jaxprune.zoo.models.gpt import GPTConfig, GPTEmbed, GPTHead
+from jaxprune.zoo.models.gpt import GPTConfig, GPTEmbed, GPTHead, batched_perplexity
 
 __all__ = ["MoEConfig", "MoE", "MoEFFN", "LoopMoEFFN", "route", "config_from_params", "loss_fn",
            "perplexity"]
@@ -229,10 +229,4 @@ def perplexity(model: MoE, params: Any, records: Iterable[np.ndarray] | np.ndarr
     >>> perplexity(MoE(MoEConfig()), {}, np.zeros((0, 65), np.uint8))   # no records: exp(0)
     1.0
     """
-    recs = np.asarray(records)
-    tot, n = 0.0, 0
-    for s in range(0, len(recs), batch):
-        r = recs[s:s + batch]
-        tot += float(_loss_jit(model, params, r)) * len(r)
-        n += len(r)
-    return float(np.exp(tot / max(n, 1)))
+    return batched_perplexity(lambda r: _loss_jit(model, params, r), records, batch)
