@@ -60,6 +60,8 @@ class GemmaConfig:
 
     >>> GemmaConfig(layers=18).global_layers()
     (5, 11, 17)
+    >>> hash(GemmaConfig(layers=2, layer_heads=[4, 2])) == hash(GemmaConfig(layers=2, layer_heads=(4, 2)))
+    True
     """
 
     vocab: int = 262144
@@ -84,6 +86,9 @@ class GemmaConfig:
     def __post_init__(self) -> None:
         for name in ("layer_heads", "layer_ffn", "layer_kv_heads"):
             v = getattr(self, name)
+            if v is not None and not isinstance(v, tuple):  # lists (e.g. from JSON): hashable
+                v = tuple(int(n) for n in v)
+                object.__setattr__(self, name, v)
             if v is not None and (len(v) != self.layers or any(int(n) < 1 for n in v)):
                 raise ValueError(f"jaxprune.zoo gemma: {name} must give one count >= 1 for each of "
                                  f"the {self.layers} layers, got {v!r}")
