@@ -234,3 +234,28 @@ def test_gpu_variants_lower_to_triton_for_cuda(dtype):
         f = jax.jit(functools.partial(fn, impl="pallas", variant="gpu", interpret=False))
         text = _backend.lower_for_cuda(f, x, wt)
         assert "triton" in text
+
+
+@pytest.mark.parametrize("impl", ["pallas", "reference"])
+@pytest.mark.parametrize("lead", [(0,), (2, 0), (0, 3)])
+def test_empty_batch_gives_an_empty_result_in_every_kernel(impl, lead):
+    """One rule for all three kernels, kernel and reference alike: ``x`` of shape ``(..., K)`` with
+    no rows gives ``(..., N)`` with no rows (the block kernel used to fail with an XLA slice error
+    and the N:M kernel raised)."""
+    from jaxprune.kernels import quant_formats as QF
+    from jaxprune.kernels.nm_quant_matmul import nm_quant_matmul
+
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(size=(32, 8)), jnp.float32)
+    m24 = jnp.asarray(np.tile(np.array([True, False, True, False]), 8)[:, None].repeat(8, 1))
+    codes = np.where(np.asarray(m24), rng.integers(-7, 8, size=(32, 8)), 0).astype(np.int8)
+    cases = {
+        "nm": (nm_matmul, F.pack_nm(w, m24, 2, 4)),
+        "block": (block_sparse_matmul, F.pack_block(w, jnp.ones((32, 8), bool), (8, 8))),
+        "nm_quant": (nm_quant_matmul, QF.pack_nm_quant(codes, m24, np.ones((1, 8), np.float32),
+                                                      None, bits=4, group_size=32)),
+    }
+    x = jnp.ones((*lead, 32), jnp.float32)
+    for name, (fn, packed) in cases.items():
+        y = jax.jit(lambda a, p, fn=fn: fn(a, p, impl=impl))(x, packed)
+        assert y.shape == (*lead, 8) and y.dtype == jnp.float32, (name, y.shape, y.dtype)

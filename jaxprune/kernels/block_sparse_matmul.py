@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -246,6 +247,8 @@ def block_sparse_matmul(
     k, nn = w.kn
     ref._check_x(x, k, "block_sparse_matmul")
     impl, variant, interp = _backend.resolve(impl, variant, interpret)
+    if math.prod(x.shape[:-1]) == 0:  # an empty batch: an empty result, no kernel
+        return jnp.zeros((*x.shape[:-1], nn), jnp.result_type(x.dtype, w.blocks.dtype))
     cfg = _Cfg(tuple(w.shape), tuple(w.block), w.max_per_col, impl, variant, interp, tm,
                _backend.fallback_allowed(fallback))
     lead = x.shape[:-1]

@@ -274,10 +274,9 @@ def nm_matmul(
     if tiles is not None and (len(tuple(tiles)) != 3 or any(int(t) < 1 for t in tiles)):
         raise ValueError(f"jaxprune.kernels.nm_matmul: tiles must be three integers >= 1 "
                          f"(tm, tn, th), got {tiles!r}")
-    if math.prod(x.shape[:-1]) == 0:
-        raise ValueError(f"jaxprune.kernels.nm_matmul: x of shape {tuple(x.shape)} has an empty batch "
-                         "(0 rows); nothing to multiply")
     impl, variant, interp = _backend.resolve(impl, variant, interpret)
+    if math.prod(x.shape[:-1]) == 0:  # an empty batch: an empty result, no kernel
+        return jnp.zeros((*x.shape[:-1], nn), jnp.result_type(x.dtype, w.values.dtype))
     cfg = _Cfg(tuple(w.shape), w.n, w.m, impl, variant, interp,
                None if tiles is None else tuple(int(t) for t in tiles),
                _backend.fallback_allowed(fallback))

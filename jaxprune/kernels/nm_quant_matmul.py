@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 import time
 from typing import Any, NamedTuple
 
@@ -197,6 +198,8 @@ def nm_quant_matmul(x: jax.Array, w: QF.NMQuantPacked, *, impl: str = "auto",
     k, nn = w.kn
     ref._check_x(x, k, "nm_quant_matmul")
     impl, _, interp = _backend.resolve(impl, "gpu", interpret)
+    if math.prod(x.shape[:-1]) == 0:  # an empty batch: an empty result, no kernel
+        return jnp.zeros((*x.shape[:-1], nn), x.dtype)
     cfg = _Cfg((k, nn), w.n, w.m, w.bits, w.group_size, w.zeros is None, impl, interp,
                None if tiles is None else tuple(int(t) for t in tiles))
     lead = x.shape[:-1]
