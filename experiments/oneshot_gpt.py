@@ -78,10 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     _common.write_json(_common.output_path(args, "oneshot_gpt.json"),
                        {"gpt": info, "calib_records": n_cal, "eval_records": n_ev, "rows": rows,
                         "layer_errors": layer_rows, "quick": args.quick})
-    print(f"{'method':16s} {'target':>6s} {'alloc':>8s} {'ppl':>8s} {'sec':>6s}")
-    for r in rows:
-        print(f"{r['method']:16s} {r['target']:>6s} {r['allocation']:>8s} {r['ppl']:8.3f} "
-              f"{r['seconds']:6.1f}")
+    print(_common.format_table(
+        [("method", "16s"), ("target", ">6s"), ("alloc", ">8s"), ("ppl", "8.3f"), ("sec", "6.1f")],
+        [(r["method"], r["target"], r["allocation"], r["ppl"], r["seconds"]) for r in rows]))
     print(f"\n{'layer (50%)':22s} " + " ".join(f"{m:>15s}" for m in
                                                  ["magnitude", "wanda", "sparsegpt", "obs",
                                                   "sparsegpt+dsnot"]))

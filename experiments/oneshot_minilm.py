@@ -72,10 +72,9 @@ def main(argv: list[str] | None = None) -> int:
                         "rows": rows,
                         "quick": args.quick})
     print(f"calibration: {n_cal} sentences, {ntok} tokens (no padding); held-out sentences: {n_ev}")
-    print(f"{'method':16s} {'target':>6s} {'cosine':>8s} {'NN agree':>9s} {'sec':>6s}")
-    for r in rows:
-        print(f"{r['method']:16s} {r['target']:>6s} {r['cosine']:8.4f} {r['nn_agreement']:9.3f} "
-              f"{r['seconds']:6.1f}")
+    print(_common.format_table(
+        [("method", "16s"), ("target", ">6s"), ("cosine", "8.4f"), ("NN agree", "9.3f"), ("sec", "6.1f")],
+        [(r["method"], r["target"], r["cosine"], r["nn_agreement"], r["seconds"]) for r in rows]))
     return 0
 
 

@@ -60,12 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"ratio": r, "channels": "/".join(map(str, sm.channels)),
                      "params": param_count(p2), "acc_pruned": acc1, "acc_finetuned": acc2,
                      "ms": t1 * 1e3, "speedup": t0 / t1})
-    print(f"{'removed':>7} {'channels':>9} {'params':>8} {'acc pruned':>10} {'acc ft':>7} "
-          f"{'ms/batch':>8} {'speedup':>7}")
-    for row in rows:
-        print(f"{row['ratio']:>7.2f} {row['channels']:>9} {row['params']:>8d} "
-              f"{row['acc_pruned']:>10.4f} {row['acc_finetuned']:>7.4f} {row['ms']:>8.3f} "
-              f"{row['speedup']:>7.2f}")
+    print(_common.format_table(
+        [("removed", ">7.2f"), ("channels", ">9"), ("params", ">8d"), ("acc pruned", ">10.4f"),
+         ("acc ft", ">7.4f"), ("ms/batch", ">8.3f"), ("speedup", ">7.2f")],
+        [(row["ratio"], row["channels"], row["params"], row["acc_pruned"], row["acc_finetuned"],
+          row["ms"], row["speedup"]) for row in rows]))
     _common.write_csv(_common.output_path(a, "structured_cnn.csv"), rows)
     meta = {"train_steps": steps, "finetune_steps": ft, "criterion": a.criterion,
             "test_images": int(len(xte)), "timing": f"median of {repeats} x {iters} calls",

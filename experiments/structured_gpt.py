@@ -178,12 +178,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{a.allocation} allocation")
     print("block scores: " + ", ".join(f"{s.index}: ang {s.angular:.3f} / inf {s.influence:.3f}"
                                        for s in bs))
-    print(f"{'kind':<10} {'method':<10} {'ratio':>5} {'params':>8} {'ppl':>9} {'masked':>9} "
-          f"{'heads':<14} {'ffn':<22} notes")
-    for row in rows:
-        print(f"{row['kind']:<10} {row['method']:<10} {row['ratio']:>5.2f} {row['params']:>8d} "
-              f"{row['ppl']:>9.3f} {row['ppl_masked']:>9.3f} {row['heads']:<14} {row['ffn']:<22} "
-              f"{row['notes']}")
+    print(_common.format_table(
+        [("kind", "<10"), ("method", "<10"), ("ratio", ">5.2f"), ("params", ">8d"), ("ppl", ">9.3f"),
+         ("masked", ">9.3f"), ("heads", "<14"), ("ffn", "<22"), ("notes", "")],
+        [(row["kind"], row["method"], row["ratio"], row["params"], row["ppl"], row["ppl_masked"],
+          row["heads"], row["ffn"], row["notes"]) for row in rows]))
     print("perplexity without one block: " + ", ".join(f"{s.index}: {q:.3f}"
                                                       for s, q in zip(bs, drop_each, strict=True)))
     for r, ns in rounding_notes.items():
