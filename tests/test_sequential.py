@@ -264,9 +264,10 @@ def test_user_models_sparsegpt_beats_magnitude_on_every_layer(name):
 @pytest.mark.parametrize("name", ["gqa", "einsum_mlp", "nnx", "torch"])
 def test_user_models_quantized_methods_through_the_driver(name):
     """GPTQ (no sparsity given: quantize only), the joint 2:4 + int4 sweep and OBR, run block by
-    block on the user models: every kernel's traced matrix view holds at most 16 distinct values
-    per output column (int4, one group: fan-in <= 128), 2:4 along its fan-in where pruned, and
-    GPTQ reconstructs each block's outputs better than rounding the dense weights to nearest."""
+    block on the user models: the returned codes dequantize to the returned params' traced matrix
+    views, every view holds at most 16 distinct values per output column (int4, one group: fan-in
+    <= 128), 2:4 along its fan-in where pruned, and GPTQ reconstructs each block's outputs better
+    than rounding the dense weights to nearest."""
     import jaxprune as jp
     from jaxprune.oneshot.quant import QuantSpec, RoundToNearest
     from tests import user_models as um
@@ -276,10 +277,13 @@ def test_user_models_quantized_methods_through_the_driver(name):
     dense = dict(leaves_with_paths(params))
     results = {}
     for meth, pattern in (("gptq", "unstructured"), ("sparsegpt+int4", "2:4"), ("obr", "2:4")):
-        q, m = prune_sequential(params, blocks, batches, meth, pattern=pattern, progress=False)
+        q, m, codes = prune_sequential(params, blocks, batches, meth, pattern=pattern,
+                                       progress=False, return_codes=True)
         masks = {p: v for p, v in leaves_with_paths(m) if v is not None}
-        assert set(masks) == um.WEIGHTS[name], meth
+        assert set(masks) == um.WEIGHTS[name] == set(codes), meth
         qw = dict(leaves_with_paths(q))
+        for p, c in codes.items():  # the codes are the returned params' values, in the traced view
+            np.testing.assert_array_equal(np.asarray(c.dequantize()), np.asarray(om[p].to_view(qw[p])))
         for p, mk in masks.items():
             view, mview = np.asarray(om[p].to_view(qw[p])), np.asarray(om[p].to_view(mk))
             assert view.shape[0] <= 128  # one quantization group per column
