@@ -99,6 +99,18 @@ def setup(args: argparse.Namespace, prog: str) -> Setup | int:
     return Setup(model, params, tok, ev, cal, batches, info)
 
 
+def block_stats(s: Setup) -> dict:
+    """One dense calibration of the block projections (``layer_*``) on ``s.batches``:
+    ``{path: LayerStats}`` (what ``prune_layers`` needs).
+
+    Example (the experiments): ``stats = block_stats(setup(args, prog))``.
+    """
+    from jaxprune.oneshot import calibrate
+
+    stats = calibrate(lambda p, t: s.model.apply({"params": p}, t, hidden=True), s.params, s.batches)
+    return {k: v for k, v in stats.items() if k.startswith("layer_")}
+
+
 def load_average() -> list[float]:
     """The 1/5/15-minute load averages (the machine may be shared: times are indicative)."""
     import os

@@ -109,18 +109,19 @@ TINY = GemmaConfig(vocab=len(tiny_vocab()[0]), d=16, layers=2, heads=4, kv_heads
                    sliding_window=3, sliding_pattern=2)
 
 
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory):
-    gguf = pytest.importorskip("gguf", reason="the 'llm' extra (gguf) is not installed")
-    params = jax.jit(Gemma(TINY).init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+def write_tiny_gguf(path: Path, cfg: GemmaConfig = TINY) -> tuple[dict, dict]:
+    """Write a random Gemma of config ``cfg`` (vocabulary: :func:`tiny_vocab`) to a GGUF file at
+    ``path`` with ``gguf``'s writer; returns ``(params, tensors)`` (Flax params, llama.cpp tensors)."""
+    import gguf
+
+    params = jax.jit(Gemma(cfg).init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
     rng = np.random.default_rng(0)  # random norm scales, so a mixed-up norm shows
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: np.asarray(x + 0.3 * rng.standard_normal(x.shape), np.float32)
         if "scale" in str(p) else np.asarray(x), params)
-    tensors = tensors_from_params(TINY, params)
-    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    tensors = tensors_from_params(cfg, params)
     w = gguf.GGUFWriter(str(path), "gemma3")
-    c = TINY
+    c = cfg
     for key, val in [("embedding_length", c.d), ("block_count", c.layers), ("feed_forward_length", c.ffn),
                      ("attention.head_count", c.heads), ("attention.head_count_kv", c.kv_heads),
                      ("attention.key_length", c.head_dim), ("attention.value_length", c.head_dim),
@@ -141,6 +142,14 @@ def tiny_gguf(tmp_path_factory):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return params, tensors
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    pytest.importorskip("gguf", reason="the 'llm' extra (gguf) is not installed")
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    params, tensors = write_tiny_gguf(path)
     return path, params, tensors
 
 
