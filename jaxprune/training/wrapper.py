@@ -137,10 +137,9 @@ def masked(
     On a step without a mask update nothing but the projection ``where(m, u, -p)`` is added to
     the inner optimizer's fused update (and a copy of the bool masks into the new state): the mask
     update, its scores, the post-step params and the inner update they need are computed inside
-    the taken branch of the ``lax.cond`` only. With ``restart_grown`` (SET, RigL) the branch also
-    returns the regrown entries (all false on other steps); resetting their optimizer state and
-    keeping them at zero are selects fused into the inner update outside the cond. Every
-    mask-holding method runs this one structure.
+    the taken branch of the ``lax.cond`` only. With ``restart_grown`` (SET, RigL) the cond spans
+    the whole step, so the reset of the regrown entries' optimizer state is not paid on the other
+    steps either.
 
     >>> tx = masked(optax.sgd(1.0), method="demo", init_masks=lambda p: {"w": p["w"] > 1})
     >>> p = {"w": jnp.array([1., 2.])}
@@ -158,8 +157,31 @@ def masked(
         state, grads, params = step.state, step.grads, step.params
         old = state.masks
         aux = state.movement if update_aux is None else update_aux(state.movement, grads, params)
+        masks, value_masks = old, old
+        if update_masks is not None and restart_grown:  # SET, RigL
+            # the whole step is one cond: a step without a mask update runs exactly the static
+            # path (masked grads, inner update, projection); resetting the regrown entries' inner
+            # state and value masks costs nothing on the other steps
+            g_in = apply_masks(grads, old) if mask_grads else grads
+
+            def plain(_: None) -> Any:
+                u, st = step.inner(g_in)
+                return project(u, params, old), old, st
+
+            def with_update(_: None) -> Any:
+                u, st = step.inner(g_in)
+                new_params = tree_map_masked(
+                    lambda m, p, d: None if m is None else p + d, old, params, u)
+                new, grown = update_masks(
+                    MaskUpdate(state.count, old, grads, params, new_params, aux))
+                st = reset_inner_state(raw_inner, st, grown)
+                vm = tree_map_masked(lambda m, g: None if m is None else m & ~g, new, grown)
+                return project(u, params, vm), new, st
+
+            new_updates, masks, inner_state = jax.lax.cond(
+                should_update(state.count), with_update, plain, None)
+            return new_updates, {"masks": masks, "movement": aux}, inner_state
         inner_updates, inner_state = step.inner(apply_masks(grads, old) if mask_grads else grads)
-        masks = value_masks = old
         if update_masks is not None:
             def do_update(masks_: PyTree) -> Any:
                 # the inner update is recomputed here rather than passed in: an operand of the
@@ -170,19 +192,8 @@ def masked(
                 )
                 return update_masks(MaskUpdate(state.count, masks_, grads, params, new_params, aux))
 
-            if restart_grown:  # SET, RigL: update_masks -> (masks, grown)
-                masks, grown = jax.lax.cond(
-                    should_update(state.count), do_update,
-                    lambda m: (m, tree_map_masked(lambda x: None if x is None else x & False, m)),
-                    old)
-                # regrown entries start at 0 with zeroed inner state: selects that fuse into the
-                # inner update (grown is all-false on a step without a mask update)
-                inner_state = reset_inner_state(raw_inner, inner_state, grown)
-                value_masks = tree_map_masked(
-                    lambda m, g: None if m is None else m & ~g, masks, grown)
-            else:
-                masks = value_masks = jax.lax.cond(
-                    should_update(state.count), do_update, lambda m: m, old)
+            masks = value_masks = jax.lax.cond(
+                should_update(state.count), do_update, lambda m: m, old)
         new_updates = project(inner_updates, params, value_masks)
         return new_updates, {"masks": masks, "movement": aux}, inner_state
 
