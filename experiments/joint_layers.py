@@ -1,8 +1,9 @@
 """Joint 2:4 + int-b sweep vs "prune, then quantize" on single layers, by layer size and group size.
 
-For each layer shape and quantization group size, random layers with correlated inputs
-(``x = z A / 2 + b``, ``z`` and ``A`` standard normal: the kind of feature correlation that makes
-compensation matter) are compressed three ways (``--layers`` of them per cell), all with SparseGPT's 2:4 mask selection:
+For each layer shape and quantization group size, random layers (``--layers`` per cell) with
+correlated inputs (``x = z A / 2 + b``, ``z`` and ``A`` standard normal: the kind of feature
+correlation that makes compensation matter) are compressed three ways, all with SparseGPT's 2:4
+mask selection:
 
 * ``sparsegpt``: 2:4 only, float32 values (the floor the other two add quantization error to);
 * ``prune_then_rtn``: SparseGPT 2:4, then round-to-nearest of the kept weights
