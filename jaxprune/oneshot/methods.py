@@ -244,10 +244,18 @@ class LayerMethod:
         ...
         ValueError: jaxprune: magnitude on 'fc' does not quantize: integer codes come from GPTQ, ...
         """
+        return self.compress_with_back(weight, stats, sparsity, pattern, name)[:2]
+
+    def compress_with_back(
+        self, weight: Any, stats: LayerStats | None, sparsity: float | None,
+        pattern: pat_lib.Pattern | str, name: str,
+    ) -> tuple[Any, jax.Array, Any]:
+        """:meth:`compress` plus the ``back`` map of :meth:`matrix_target` (matrix view → the
+        weight's shape), for drivers that need the codes and the new leaf."""
         if sparsity is None:
             sparsity = self.default_sparsity(pat_lib.parse(pattern))
-        w2, s, pat, _ = self.matrix_target(weight, stats, sparsity, pattern, name)
-        return self.compress_matrix(w2, stats, s, pat, name=name)
+        w2, s, pat, back = self.matrix_target(weight, stats, sparsity, pattern, name)
+        return (*self.compress_matrix(w2, stats, s, pat, name=name), back)
 
     def compress_matrix(
         self, w: jax.Array, stats: LayerStats | None, sparsity: Any, pattern: pat_lib.Pattern,

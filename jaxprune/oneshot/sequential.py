@@ -170,10 +170,7 @@ def _prune_layers(params: PyTree, stats: Mapping[str, LayerStats], plan: _Plan, 
         if codes is None:
             new[full], masks[full] = plan.method(w, st, sp, pattern=pat, name=full)
             continue
-        if sp is None:
-            sp = plan.method.default_sparsity(pat_lib.parse(pat))
-        w2, sp, pat, back = plan.method.matrix_target(w, st, sp, pat, full)
-        codes[full], m2 = plan.method.compress_matrix(w2, st, sp, pat, name=full)
+        codes[full], m2, back = plan.method.compress_with_back(w, st, sp, pat, full)
         new[full], masks[full] = back(codes[full].dequantize()), back(jnp.asarray(m2))
     return new, masks, seen
 

@@ -125,9 +125,11 @@ def drop_grow(
     (Array([ True, False,  True, False], dtype=bool), Array([False, False,  True, False], dtype=bool))
     """
     frac = jnp.asarray(drop_fraction, jnp.float32)
-    flat = [(path, m, p, s) for (path, m), (_, p), (_, s) in zip(
-        leaves_with_paths(masks), leaves_with_paths(params), leaves_with_paths(grow_scores),
-        strict=True) if m is not None]
+    flat: list[tuple[str, Any, Any, Any]] = []
+    # tree_map checks that the three trees have one structure (a zip of leaf lists would not)
+    tree_map_with_path_masked(
+        lambda path, m, p, s: None if m is None else flat.append((path, m, p, s)),
+        masks, params, grow_scores)
     by_size: dict[int, list[int]] = {}
     for i, (_, m, _, _) in enumerate(flat):
         by_size.setdefault(int(np.size(m)), []).append(i)
