@@ -41,6 +41,34 @@ def test_unstructured_exact_count_and_ties(args):
     np.testing.assert_array_equal(m, _np_topk(scores, scores.size - n_pruned))
 
 
+_TOPK = jax.jit(P.topk_mask)
+
+
+@SETTINGS
+@given(
+    st.sampled_from([5, 64, 1000]).flatmap(
+        lambda n: st.tuples(
+            st.lists(
+                st.one_of(
+                    st.sampled_from([-np.inf, np.inf, 0.0, -0.0, 1.0, 1e-30, -1e30]),
+                    st.floats(-1e6, 1e6, allow_nan=False, width=32),
+                ),
+                min_size=n, max_size=n,
+            ),
+            st.integers(0, n),
+        )
+    )
+)
+def test_topk_search_matches_sort_oracle(args):
+    # the interpolating threshold search (early stop, bisection fallback) against a stable sort:
+    # infinities, signed zeros, heavy ties, values over 36 orders of magnitude, every k
+    vals, k = args
+    scores = np.asarray(vals, np.float32)
+    got = np.asarray(_TOPK(jnp.asarray(scores), k))
+    # the oracle ranks -0.0 and 0.0 equal, as sortable_key does
+    np.testing.assert_array_equal(got, _np_topk(scores + np.float32(0.0), k))
+
+
 def test_topk_traced_k_under_jit():
     f = jax.jit(P.topk_mask)
     x = jnp.array([0.5, 0.1, 0.9, 0.9, 0.3])
