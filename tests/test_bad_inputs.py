@@ -220,6 +220,19 @@ add("masks-n_keep-too-big", lambda: jp.leaf_mask(K, n_keep=40), ValueError,
     r"n_keep=40 is outside \[0, 32\]")
 add("masks-n_keep-and-sparsity", lambda: jp.leaf_mask(K, 0.5, n_keep=3), ValueError,
     r"pass sparsity or n_keep, not both")
+add("leaf_masks-length-mismatch", lambda: pipeline.leaf_masks([K, K], [3]), ValueError,
+    r"2 scores, 1 n_keep, 2 keep_pruned and 2 paths")
+add("leaf_masks-n_keep-too-big",
+    lambda: pipeline.leaf_masks([K, K], [3, 33], paths=["a", "b"]), ValueError,
+    r"leaf 'b': n_keep=33 is outside \[0, 32\]")
+add("leaf_masks-keep_pruned-shape",
+    lambda: pipeline.leaf_masks([K], [3], keep_pruned=[jnp.ones(3, bool)], paths=["w"]),
+    ValueError, r"keep_pruned mask for 'w' has shape \(3,\)")
+add("leaf_masks-scalar", lambda: pipeline.leaf_masks([jnp.ones(())], [0], paths=["s"]),
+    ValueError, r"leaf 's' is 0-d")
+add("leaf_masks-nonfinite",
+    lambda: pipeline.leaf_masks([K.at[0, 1].set(jnp.nan)], [3], paths=["w"]), ValueError,
+    r"scores for 'w' contain a non-finite value nan")
 add("masks-n_keep-with-nm", lambda: jp.leaf_mask(K, n_keep=3, pattern="2:4"), ValueError,
     r"n_keep needs the unstructured pattern")
 add("masks-total_sparsity-shape", lambda: jp.total_sparsity({"w": K}, {"w": jnp.ones(4, bool)}),

@@ -69,6 +69,37 @@ def test_topk_search_matches_sort_oracle(args):
     np.testing.assert_array_equal(got, _np_topk(scores + np.float32(0.0), k))
 
 
+@settings(max_examples=15, deadline=None)
+@given(
+    st.lists(st.sampled_from([1, 5, 1023, 1025, 2500]), min_size=1, max_size=4).flatmap(
+        lambda sizes: st.tuples(
+            st.just(sizes),
+            st.lists(st.integers(0, 10**6), min_size=len(sizes), max_size=len(sizes)),
+            st.integers(0, 2**31 - 1),
+        )
+    )
+)
+def test_topk_masks_several_leaves_match_per_leaf_oracle(args):
+    # leaves of different sizes selected together (rows of the stacked layout, a leaf spanning
+    # rows): each leaf gets exactly its own top-k, ties (few distinct values, -inf) by index
+    sizes, ks, seed = args
+    rng = np.random.default_rng(seed)
+    scores = [np.where(rng.random(n) < 0.3, -np.inf, rng.integers(0, 4, n)).astype(np.float32)
+              for n in sizes]
+    ks = [k % (n + 1) for k, n in zip(ks, sizes, strict=True)]
+    got = P.topk_masks([jnp.asarray(s) for s in scores], ks)
+    for s, k, g in zip(scores, ks, got, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), _np_topk(s, k))
+
+
+def test_topk_masks_bad_inputs():
+    with pytest.raises(ValueError, match="2 score arrays and 1 counts"):
+        P.topk_masks([jnp.ones(3), jnp.ones(2)], [1])
+    with pytest.raises(ValueError, match=r"array 1 has shape \(2, 2\)"):
+        P.topk_masks([jnp.ones(3), jnp.ones((2, 2))], [1, 1])
+    assert P.topk_masks([], []) == []
+
+
 def test_topk_traced_k_under_jit():
     f = jax.jit(P.topk_mask)
     x = jnp.array([0.5, 0.1, 0.9, 0.9, 0.3])

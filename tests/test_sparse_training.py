@@ -180,11 +180,12 @@ def _drop_grow_oracle(m, w, s, f):
     return exp
 
 
-def test_drop_grow_many_leaves_equal_sizes_selected_together():
-    """Leaves of equal size (24 entries in three shapes) go through one stacked selection; each
-    must still get exactly its own per-leaf update (numpy oracle per leaf), others untouched."""
+def test_drop_grow_many_leaves_selected_together():
+    """All leaves (equal and different sizes, one spanning several rows of the stacked layout) go
+    through one selection; each must still get exactly its own per-leaf update (numpy oracle per
+    leaf), an unpruned leaf untouched."""
     rng = np.random.default_rng(1)
-    shapes = {"a": (4, 6), "b": (6, 4), "c": (2, 3, 4), "d": (5,), "e": (3, 3)}
+    shapes = {"a": (4, 6), "b": (6, 4), "c": (2, 3, 4), "d": (5,), "e": (3, 3), "f": (40, 60)}
     f_jit = jax.jit(st.drop_grow)
     for _ in range(8):
         ms = {k: rng.random(sh) < rng.uniform(0.2, 0.8) for k, sh in shapes.items()}
@@ -199,7 +200,7 @@ def test_drop_grow_many_leaves_equal_sizes_selected_together():
                            {k: (None if masks[k] is None else jnp.asarray(v)) for k, v in ss.items()},
                            jnp.float32(f))
         assert new["e"] is None and grown["e"] is None
-        for k in "abcd":
+        for k in "abcdf":
             exp = _drop_grow_oracle(ms[k].ravel(), ws[k].ravel(), ss[k].ravel(), f)
             np.testing.assert_array_equal(np.asarray(new[k]).ravel(), exp, err_msg=k)
             np.testing.assert_array_equal(np.asarray(grown[k]).ravel(), exp & ~ms[k].ravel())

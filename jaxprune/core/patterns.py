@@ -28,9 +28,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
     "Pattern", "Unstructured", "NM", "Block", "Channel", "PerLeaf", "parse", "for_path", "topk_mask",
+    "topk_masks",
     "sortable_key", "count_threshold_key", "matrix_view", "register", "PATTERNS",
     "nm_valid",
 ]
@@ -47,9 +49,10 @@ def sortable_key(x: jax.Array) -> jax.Array:
     >>> bool(k[0] < k[1]), bool(k[1] == k[2]), bool(k[2] < k[3])
     (True, True, True)
     """
-    x = x.astype(jnp.float32)
-    x = jnp.where(x == 0, jnp.zeros((), jnp.float32), x)  # canonical +0.0
-    u = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    u = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    # canonical +0.0 on the bits, not by ``x == 0``: XLA flushes subnormals to zero in float
+    # compares, which would rank a subnormal score equal to 0
+    u = jnp.where(u == jnp.uint32(1 << 31), jnp.uint32(0), u)
     return jnp.where((u >> 31) == 1, ~u, u | jnp.uint32(1 << 31))
 
 
@@ -77,61 +80,125 @@ def count_threshold_key(count_at: Any, budget: Any) -> jax.Array:
     return jnp.where(count_at(jnp.uint32(0)) <= budget, jnp.uint32(0), t)
 
 
-@jax.jit
+_ROW = 1024  # row width of the stacked layout of topk_masks
+
+
 def topk_mask(scores: jax.Array, k_keep: Any) -> jax.Array:
     """Boolean mask keeping exactly ``k_keep`` highest scores of a 1-D array (``k_keep`` may be traced).
 
-    Ties go to the lower index. The k-th largest score is found without a sort: a search over the
-    ``uint32`` keys of :func:`sortable_key`, one counting pass per step, that interpolates on the
-    counts (bisecting whenever a step did not halve the bracket, so at most about 64 passes) and
-    stops as soon as exactly ``k_keep`` keys lie above a candidate — typically 7-10 passes for
-    float scores, where a bitwise radix select needs 33. Jitted, so eager callers (one-shot layer
-    methods, one layer after another) compile it once per shape instead of once per call.
+    Ties go to the lower index. One leaf of :func:`topk_masks` (see there for the search).
 
     >>> topk_mask(jnp.array([1., 2., 2., 0.]), 2)
     Array([False,  True,  True, False], dtype=bool)
     >>> topk_mask(jnp.array([1., 1., 1.]), 2)
     Array([ True,  True, False], dtype=bool)
     """
-    n = scores.shape[0]
-    k = jnp.clip(jnp.asarray(k_keep, jnp.int32), 0, n)
-    key = sortable_key(scores)
+    return topk_masks([scores], [k_keep])[0]
+
+
+def topk_masks(scores: Any, k_keep: Any) -> list[jax.Array]:
+    """Per 1-D array ``scores[i]``, the mask keeping exactly ``k_keep[i]`` highest entries.
+
+    All arrays are selected together, so the compiled program (and what XLA:CPU pays for it on
+    every run, even inside an untaken ``lax.cond`` branch) does not grow with their number: they
+    are laid out as rows of :data:`_ROW` keys (:func:`sortable_key`; each array padded to whole
+    rows), and every step of the search is one counting pass over all rows plus a per-array sum of
+    the row counts. The search finds each array's ``k``-th largest key without a sort: it
+    interpolates on the counts (bisecting after any step that did not halve the bracket, so at most
+    about 64 passes) and stops as soon as exactly ``k`` keys lie above a candidate — typically 7-10
+    passes for float scores, where a bitwise radix select needs 33. Ties at the threshold go to the
+    lower index. ``k_keep`` entries may be traced; they are clipped to ``[0, size]``.
+
+    >>> [m.tolist() for m in topk_masks([jnp.array([1., 3., 2.]), jnp.array([5., 4.])], [2, 1])]
+    [[False, True, True], [True, False]]
+    """
+    scores = [jnp.asarray(s) for s in scores]
+    k_keep = list(k_keep)
+    if len(scores) != len(k_keep):
+        raise ValueError(f"jaxprune: topk_masks got {len(scores)} score arrays and "
+                         f"{len(k_keep)} counts")
+    for i, s in enumerate(scores):
+        if s.ndim != 1 or s.size == 0:
+            raise ValueError(f"jaxprune: topk_masks needs non-empty 1-D scores; array {i} has "
+                             f"shape {tuple(s.shape)}")
+    if not scores:
+        return []
+    ks = jnp.stack([jnp.asarray(k, jnp.int32).reshape(()) for k in k_keep])
+    return list(_topk_rows(tuple(scores), ks))
+
+
+@jax.jit
+def _topk_rows(scores: tuple[jax.Array, ...], ks: jax.Array) -> tuple[jax.Array, ...]:
+    sizes = [int(s.size) for s in scores]
+    width = _ROW if len(scores) > 1 or sizes[0] >= _ROW else sizes[0]
+    n_rows = [-(-n // width) for n in sizes]
+    row_leaf = jnp.asarray(np.repeat(np.arange(len(sizes)), n_rows), jnp.int32)
+    n_leaves = len(sizes)
+
+    def rows(a: jax.Array, r: int, fill: Any) -> jax.Array:
+        return jnp.pad(a, (0, r * width - a.size), constant_values=fill).reshape(r, width)
+
+    key = jnp.concatenate([rows(sortable_key(s), r, 0) for s, r in zip(scores, n_rows, strict=True)])
+    valid = jnp.concatenate([rows(jnp.ones(n, bool), r, False)
+                             for n, r in zip(sizes, n_rows, strict=True)])
+    k = jnp.clip(ks, 0, jnp.asarray(sizes, jnp.int32))
     kk = jnp.maximum(k, 1)
 
-    def count(t: jax.Array) -> jax.Array:
-        return jnp.sum(key >= t, dtype=jnp.int32)
+    def per_leaf(row_counts: jax.Array) -> jax.Array:
+        return jax.ops.segment_sum(row_counts, row_leaf, n_leaves, indices_are_sorted=True)
 
-    # T = the kk-th largest key = max{t : count(t) >= kk}. Bracket invariants: count(lo) = c_lo >=
-    # kk, T <= hi, and count(hi + 1) = above < kk (0 for hi = the largest key)
+    def count(t: jax.Array) -> jax.Array:  # per leaf: #valid keys >= t[leaf]
+        return per_leaf(jnp.sum((key >= t[row_leaf][:, None]) & valid, axis=1, dtype=jnp.int32))
+
+    top = jnp.uint32(0xFFFFFFFF)
+    lo0 = jax.ops.segment_min(jnp.min(jnp.where(valid, key, top), axis=1), row_leaf, n_leaves,
+                              indices_are_sorted=True)
+    hi0 = jax.ops.segment_max(jnp.max(jnp.where(valid, key, 0), axis=1), row_leaf, n_leaves,
+                              indices_are_sorted=True)
+    n_valid = jnp.asarray(sizes, jnp.int32)
+
+    # per leaf, T = the kk-th largest key = max{t : count(t) >= kk}. Bracket invariants: count(lo)
+    # = c_lo >= kk, T <= hi, count(hi + 1) = above < kk (0 for hi = the largest key)
     def body(s: tuple) -> tuple:
-        lo, hi, c_lo, above, shrunk, _ = s
-        width = hi - lo  # >= 1 inside the loop
-        frac = (c_lo - kk).astype(jnp.float32) / (c_lo - above).astype(jnp.float32)
-        interp = (width.astype(jnp.float32) * frac).astype(jnp.uint32)
-        step = jnp.where(shrunk, interp, (width >> 1) + jnp.uint32(1))  # bisect after a poor step
-        c = lo + jnp.clip(step, jnp.uint32(1), width)
+        lo, hi, c_lo, above, shrunk, done = s
+        active = (lo < hi) & ~done
+        width_ = jnp.where(active, hi - lo, jnp.uint32(1))  # >= 1 where active
+        frac = (c_lo - kk).astype(jnp.float32) / jnp.maximum(c_lo - above, 1).astype(jnp.float32)
+        interp = (width_.astype(jnp.float32) * frac).astype(jnp.uint32)
+        step = jnp.where(shrunk, interp, (width_ >> 1) + jnp.uint32(1))  # bisect after a poor step
+        c = lo + jnp.clip(step, jnp.uint32(1), width_)
         cc = count(c)
         ge = cc >= kk
-        lo2, hi2 = jnp.where(ge, c, lo), jnp.where(ge, hi, c - jnp.uint32(1))
-        return (lo2, hi2, jnp.where(ge, cc, c_lo), jnp.where(ge, above, cc),
-                (hi2 - lo2) <= (width >> 1), cc == kk)
+        lo2 = jnp.where(active & ge, c, lo)
+        hi2 = jnp.where(active & ~ge, c - jnp.uint32(1), hi)
+        return (lo2, hi2, jnp.where(active & ge, cc, c_lo), jnp.where(active & ~ge, cc, above),
+                jnp.where(active, (hi2 - lo2) <= (width_ >> 1), shrunk), done | (active & (cc == kk)))
 
     lo, *_ = jax.lax.while_loop(
-        lambda s: (s[0] < s[1]) & ~s[5], body,
-        (jnp.min(key), jnp.max(key), jnp.int32(n), jnp.int32(0), jnp.bool_(True),
-         jnp.int32(n) == kk))
-    # exactly kk keys >= lo (early stop), or lo == T: the keys above T, then ties at T in index order
-    gt = key > lo
-    eq = key == lo
-    room = k - jnp.sum(gt, dtype=jnp.int32)
+        lambda s: jnp.any((s[0] < s[1]) & ~s[5]), body,
+        (lo0, hi0, n_valid, jnp.zeros_like(n_valid), jnp.ones(n_leaves, bool), n_valid == kk))
+    # exactly kk keys >= lo (early stop), or lo == T: the keys above T, then ties at T by index
+    t_row = lo[row_leaf][:, None]
+    gt = (key > t_row) & valid
+    eq = (key == t_row) & valid
+    eq_rows = jnp.sum(eq, axis=1, dtype=jnp.int32)
+    room = k - per_leaf(jnp.sum(gt, axis=1, dtype=jnp.int32))
+
+    def rank_ties(eq: jax.Array) -> jax.Array:
+        # index order within a leaf: earlier rows of the leaf first, then along the row
+        before = jnp.cumsum(eq_rows) - eq_rows  # eq entries in all earlier rows
+        first = jnp.asarray(np.cumsum([0] + n_rows[:-1]), jnp.int32)[row_leaf]
+        before = before - before[first]
+        return eq & (before[:, None] + jnp.cumsum(eq, axis=1, dtype=jnp.int32) <= room[row_leaf][:, None])
+
     # float scores rarely tie at the threshold: skip the tie-ranking scan when all ties fit
-    ties = jax.lax.cond(
-        jnp.sum(eq, dtype=jnp.int32) <= room,
-        lambda e: e,
-        lambda e: e & (jnp.cumsum(e, dtype=jnp.int32) <= room),
-        eq,
-    )
-    return (gt | ties) & (k > 0)
+    ties = jax.lax.cond(jnp.any(per_leaf(eq_rows) > room), rank_ties, lambda e: e, eq)
+    keep = (gt | ties) & (k > 0)[row_leaf][:, None]
+    out, r0 = [], 0
+    for n, r in zip(sizes, n_rows, strict=True):
+        out.append(keep[r0:r0 + r].reshape(-1)[:n])
+        r0 += r
+    return tuple(out)
 
 
 def _check_ints(what: str, **values: Any) -> None:

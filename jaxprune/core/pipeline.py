@@ -6,8 +6,10 @@ methods, structured unit selection) builds masks here; none keeps a private copy
 * :func:`compute_masks` — a whole tree: allocation decides each leaf's sparsity, the pattern
   turns each leaf's scores into its mask.
 * :func:`leaf_mask` — one scores array, a sparsity (or an exact number of entries to keep) and a
-  pattern → one mask; what SET/RigL drop-and-grow, SparseGPT's per-block selection and OBS's
-  budget use.
+  pattern → one mask; what SparseGPT's per-block selection and OBS's budget use.
+* :func:`leaf_masks` — several arrays with exact counts, selected together in one compiled
+  selection (:func:`jaxprune.core.patterns.topk_masks`); what SET/RigL drop-and-grow uses, and
+  what :func:`compute_masks` does for all its unstructured leaves.
 * ``keep_pruned=`` on both: entries already pruned stay pruned (lottery tickets, iterative
   pruning at initialisation), ranked below every live entry.
 * :func:`resolve_sparsity` — one rule for "sparsity implied by the pattern" (``"2:4"`` → 0.5).
@@ -28,11 +30,10 @@ Example:
 from __future__ import annotations
 
 import functools
-import math
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,74 +41,31 @@ import numpy as np
 from jaxprune.core import allocation as alloc_lib
 from jaxprune.core import criteria as crit_lib
 from jaxprune.core import filters as filt_lib
-from jaxprune.core import opmap as om_lib
 from jaxprune.core import patterns as pat_lib
+from jaxprune.core._leafcheck import (
+    _check_not_all_pruned,
+    _check_scores,
+    _concrete,
+    _pattern_mask,
+    _pattern_shape,
+    _validate,
+    _view,
+    check_opmap,
+)
 from jaxprune.core.masks import (
     Filter,
     PyTree,
     _is_none,
     apply_masks,
     check_masks,
-    find_nonfinite,
     init_masks,
     leaves_with_paths,
 )
 
 __all__ = [
-    "compute_masks", "leaf_mask", "prune", "resolve_sparsity", "validate_patterns", "default_filter",
-    "check_opmap",
+    "compute_masks", "leaf_mask", "leaf_masks", "prune", "resolve_sparsity", "validate_patterns",
+    "default_filter", "check_opmap",
 ]
-
-
-def _concrete(x: Any) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
-def check_opmap(opmap: Any) -> None:
-    """Refuse anything but an :class:`~jaxprune.core.opmap.OperatorMap` or ``None`` as ``opmap=``.
-
-    >>> check_opmap(None)
-    """
-    if opmap is not None and not isinstance(opmap, om_lib.OperatorMap):
-        raise TypeError(
-            f"jaxprune: opmap must be a jaxprune.OperatorMap (from jp.operator_map(fn, params, x)) "
-            f"or None, got {type(opmap).__name__}"
-        )
-
-
-def _view(opmap: Any, path: str) -> Any:
-    """The :class:`~jaxprune.core.opmap.LeafOp` giving ``path``'s matrix view, or ``None``."""
-    if opmap is None or path not in opmap:
-        return None
-    lo = opmap[path]
-    return lo if lo.has_view else None
-
-
-def _pattern_shape(opmap: Any, path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    lo = _view(opmap, path)
-    if lo is None:
-        return shape
-    if tuple(lo.shape) != tuple(shape):
-        raise ValueError(
-            f"jaxprune: the operator map says '{path}' has shape {lo.shape}, the tree has {shape}; "
-            "trace the operator map from the same params"
-        )
-    return lo.view_shape
-
-
-def _validate(pat: pat_lib.Pattern, path: str, opmap: Any, shape: tuple[int, ...]) -> None:
-    """``pat`` on the leaf's matrix view; a leaf with batch axes (stacked experts, a batched einsum)
-    is also checked on one batch entry's matrix, so that no N:M group or block spans two entries."""
-    pat.validate(path, _pattern_shape(opmap, path, shape))
-    lo = _view(opmap, path)
-    if lo is not None and lo.batch and isinstance(pat, pat_lib.NM | pat_lib.Block):
-        per = (lo.fan_in_size, math.prod(shape[i] for i in lo.out))
-        try:
-            pat.validate(path, per)
-        except ValueError as e:
-            raise ValueError(
-                f"{e} (checked on one entry of batch axes {lo.batch} of '{path}', matrix {per}: a "
-                f"group may not span two entries, e.g. two experts)") from None
 
 
 def validate_patterns(masks: PyTree, pattern: pat_lib.Pattern, opmap: Any = None) -> None:
@@ -116,48 +74,6 @@ def validate_patterns(masks: PyTree, pattern: pat_lib.Pattern, opmap: Any = None
     for path, m in leaves_with_paths(masks):
         if m is not None:
             _validate(pat_lib.for_path(pattern, path), path, opmap, tuple(m.shape))
-
-
-def _pattern_mask(pat: pat_lib.Pattern, scores: jax.Array, sparsity: Any, path: str,
-                  opmap: Any) -> jax.Array:
-    """``pat`` on one leaf — on its matrix view (fan-in × outputs) when ``opmap`` knows it.
-
-    NaN scores rank lowest (pruned first, ties to the lower index) — the rule under ``jit``, where
-    they cannot be refused as they are for concrete scores (:func:`_check_scores`)."""
-    if jnp.issubdtype(scores.dtype, jnp.floating):
-        scores = jnp.where(jnp.isnan(scores), -jnp.inf, scores)
-    lo = _view(opmap, path)
-    if lo is None:
-        return _checked_mask(pat, pat.mask(scores, sparsity), tuple(scores.shape), path)
-    v = lo.to_view(scores)
-    m = _checked_mask(pat, pat.mask(v, sparsity), tuple(v.shape), path)
-    return lo.from_view(m)
-
-
-def _check_scores(path: str, s: Any) -> None:
-    if not _concrete(s):
-        return
-    bad = find_nonfinite(s)
-    if bad is not None:
-        idx, v, n = bad
-        raise ValueError(
-            f"jaxprune: scores for '{path}' contain a non-finite value {v} at index {idx} "
-            f"({n} of {np.size(s)} entries); check the criterion's inputs"
-        )
-
-
-def _checked_mask(pat: pat_lib.Pattern, mask: Any, shape: tuple[int, ...], path: str) -> jax.Array:
-    """A pattern's output must be a bool mask of the leaf's shape (catches a faulty custom pattern)."""
-    try:
-        chex.assert_shape(mask, shape)
-        chex.assert_type(mask, jnp.bool_)
-    except AssertionError as e:
-        raise ValueError(
-            f"jaxprune: pattern {pat} returned a mask of shape {tuple(np.shape(mask))} and dtype "
-            f"{getattr(mask, 'dtype', type(mask))} for '{path}'; a pattern must return a bool "
-            f"array of the leaf's shape {shape}"
-        ) from e
-    return mask
 
 
 def resolve_sparsity(sparsity: Any, pattern: pat_lib.Pattern | str) -> Any:
@@ -201,40 +117,6 @@ def resolve_sparsity(sparsity: Any, pattern: pat_lib.Pattern | str) -> Any:
                 f"give {got:g}; reachable: {ok} (None means {pat.max_sparsity():g})"
             )
     return sparsity
-
-
-def _units(pat: pat_lib.Pattern, shape: tuple[int, ...]) -> int | None:
-    """How many units a built-in pattern ranks on a leaf of (matrix view) ``shape``."""
-    if isinstance(pat, pat_lib.Unstructured):
-        return int(np.prod(shape))
-    if isinstance(pat, pat_lib.Channel):
-        return int(shape[pat.axis % len(shape)])
-    if isinstance(pat, pat_lib.Block):
-        k, n = pat_lib.matrix_view(shape)
-        return (k // pat.r) * (n // pat.c)
-    return None
-
-
-def _check_not_all_pruned(pat: pat_lib.Pattern, sparsity: Any, path: str, mask: Any,
-                          shape: tuple[int, ...] | None = None) -> None:
-    """A concrete target below 1 that a coarse pattern rounds up to pruning the whole leaf (a
-    dead layer) is refused, naming the leaf: from the pattern's unit count when ``shape`` is
-    given (before any work), else from the computed ``mask``."""
-    if not _concrete(sparsity) or float(sparsity) >= 1.0:
-        return
-    units = None if shape is None else _units(pat, shape)
-    if units is not None:
-        dead = round(float(np.float32(sparsity) * np.float32(units))) >= units
-    else:
-        dead = mask is not None and _concrete(mask) and np.size(mask) > 0 \
-            and not np.asarray(mask).any()
-    if dead:
-        raise ValueError(
-            f"jaxprune: sparsity {float(sparsity):g} with pattern {pat} prunes all of '{path}' "
-            f"(shape {tuple(shape if shape is not None else np.shape(mask))}): the pattern's "
-            "units are too coarse, so it rounds "
-            "to 1.0 (a dead layer); lower the sparsity or use a finer pattern"
-        )
 
 
 def default_filter(opmap: Any = None) -> Filter:
@@ -354,15 +236,86 @@ def _compute_masks_impl(masks: PyTree, scores: PyTree, sparsity: Any,
     spars = allocation.allocate(masks, sparsity, scores, opmap=opmap)
     _, treedef = jax.tree_util.tree_flatten(masks, is_leaf=_is_none)
     aflat = jax.tree_util.tree_flatten(spars, is_leaf=_is_none)[0]
-    out = []
+    out: list[Any] = []
+    batch: list[tuple[int, str, Any, Any]] = []  # unstructured leaves: one selection for all
     for (path, m, s), a in zip(_check_leaves(masks, scores, pattern, opmap), aflat, strict=True):
         if m is None:
             out.append(None)
             continue
         alloc_lib.check_sparsity(path, a, allow_full=True)
-        new = _pattern_mask(pat_lib.for_path(pattern, path), jnp.asarray(s), a, path, opmap)
+        pat = pat_lib.for_path(pattern, path)
+        if type(pat) is pat_lib.Unstructured:
+            batch.append((len(out), path, jnp.asarray(s), a))
+            out.append(m)
+            continue
+        new = _pattern_mask(pat, jnp.asarray(s), a, path, opmap)
         out.append(new & m if keep_pruned else new)
+    if batch:
+        views = [(_view(opmap, path), s) for _, path, s, _ in batch]
+        views = [(lo, s if lo is None else lo.to_view(s)) for lo, s in views]
+        keeps = [v.size - pat_lib._num_pruned(a, v.size) for (_, v), (*_, a) in
+                 zip(views, batch, strict=True)]
+        new = _topk_leaves([v for _, v in views], keeps)
+        for (i, *_), (lo, v), n in zip(batch, views, new, strict=True):
+            n = n.reshape(v.shape) if lo is None else lo.from_view(n.reshape(v.shape))
+            out[i] = n & out[i] if keep_pruned else n
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _topk_leaves(scores: list[jax.Array], n_keep: list[Any]) -> list[jax.Array]:
+    """Flat exact-count masks of several leaves in one selection; NaN scores rank lowest."""
+    flat = [s.reshape(-1) for s in scores]
+    flat = [jnp.where(jnp.isnan(f), -jnp.inf, f) if jnp.issubdtype(f.dtype, jnp.floating) else f
+            for f in flat]
+    return pat_lib.topk_masks(flat, n_keep)
+
+
+def leaf_masks(
+    scores: Sequence[Any],
+    n_keep: Sequence[Any],
+    *,
+    keep_pruned: Sequence[Any] | None = None,
+    paths: Sequence[str] | None = None,
+) -> list[jax.Array]:
+    """Several leaves' unstructured masks at once: exactly ``n_keep[i]`` highest of ``scores[i]``.
+
+    :func:`leaf_mask` with ``n_keep=`` (and ``keep_pruned=``) for a list of leaves, selected
+    together (:func:`jaxprune.core.patterns.topk_masks`): one compiled selection whatever the
+    number of leaves and their sizes, which is what a mask update inside a training step wants.
+    Checks and tie rule as :func:`leaf_mask` (``paths`` name the leaves in errors).
+
+    >>> [m.tolist() for m in leaf_masks([jnp.array([1., 3., 2.]), jnp.array([5., 4.])], [2, 1])]
+    [[False, True, True], [True, False]]
+    """
+    scores = [jnp.asarray(s) for s in scores]
+    paths = [f"<leaf {i}>" for i in range(len(scores))] if paths is None else list(paths)
+    keep_pruned = [None] * len(scores) if keep_pruned is None else list(keep_pruned)
+    n_keep = list(n_keep)
+    if not len(scores) == len(n_keep) == len(keep_pruned) == len(paths):
+        raise ValueError(
+            f"jaxprune: leaf_masks got {len(scores)} scores, {len(n_keep)} n_keep, "
+            f"{len(keep_pruned)} keep_pruned and {len(paths)} paths; they must match"
+        )
+    ranked = []
+    for s, k, kp, path in zip(scores, n_keep, keep_pruned, paths, strict=True):
+        shape = tuple(s.shape)
+        if not shape or 0 in shape:
+            what = "0-d (a scalar)" if not shape else f"zero-size (shape {shape}, no entries)"
+            raise ValueError(f"jaxprune: leaf '{path}' is {what}; only arrays with at least one "
+                             "axis and one entry can be pruned")
+        if _concrete(s):
+            _check_scores(path, s)
+        if _concrete(k) and not 0 <= int(k) <= s.size:
+            raise ValueError(f"jaxprune: leaf '{path}': n_keep={int(k)} is outside [0, {s.size}]")
+        if kp is not None:
+            if tuple(np.shape(kp)) != shape:
+                raise ValueError(f"jaxprune: keep_pruned mask for '{path}' has shape "
+                                 f"{tuple(np.shape(kp))}, scores {shape}")
+            s = jnp.where(kp, s.astype(jnp.float32), -jnp.inf)
+        ranked.append(s)
+    new = _topk_leaves(ranked, n_keep)
+    return [n.reshape(s.shape) if kp is None else n.reshape(s.shape) & jnp.asarray(kp, bool)
+            for n, s, kp in zip(new, scores, keep_pruned, strict=True)]
 
 
 def leaf_mask(
@@ -400,6 +353,14 @@ def leaf_mask(
     pat = pat_lib.parse(pattern)
     scores = jnp.asarray(scores)
     shape = tuple(scores.shape)
+    if n_keep is not None:
+        if sparsity is not None:
+            raise ValueError(f"jaxprune: leaf '{path}': pass sparsity or n_keep, not both")
+        if not isinstance(pat, pat_lib.Unstructured):
+            raise ValueError(
+                f"jaxprune: leaf '{path}': n_keep needs the unstructured pattern, got {pat}"
+            )
+        return leaf_masks([scores], [n_keep], keep_pruned=[keep_pruned], paths=[path])[0]
     if not shape or 0 in shape:
         what = "0-d (a scalar)" if not shape else f"zero-size (shape {shape}, no entries)"
         raise ValueError(f"jaxprune: leaf '{path}' is {what}; only arrays with at least one axis "
@@ -413,26 +374,13 @@ def leaf_mask(
                 f"scores {shape}"
             )
         scores = jnp.where(keep_pruned, scores.astype(jnp.float32), -jnp.inf)
-    if n_keep is not None:
-        if sparsity is not None:
-            raise ValueError(f"jaxprune: leaf '{path}': pass sparsity or n_keep, not both")
-        if not isinstance(pat, pat_lib.Unstructured):
-            raise ValueError(
-                f"jaxprune: leaf '{path}': n_keep needs the unstructured pattern, got {pat}"
-            )
-        if _concrete(n_keep) and not 0 <= int(n_keep) <= scores.size:
-            raise ValueError(
-                f"jaxprune: leaf '{path}': n_keep={int(n_keep)} is outside [0, {scores.size}]"
-            )
-        new = pat_lib.topk_mask(scores.reshape(-1), n_keep).reshape(shape)
-    else:
-        _validate(pat, path, opmap, shape)
-        s = resolve_sparsity(sparsity, pat)
-        if keep_pruned is None:
-            _check_not_all_pruned(pat, s, path, None, _pattern_shape(opmap, path, shape))
-        new = _pattern_mask(pat, scores, s, path, opmap)
-        if keep_pruned is None:
-            _check_not_all_pruned(pat, s, path, new)
+    _validate(pat, path, opmap, shape)
+    s = resolve_sparsity(sparsity, pat)
+    if keep_pruned is None:
+        _check_not_all_pruned(pat, s, path, None, _pattern_shape(opmap, path, shape))
+    new = _pattern_mask(pat, scores, s, path, opmap)
+    if keep_pruned is None:
+        _check_not_all_pruned(pat, s, path, new)
     return new if keep_pruned is None else new & jnp.asarray(keep_pruned, bool)
 
 

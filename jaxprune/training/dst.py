@@ -59,7 +59,7 @@ from jaxprune.core.masks import (
     tree_map_masked,
     tree_map_with_path_masked,
 )
-from jaxprune.core.pipeline import check_opmap, compute_masks, default_filter, leaf_mask
+from jaxprune.core.pipeline import check_opmap, compute_masks, default_filter, leaf_masks
 from jaxprune.training.wrapper import MaskUpdate, get_masks, masked, reset_inner_state
 
 __all__ = [
@@ -89,19 +89,6 @@ def cosine_drop_fraction(step: Any, drop_fraction: float, end_step: int) -> jax.
     return jnp.where(t < end_step, f, 0.0).astype(jnp.float32)
 
 
-def _drop_grow_leaf(
-    mask: jax.Array, weights: jax.Array, grow_scores: jax.Array, frac: jax.Array, path: str
-) -> tuple[jax.Array, jax.Array]:
-    n_active = jnp.sum(mask, dtype=jnp.int32)
-    k = jnp.round(frac * n_active.astype(jnp.float32)).astype(jnp.int32)
-    # drop: keep the n_active - k largest |w| among the active entries
-    kept = leaf_mask(jnp.abs(weights).astype(jnp.float32), n_keep=n_active - k, keep_pruned=mask,
-                     path=path)
-    # grow: the k highest grow scores among the rest (just-dropped entries included)
-    grown = leaf_mask(grow_scores.astype(jnp.float32), n_keep=k, keep_pruned=~kept, path=path)
-    return kept | grown, grown & ~mask
-
-
 def drop_grow(
     masks: PyTree, params: PyTree, grow_scores: PyTree, drop_fraction: Any
 ) -> tuple[PyTree, PyTree]:
@@ -110,13 +97,12 @@ def drop_grow(
     Per pruned leaf with ``n`` active entries, ``k = round(drop_fraction · n)`` active entries with
     the smallest ``|w|`` are dropped, then the ``k`` entries with the highest ``grow_scores`` among
     the rest (just-dropped ones included, as in RigL) are grown. Both selections are
-    :func:`jaxprune.core.pipeline.leaf_mask` with an exact ``n_keep`` and ``keep_pruned`` (ties go to
+    :func:`jaxprune.core.pipeline.leaf_masks` with exact ``n_keep`` and ``keep_pruned`` (ties go to
     the lower flat index). ``grown`` marks entries active now but not before.
 
-    Leaves of equal size are selected together (stacked and ``vmap`` ed), so a model with many
-    equal layers compiles one selection per size, not one per leaf: the update's program (the taken
-    branch of the wrapper's ``lax.cond``) stays small, which is also what a step *without* an
-    update pays for on XLA:CPU.
+    All leaves are selected together (one drop and one grow selection, whatever their number and
+    sizes), so the update's program — the taken branch of the wrapper's ``lax.cond`` — stays small:
+    on XLA:CPU a step *without* an update pays per run for every reduction that branch contains.
 
     >>> m = {"w": jnp.array([True, True, False, False])}
     >>> p = {"w": jnp.array([3., 1., 0., 0.])}
@@ -130,18 +116,26 @@ def drop_grow(
     tree_map_with_path_masked(
         lambda path, m, p, s: None if m is None else flat.append((path, m, p, s)),
         masks, params, grow_scores)
-    by_size: dict[int, list[int]] = {}
-    for i, (_, m, _, _) in enumerate(flat):
-        by_size.setdefault(int(np.size(m)), []).append(i)
     out: dict[str, tuple[jax.Array, jax.Array]] = {}
-    for idx in by_size.values():
-        rows = [flat[i] for i in idx]
-        stack = lambda j: jnp.stack([jnp.reshape(r[j], -1) for r in rows])  # noqa: E731
-        name = rows[0][0] if len(rows) == 1 else "|".join(r[0] for r in rows)
-        new, grown = jax.vmap(lambda m, p, s: _drop_grow_leaf(m, p, s, frac, name))(
-            stack(1), stack(2), stack(3))
-        for r, (path, m, _, _) in enumerate(rows):
-            out[path] = (new[r].reshape(np.shape(m)), grown[r].reshape(np.shape(m)))
+    if flat:
+        paths = [r[0] for r in flat]
+        old = [jnp.asarray(r[1], bool) for r in flat]
+        # active counts of all leaves in one reduction
+        seg = np.repeat(np.arange(len(old)), [m.size for m in old])
+        n_active = jax.ops.segment_sum(
+            jnp.concatenate([m.reshape(-1) for m in old]).astype(jnp.int32), seg, len(old),
+            indices_are_sorted=True)
+        k = jnp.round(frac * n_active.astype(jnp.float32)).astype(jnp.int32)
+        # drop: keep the n_active - k largest |w| among the active entries
+        kept = leaf_masks([jnp.abs(r[2]).astype(jnp.float32) for r in flat],
+                          [n_active[i] - k[i] for i in range(len(flat))], keep_pruned=old,
+                          paths=paths)
+        # grow: the k highest grow scores among the rest (just-dropped entries included)
+        grown = leaf_masks([jnp.asarray(r[3]).astype(jnp.float32) for r in flat],
+                           [k[i] for i in range(len(flat))], keep_pruned=[~m for m in kept],
+                           paths=paths)
+        for i, path in enumerate(paths):
+            out[path] = (kept[i] | grown[i], grown[i] & ~old[i])
     new_masks = tree_map_with_path_masked(lambda path, m: None if m is None else out[path][0], masks)
     grown = tree_map_with_path_masked(lambda path, m: None if m is None else out[path][1], masks)
     return new_masks, grown
