@@ -32,7 +32,7 @@ import numpy as np
 
 __all__ = [
     "Pattern", "Unstructured", "NM", "Block", "Channel", "PerLeaf", "parse", "for_path", "topk_mask",
-    "topk_masks",
+    "topk_masks", "count_true",
     "sortable_key", "count_threshold_key", "matrix_view", "register", "PATTERNS",
     "nm_valid",
 ]
@@ -103,11 +103,13 @@ def topk_masks(scores: Any, k_keep: Any) -> list[jax.Array]:
     every run, even inside an untaken ``lax.cond`` branch) does not grow with their number: they
     are laid out as rows of :data:`_ROW` keys (:func:`sortable_key`; each array padded to whole
     rows), and every step of the search is one counting pass over all rows plus a per-array sum of
-    the row counts. The search finds each array's ``k``-th largest key without a sort: it
-    interpolates on the counts (bisecting after any step that did not halve the bracket, so at most
-    about 64 passes) and stops as soon as exactly ``k`` keys lie above a candidate — typically 7-10
+    the row counts (a matmul with a 0/1 row-to-array matrix: no scatter). The search finds each
+    array's ``k``-th largest key without a sort: from its smallest and largest key it interpolates
+    on the counts (bisecting on every other step after one that did not halve the bracket, so at
+    most about 64 passes) and stops as soon as exactly ``k`` keys lie above a candidate — 6-12
     passes for float scores, where a bitwise radix select needs 33. Ties at the threshold go to the
-    lower index. ``k_keep`` entries may be traced; they are clipped to ``[0, size]``.
+    lower index: the same search on an index key, only where the ties do not all fit.
+    ``k_keep`` entries may be traced; they are clipped to ``[0, size]``.
 
     >>> [m.tolist() for m in topk_masks([jnp.array([1., 3., 2.]), jnp.array([5., 4.])], [2, 1])]
     [[False, True, True], [True, False]]
@@ -127,72 +129,122 @@ def topk_masks(scores: Any, k_keep: Any) -> list[jax.Array]:
     return list(_topk_rows(tuple(scores), ks))
 
 
+def _layout(sizes: list[int]) -> tuple[int, list[int], jax.Array, jax.Array]:
+    """Rows of the stacked layout: ``(width, rows per array, row -> array ids, row -> array 0/1)``.
+
+    The 0/1 matrix is built from iota, so per-array sums are a matmul, not a scatter: on XLA:CPU
+    every scatter or reduction costs per run even where its ``lax.cond`` branch is not taken.
+    """
+    width = _ROW if len(sizes) > 1 or sizes[0] >= _ROW else sizes[0]
+    n_rows = [-(-n // width) for n in sizes]
+    ends = np.cumsum(n_rows)
+    row_leaf = jnp.asarray(np.repeat(np.arange(len(sizes)), n_rows), jnp.int32)
+    r = jax.lax.broadcasted_iota(jnp.int32, (int(ends[-1]), len(sizes)), 0)
+    row_to_leaf = ((r >= jnp.asarray(ends - np.asarray(n_rows), jnp.int32))
+                   & (r < jnp.asarray(ends, jnp.int32))).astype(jnp.int32)
+    return width, n_rows, row_leaf, row_to_leaf
+
+
+def _stack_rows(arrays: Any, width: int, n_rows: list[int], fill: Any) -> jax.Array:
+    return jnp.concatenate([
+        jnp.pad(a.reshape(-1), (0, r * width - a.size), constant_values=fill).reshape(r, width)
+        for a, r in zip(arrays, n_rows, strict=True)])
+
+
+def count_true(masks: Any) -> jax.Array:
+    """``int32`` count of ``True`` entries of each array in ``masks``, in one reduction.
+
+    >>> count_true([jnp.array([True, False]), jnp.ones((2, 3), bool)]).tolist()
+    [1, 6]
+    """
+    masks = [jnp.asarray(m, bool) for m in masks]
+    if not masks:
+        return jnp.zeros((0,), jnp.int32)
+    width, n_rows, _, row_to_leaf = _layout([max(int(m.size), 1) for m in masks])
+    rows = _stack_rows([m if m.size else jnp.zeros(1, bool) for m in masks], width, n_rows, False)
+    return jnp.dot(jnp.sum(rows, axis=1, dtype=jnp.int32), row_to_leaf,
+                   preferred_element_type=jnp.int32)
+
+
 @jax.jit
 def _topk_rows(scores: tuple[jax.Array, ...], ks: jax.Array) -> tuple[jax.Array, ...]:
     sizes = [int(s.size) for s in scores]
-    width = _ROW if len(scores) > 1 or sizes[0] >= _ROW else sizes[0]
-    n_rows = [-(-n // width) for n in sizes]
-    row_leaf = jnp.asarray(np.repeat(np.arange(len(sizes)), n_rows), jnp.int32)
+    width, n_rows, row_leaf, row_to_leaf = _layout(sizes)
     n_leaves = len(sizes)
-
-    def rows(a: jax.Array, r: int, fill: Any) -> jax.Array:
-        return jnp.pad(a, (0, r * width - a.size), constant_values=fill).reshape(r, width)
-
-    key = jnp.concatenate([rows(sortable_key(s), r, 0) for s, r in zip(scores, n_rows, strict=True)])
-    valid = jnp.concatenate([rows(jnp.ones(n, bool), r, False)
-                             for n, r in zip(sizes, n_rows, strict=True)])
+    key = _stack_rows([sortable_key(s) for s in scores], width, n_rows, 0)
+    valid = _stack_rows([jnp.ones(n, bool) for n in sizes], width, n_rows, False)
     k = jnp.clip(ks, 0, jnp.asarray(sizes, jnp.int32))
     kk = jnp.maximum(k, 1)
 
     def per_leaf(row_counts: jax.Array) -> jax.Array:
-        return jax.ops.segment_sum(row_counts, row_leaf, n_leaves, indices_are_sorted=True)
+        return jnp.dot(row_counts, row_to_leaf, preferred_element_type=jnp.int32)
 
-    def count(t: jax.Array) -> jax.Array:  # per leaf: #valid keys >= t[leaf]
-        return per_leaf(jnp.sum((key >= t[row_leaf][:, None]) & valid, axis=1, dtype=jnp.int32))
+    def kth_largest(key: jax.Array, valid: jax.Array, kk: jax.Array, n: jax.Array,
+                    bracket: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+        """Per leaf, T = the kk-th largest of its ``n`` valid keys = max{t : count(t) >= kk}.
 
-    top = jnp.uint32(0xFFFFFFFF)
-    lo0 = jax.ops.segment_min(jnp.min(jnp.where(valid, key, top), axis=1), row_leaf, n_leaves,
-                              indices_are_sorted=True)
-    hi0 = jax.ops.segment_max(jnp.max(jnp.where(valid, key, 0), axis=1), row_leaf, n_leaves,
-                              indices_are_sorted=True)
-    n_valid = jnp.asarray(sizes, jnp.int32)
+        Bracket invariants: count(lo) = c_lo >= kk, T <= hi, count(hi + 1) = above < kk. It starts
+        at ``bracket`` (default: the smallest and largest valid key) and stops early where exactly
+        kk keys are >= a candidate."""
+        def count(t: jax.Array) -> jax.Array:  # per leaf: #valid keys >= t[leaf]
+            return per_leaf(jnp.sum((key >= t[row_leaf][:, None]) & valid, axis=1,
+                                    dtype=jnp.int32))
 
-    # per leaf, T = the kk-th largest key = max{t : count(t) >= kk}. Bracket invariants: count(lo)
-    # = c_lo >= kk, T <= hi, count(hi + 1) = above < kk (0 for hi = the largest key)
-    def body(s: tuple) -> tuple:
-        lo, hi, c_lo, above, shrunk, done = s
-        active = (lo < hi) & ~done
-        width_ = jnp.where(active, hi - lo, jnp.uint32(1))  # >= 1 where active
-        frac = (c_lo - kk).astype(jnp.float32) / jnp.maximum(c_lo - above, 1).astype(jnp.float32)
-        interp = (width_.astype(jnp.float32) * frac).astype(jnp.uint32)
-        step = jnp.where(shrunk, interp, (width_ >> 1) + jnp.uint32(1))  # bisect after a poor step
-        c = lo + jnp.clip(step, jnp.uint32(1), width_)
-        cc = count(c)
-        ge = cc >= kk
-        lo2 = jnp.where(active & ge, c, lo)
-        hi2 = jnp.where(active & ~ge, c - jnp.uint32(1), hi)
-        return (lo2, hi2, jnp.where(active & ge, cc, c_lo), jnp.where(active & ~ge, cc, above),
-                jnp.where(active, (hi2 - lo2) <= (width_ >> 1), shrunk), done | (active & (cc == kk)))
+        def body(s: tuple) -> tuple:
+            lo, hi, c_lo, above, shrunk, done, it = s
+            active = (lo < hi) & ~done
+            width_ = jnp.where(active, hi - lo, jnp.uint32(1))  # >= 1 where active
+            frac = ((c_lo - kk).astype(jnp.float32)
+                    / jnp.maximum(c_lo - above, 1).astype(jnp.float32))
+            interp = (width_.astype(jnp.float32) * frac).astype(jnp.uint32)
+            # bisect on every other step after a step that did not halve the bracket
+            step = jnp.where(shrunk | (it % 2 == 0), interp, (width_ >> 1) + jnp.uint32(1))
+            c = lo + jnp.clip(step, jnp.uint32(1), width_)
+            cc = count(c)
+            ge = cc >= kk
+            lo2 = jnp.where(active & ge, c, lo)
+            hi2 = jnp.where(active & ~ge, c - jnp.uint32(1), hi)
+            return (lo2, hi2, jnp.where(active & ge, cc, c_lo), jnp.where(active & ~ge, cc, above),
+                    jnp.where(active, (hi2 - lo2) <= (width_ >> 1), shrunk),
+                    done | (active & (cc == kk)), it + 1)
 
-    lo, *_ = jax.lax.while_loop(
-        lambda s: jnp.any((s[0] < s[1]) & ~s[5]), body,
-        (lo0, hi0, n_valid, jnp.zeros_like(n_valid), jnp.ones(n_leaves, bool), n_valid == kk))
-    # exactly kk keys >= lo (early stop), or lo == T: the keys above T, then ties at T by index
-    t_row = lo[row_leaf][:, None]
-    gt = (key > t_row) & valid
-    eq = (key == t_row) & valid
-    eq_rows = jnp.sum(eq, axis=1, dtype=jnp.int32)
+        lo, *_ = jax.lax.while_loop(
+            lambda s: jnp.any((s[0] < s[1]) & ~s[5]), body,
+            (*(_min_max(key, valid) if bracket is None else bracket), n, jnp.zeros_like(n),
+             jnp.ones(n_leaves, bool), n == kk, jnp.int32(0)))
+        return lo[row_leaf][:, None]
+
+    def _min_max(key: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+        # per leaf, the smallest and largest valid key (0, 0 for none): two variadic reductions
+        top, zero = jnp.uint32(0xFFFFFFFF), jnp.uint32(0)
+
+        def minmax(a: tuple, b: tuple) -> tuple:
+            return jnp.minimum(a[0], b[0]), jnp.maximum(a[1], b[1])
+
+        lo, hi = jax.lax.reduce((jnp.where(valid, key, top), jnp.where(valid, key, zero)),
+                                (top, zero), minmax, (1,))
+        in_leaf = row_to_leaf.astype(bool)
+        lo, hi = jax.lax.reduce((jnp.where(in_leaf, lo[:, None], top),
+                                 jnp.where(in_leaf, hi[:, None], zero)), (top, zero), minmax, (0,))
+        return jnp.minimum(lo, hi), hi
+
+    # exactly kk keys >= t (early stop), or t == T: the keys above T, then ties at T by index
+    t = kth_largest(key, valid, kk, jnp.asarray(sizes, jnp.int32))
+    gt = (key > t) & valid
+    eq = (key == t) & valid
+    n_eq = per_leaf(jnp.sum(eq, axis=1, dtype=jnp.int32))
     room = k - per_leaf(jnp.sum(gt, axis=1, dtype=jnp.int32))
-
-    def rank_ties(eq: jax.Array) -> jax.Array:
-        # index order within a leaf: earlier rows of the leaf first, then along the row
-        before = jnp.cumsum(eq_rows) - eq_rows  # eq entries in all earlier rows
-        first = jnp.asarray(np.cumsum([0] + n_rows[:-1]), jnp.int32)[row_leaf]
-        before = before - before[first]
-        return eq & (before[:, None] + jnp.cumsum(eq, axis=1, dtype=jnp.int32) <= room[row_leaf][:, None])
-
-    # float scores rarely tie at the threshold: skip the tie-ranking scan when all ties fit
-    ties = jax.lax.cond(jnp.any(per_leaf(eq_rows) > room), rank_ties, lambda e: e, eq)
+    # ties: the `room` lowest-index entries among eq — the same search on a key that is higher
+    # for a lower index within the leaf (no scan, no cond; zero passes where all ties fit)
+    first = jnp.asarray(np.cumsum([0] + n_rows[:-1]), jnp.int32)[row_leaf]
+    row_in_leaf = jax.lax.broadcasted_iota(jnp.int32, key.shape, 0) - first[:, None]
+    index = row_in_leaf * width + jax.lax.broadcasted_iota(jnp.int32, key.shape, 1)
+    index_key = jnp.uint32(0xFFFFFFFF) - index.astype(jnp.uint32)
+    kk_eq = jnp.clip(room, jnp.minimum(n_eq, 1), n_eq)
+    top = jnp.uint32(0xFFFFFFFF)
+    index_range = (top - jnp.asarray(sizes, jnp.uint32) + jnp.uint32(1),
+                   jnp.full(n_leaves, top))
+    ties = eq & (index_key >= kth_largest(index_key, eq, kk_eq, n_eq, index_range))
     keep = (gt | ties) & (k > 0)[row_leaf][:, None]
     out, r0 = [], 0
     for n, r in zip(sizes, n_rows, strict=True):

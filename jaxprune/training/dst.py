@@ -43,7 +43,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jaxprune.core import allocation as alloc_lib
@@ -59,6 +58,7 @@ from jaxprune.core.masks import (
     tree_map_masked,
     tree_map_with_path_masked,
 )
+from jaxprune.core.patterns import count_true
 from jaxprune.core.pipeline import check_opmap, compute_masks, default_filter, leaf_masks
 from jaxprune.training.wrapper import MaskUpdate, get_masks, masked, reset_inner_state
 
@@ -120,11 +120,7 @@ def drop_grow(
     if flat:
         paths = [r[0] for r in flat]
         old = [jnp.asarray(r[1], bool) for r in flat]
-        # active counts of all leaves in one reduction
-        seg = np.repeat(np.arange(len(old)), [m.size for m in old])
-        n_active = jax.ops.segment_sum(
-            jnp.concatenate([m.reshape(-1) for m in old]).astype(jnp.int32), seg, len(old),
-            indices_are_sorted=True)
+        n_active = count_true(old)  # all leaves in one reduction
         k = jnp.round(frac * n_active.astype(jnp.float32)).astype(jnp.int32)
         # drop: keep the n_active - k largest |w| among the active entries
         kept = leaf_masks([jnp.abs(r[2]).astype(jnp.float32) for r in flat],
