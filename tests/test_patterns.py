@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxprune.core import patterns as P
+from jaxprune.core import topk
 
 SETTINGS = settings(max_examples=25, deadline=None)
 # Shapes come from small fixed sets: each new shape costs an XLA compile, while values, ties and
@@ -90,6 +91,23 @@ def test_topk_masks_several_leaves_match_per_leaf_oracle(args):
     got = P.topk_masks([jnp.asarray(s) for s in scores], ks)
     for s, k, g in zip(scores, ks, got, strict=True):
         np.testing.assert_array_equal(np.asarray(g), _np_topk(s, k))
+
+
+def test_topk_masks_groups_and_count_true(monkeypatch):
+    # many arrays split into several selections (small group limits here) give the same masks
+    rng = np.random.default_rng(3)
+    sizes = [5, 1500, 7, 7, 2100, 1, 64]
+    scores = [rng.integers(0, 6, n).astype(np.float32) for n in sizes]
+    ks = [int(rng.integers(0, n + 1)) for n in sizes]
+    monkeypatch.setattr(topk, "_GROUP_ENTRIES", 2000)
+    monkeypatch.setattr(topk, "_GROUP_ARRAYS", 3)
+    assert topk._groups(sizes) == [[0, 1, 2], [3], [4], [5, 6]]
+    got = P.topk_masks([jnp.asarray(s) for s in scores], ks)
+    for s, k, g in zip(scores, ks, got, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), _np_topk(s, k))
+    masks = [s > 2 for s in scores] + [np.zeros((0,), bool)]
+    np.testing.assert_array_equal(np.asarray(P.count_true([jnp.asarray(m) for m in masks])),
+                                  [m.sum() for m in masks])
 
 
 def test_topk_masks_bad_inputs():

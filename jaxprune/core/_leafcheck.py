@@ -146,3 +146,18 @@ def _check_not_all_pruned(pat: pat_lib.Pattern, sparsity: Any, path: str, mask: 
             "units are too coarse, so it rounds "
             "to 1.0 (a dead layer); lower the sparsity or use a finer pattern"
         )
+
+
+def _check_leaf(path: str, scores: jax.Array, keep_pruned: Any = None) -> None:
+    """One leaf's scores can be ranked: at least one axis and one entry, finite values (when
+    concrete), and a ``keep_pruned`` mask (if any) of the same shape."""
+    shape = tuple(scores.shape)
+    if not shape or 0 in shape:
+        what = "0-d (a scalar)" if not shape else f"zero-size (shape {shape}, no entries)"
+        raise ValueError(f"jaxprune: leaf '{path}' is {what}; only arrays with at least one axis "
+                         "and one entry can be pruned")
+    if _concrete(scores):
+        _check_scores(path, scores)
+    if keep_pruned is not None and tuple(np.shape(keep_pruned)) != shape:
+        raise ValueError(f"jaxprune: keep_pruned mask for '{path}' has shape "
+                         f"{tuple(np.shape(keep_pruned))}, scores {shape}")

@@ -8,7 +8,7 @@ methods, structured unit selection) builds masks here; none keeps a private copy
 * :func:`leaf_mask` — one scores array, a sparsity (or an exact number of entries to keep) and a
   pattern → one mask; what SparseGPT's per-block selection and OBS's budget use.
 * :func:`leaf_masks` — several arrays with exact counts, selected together in one compiled
-  selection (:func:`jaxprune.core.patterns.topk_masks`); what SET/RigL drop-and-grow uses, and
+  selection (:func:`jaxprune.core.topk.topk_masks`); what SET/RigL drop-and-grow uses, and
   what :func:`compute_masks` does for all its unstructured leaves.
 * ``keep_pruned=`` on both: entries already pruned stay pruned (lottery tickets, iterative
   pruning at initialisation), ranked below every live entry.
@@ -43,6 +43,7 @@ from jaxprune.core import criteria as crit_lib
 from jaxprune.core import filters as filt_lib
 from jaxprune.core import patterns as pat_lib
 from jaxprune.core._leafcheck import (
+    _check_leaf,
     _check_not_all_pruned,
     _check_scores,
     _concrete,
@@ -280,7 +281,7 @@ def leaf_masks(
     """Several leaves' unstructured masks at once: exactly ``n_keep[i]`` highest of ``scores[i]``.
 
     :func:`leaf_mask` with ``n_keep=`` (and ``keep_pruned=``) for a list of leaves, selected
-    together (:func:`jaxprune.core.patterns.topk_masks`): one compiled selection whatever the
+    together (:func:`jaxprune.core.topk.topk_masks`): one compiled selection whatever the
     number of leaves and their sizes, which is what a mask update inside a training step wants.
     Checks and tie rule as :func:`leaf_mask` (``paths`` name the leaves in errors).
 
@@ -298,19 +299,10 @@ def leaf_masks(
         )
     ranked = []
     for s, k, kp, path in zip(scores, n_keep, keep_pruned, paths, strict=True):
-        shape = tuple(s.shape)
-        if not shape or 0 in shape:
-            what = "0-d (a scalar)" if not shape else f"zero-size (shape {shape}, no entries)"
-            raise ValueError(f"jaxprune: leaf '{path}' is {what}; only arrays with at least one "
-                             "axis and one entry can be pruned")
-        if _concrete(s):
-            _check_scores(path, s)
+        _check_leaf(path, s, kp)
         if _concrete(k) and not 0 <= int(k) <= s.size:
             raise ValueError(f"jaxprune: leaf '{path}': n_keep={int(k)} is outside [0, {s.size}]")
         if kp is not None:
-            if tuple(np.shape(kp)) != shape:
-                raise ValueError(f"jaxprune: keep_pruned mask for '{path}' has shape "
-                                 f"{tuple(np.shape(kp))}, scores {shape}")
             s = jnp.where(kp, s.astype(jnp.float32), -jnp.inf)
         ranked.append(s)
     new = _topk_leaves(ranked, n_keep)
@@ -361,18 +353,8 @@ def leaf_mask(
                 f"jaxprune: leaf '{path}': n_keep needs the unstructured pattern, got {pat}"
             )
         return leaf_masks([scores], [n_keep], keep_pruned=[keep_pruned], paths=[path])[0]
-    if not shape or 0 in shape:
-        what = "0-d (a scalar)" if not shape else f"zero-size (shape {shape}, no entries)"
-        raise ValueError(f"jaxprune: leaf '{path}' is {what}; only arrays with at least one axis "
-                         "and one entry can be pruned")
-    if _concrete(scores):
-        _check_scores(path, scores)
+    _check_leaf(path, scores, keep_pruned)
     if keep_pruned is not None:
-        if tuple(np.shape(keep_pruned)) != shape:
-            raise ValueError(
-                f"jaxprune: keep_pruned mask for '{path}' has shape {tuple(np.shape(keep_pruned))}, "
-                f"scores {shape}"
-            )
         scores = jnp.where(keep_pruned, scores.astype(jnp.float32), -jnp.inf)
     _validate(pat, path, opmap, shape)
     s = resolve_sparsity(sparsity, pat)
