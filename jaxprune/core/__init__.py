@@ -6,12 +6,14 @@
 * :mod:`~jaxprune.core.criteria` — per-weight scores (higher = kept).
 * :mod:`~jaxprune.core.allocation` — per-leaf (or per-unit-set) sparsity from a global target.
 * :mod:`~jaxprune.core.patterns` — scores + sparsity → boolean mask of one leaf.
+* :mod:`~jaxprune.core.topk` — exact top-k selection (several arrays in one program), the
+  primitive under every unstructured mask and threshold.
 * :mod:`~jaxprune.core.schedules` — when and how much to prune during training.
 * :mod:`~jaxprune.core.walker` — the one jaxpr walker (rules table per primitive).
 * :mod:`~jaxprune.core.opmap` — the operator map: each leaf's role and matrix view, traced from the
   model's computation (not from names or layouts).
 * :mod:`~jaxprune.core.pipeline` — the only path from scores to masks (:func:`compute_masks`,
-  :func:`leaf_mask`, :func:`prune`).
+  :func:`leaf_mask`, :func:`leaf_masks`, :func:`prune`).
 
 The core imports no method family (training, one-shot, structured, kernels, io).
 
@@ -30,9 +32,11 @@ from jaxprune.core import (
     patterns,
     pipeline,
     schedules,
+    topk,
     walker,
 )
 
 __all__ = [
-    "allocation", "criteria", "filters", "masks", "opmap", "patterns", "pipeline", "schedules", "walker",
+    "allocation", "criteria", "filters", "masks", "opmap", "patterns", "pipeline", "schedules", "topk",
+    "walker",
 ]

@@ -29,13 +29,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxprune.core.topk import (  # re-exported: the selection primitives patterns build on
-    count_threshold_key,
-    count_true,
-    sortable_key,
-    topk_mask,
-    topk_masks,
-)
+# re-exported: the selection primitives the patterns build on
+from jaxprune.core.topk import count_threshold_key, count_true, sortable_key, topk_mask, topk_masks
 
 __all__ = [
     "Pattern", "Unstructured", "NM", "Block", "Channel", "PerLeaf", "parse", "for_path", "topk_mask",
