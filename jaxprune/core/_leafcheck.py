@@ -78,14 +78,20 @@ def _pattern_mask(pat: pat_lib.Pattern, scores: jax.Array, sparsity: Any, path: 
 
     NaN scores rank lowest (pruned first, ties to the lower index) — the rule under ``jit``, where
     they cannot be refused as they are for concrete scores (:func:`_check_scores`)."""
-    if jnp.issubdtype(scores.dtype, jnp.floating):
-        scores = jnp.where(jnp.isnan(scores), -jnp.inf, scores)
+    scores = _nan_lowest(scores)
     lo = _view(opmap, path)
     if lo is None:
         return _checked_mask(pat, pat.mask(scores, sparsity), tuple(scores.shape), path)
     v = lo.to_view(scores)
     m = _checked_mask(pat, pat.mask(v, sparsity), tuple(v.shape), path)
     return lo.from_view(m)
+
+
+def _nan_lowest(scores: jax.Array) -> jax.Array:
+    """NaN scores as ``-inf``: ranked lowest (the rule under ``jit``, where they cannot be refused)."""
+    if jnp.issubdtype(scores.dtype, jnp.floating):
+        return jnp.where(jnp.isnan(scores), -jnp.inf, scores)
+    return scores
 
 
 def _check_scores(path: str, s: Any) -> None:

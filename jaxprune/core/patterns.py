@@ -77,10 +77,13 @@ class Pattern:
 class Unstructured(Pattern):
     """Prune exactly ``round(sparsity * size)`` entries with the lowest scores."""
 
+    def n_keep(self, sparsity: Any, size: int) -> jax.Array:
+        """Entries kept of ``size`` at ``sparsity``: ``size - round(sparsity * size)``."""
+        return size - _num_pruned(sparsity, size)
+
     def mask(self, scores: jax.Array, sparsity: Any) -> jax.Array:
         flat = scores.reshape(-1)
-        keep = topk_mask(flat, flat.size - _num_pruned(sparsity, flat.size))
-        return keep.reshape(scores.shape)
+        return topk_mask(flat, self.n_keep(sparsity, flat.size)).reshape(scores.shape)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -42,11 +42,13 @@ from jaxprune.core import allocation as alloc_lib
 from jaxprune.core import criteria as crit_lib
 from jaxprune.core import filters as filt_lib
 from jaxprune.core import patterns as pat_lib
+from jaxprune.core import topk as topk_lib
 from jaxprune.core._leafcheck import (
     _check_leaf,
     _check_not_all_pruned,
     _check_scores,
     _concrete,
+    _nan_lowest,
     _pattern_mask,
     _pattern_shape,
     _validate,
@@ -254,7 +256,7 @@ def _compute_masks_impl(masks: PyTree, scores: PyTree, sparsity: Any,
     if batch:
         views = [(_view(opmap, path), s) for _, path, s, _ in batch]
         views = [(lo, s if lo is None else lo.to_view(s)) for lo, s in views]
-        keeps = [v.size - pat_lib._num_pruned(a, v.size) for (_, v), (*_, a) in
+        keeps = [pat_lib.Unstructured().n_keep(a, v.size) for (_, v), (*_, a) in
                  zip(views, batch, strict=True)]
         new = _topk_leaves([v for _, v in views], keeps)
         for (i, *_), (lo, v), n in zip(batch, views, new, strict=True):
@@ -265,10 +267,7 @@ def _compute_masks_impl(masks: PyTree, scores: PyTree, sparsity: Any,
 
 def _topk_leaves(scores: list[jax.Array], n_keep: list[Any]) -> list[jax.Array]:
     """Flat exact-count masks of several leaves in one selection; NaN scores rank lowest."""
-    flat = [s.reshape(-1) for s in scores]
-    flat = [jnp.where(jnp.isnan(f), -jnp.inf, f) if jnp.issubdtype(f.dtype, jnp.floating) else f
-            for f in flat]
-    return pat_lib.topk_masks(flat, n_keep)
+    return topk_lib.topk_masks([_nan_lowest(s.reshape(-1)) for s in scores], n_keep)
 
 
 def leaf_masks(

@@ -58,8 +58,8 @@ from jaxprune.core.masks import (
     tree_map_masked,
     tree_map_with_path_masked,
 )
-from jaxprune.core.patterns import count_true
 from jaxprune.core.pipeline import check_opmap, compute_masks, default_filter, leaf_masks
+from jaxprune.core.topk import count_true
 from jaxprune.training.wrapper import MaskUpdate, get_masks, masked, reset_inner_state
 
 __all__ = [
