@@ -74,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         for label, method, alloc, s in configs:
             for seed in range(args.seeds):
                 tx = make_tx(method, alloc, s, args.steps, period, args.lr, seed)
+                every = period if method in ("set", "rigl") else None  # host-told updates
                 params, state, _ = train_classifier(model, tx, x, y, steps=args.steps,
-                                                    batch_size=64, seed=seed, progress=False)
+                                                    batch_size=64, seed=seed, progress=False,
+                                                    mask_update_every=every)
                 if method == "dense":
                     measured = 0.0
                 else:

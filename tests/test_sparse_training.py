@@ -322,3 +322,116 @@ def test_cosine_drop_fraction_zero_after_end():
     fr = [float(st.cosine_drop_fraction(t, 0.3, 100)) for t in (0, 25, 99, 100, 500)]
     assert fr[0] == pytest.approx(0.3) and fr[1] == pytest.approx(0.15 * (1 + np.cos(np.pi / 4)))
     assert fr[2] > 0 and fr[3] == 0 and fr[4] == 0
+
+
+def _hinted_step(tx):
+    model = MLP(features=(16, 10))
+
+    def loss(p, x, y):
+        return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x),
+                                                               y).mean()
+
+    def step(p, s, x, y, hint=None):
+        u, s = tx.update(jax.grad(loss)(p, x, y), s, p, mask_update=hint)
+        return optax.apply_updates(p, u), s
+
+    return jax.jit(step, static_argnames="hint")
+
+
+@pytest.mark.parametrize("make", [
+    lambda: st.set_training(optax.adam(1e-2), 0.7, update_period=3, end_step=100),
+    lambda: st.rigl(optax.sgd(0.1, momentum=0.9), 0.7, update_period=3, end_step=100),
+    lambda: optax.chain(optax.clip_by_global_norm(1.0),
+                        st.rigl(optax.adam(1e-2), 0.7, update_period=3, end_step=100)),
+    lambda: jp.training.gradual_magnitude(optax.adam(1e-2), 0.8, begin=0, end=9, freq=3),
+])
+def test_host_mask_update_hint_matches_device_schedule(make):
+    """mask_update=(i % 3 == 0) from the host gives the masks and params of the lax.cond path."""
+    tx = make()
+    params = _params()
+    step = _hinted_step(tx)
+    x, y = _data()
+    pa, sa = params, tx.init(params)
+    pb, sb = params, tx.init(params)
+    for i in range(10):
+        pa, sa = step(pa, sa, x, y)
+        pb, sb = step(pb, sb, x, y, hint=i % 3 == 0)
+    ma, mb = jp.get_masks(sa), jp.get_masks(sb)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), ma, mb))
+    assert not jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), ma,
+                                         jp.get_masks(tx.init(params))))  # masks did change
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), pa, pb)
+    assert int(jp.training.get_prune_state(sa).count) == int(jp.training.get_prune_state(sb).count)
+    assert _off_mask_zero(pb, mb)
+
+
+def test_host_hint_false_defers_a_due_update_and_has_no_cond():
+    tx = st.set_training(optax.adam(1e-2), 0.7, update_period=2, end_step=100)
+    params = _params()
+    step = _hinted_step(tx)
+    x, y = _data()
+    p, s = params, tx.init(params)
+    for _ in range(5):  # count 2 is due: held there, masks unchanged
+        p, s = step(p, s, x, y, hint=False)
+    assert int(s.count) == 2
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), s.masks,
+                                     tx.init(params).masks))
+    p, s = step(p, s, x, y)  # the deferred update runs now
+    assert int(s.count) == 3
+    assert not jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), s.masks,
+                                         tx.init(params).masks))
+    jaxpr = jax.make_jaxpr(lambda p, s: step.__wrapped__(p, s, x, y, False))(p, s)
+    assert "cond" not in str(jaxpr)
+    assert "cond" in str(jax.make_jaxpr(lambda p, s: step.__wrapped__(p, s, x, y))(p, s))
+
+
+def test_host_hint_through_nnx_optimizer():
+    model = NnxMLP(12, (16, 10), rngs=nnx.Rngs(0))
+    tx = st.set_training(optax.adam(1e-2), sparsity=0.7, update_period=2, end_step=20,
+                         filter=jp.filters.select(names=("kernel",)))
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    x, y = _data()
+
+    @nnx.jit(static_argnames="hint")
+    def train_step(model, opt, x, y, hint):
+        grads = nnx.grad(lambda m: optax.softmax_cross_entropy_with_integer_labels(
+            m(x), y).mean())(model)
+        opt.update(model, grads, mask_update=hint)
+
+    masks0 = jp.get_masks(nnx.as_pure(opt.opt_state))
+    for i in range(3):
+        train_step(model, opt, x, y, hint=i % 2 == 0)
+    masks = jp.get_masks(nnx.as_pure(opt.opt_state))
+    assert _counts(masks) == _counts(masks0) and not jax.tree.all(
+        jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), masks, masks0))
+    assert _off_mask_zero(nnx.as_pure(nnx.state(model, nnx.Param)), masks)
+
+
+@pytest.mark.parametrize("hint", [1, 0, "yes", jnp.array(True)])
+def test_bad_mask_update_hint(hint):
+    tx = st.set_training(optax.sgd(0.1), 0.5, update_period=2, end_step=10)
+    params = _params()
+    with pytest.raises(ValueError, match="set_training: mask_update= must be None, True or False"):
+        tx.update(params, tx.init(params), params, mask_update=hint)
+    with pytest.raises(ValueError, match="traced value"):
+        jax.jit(lambda p: tx.update(p, tx.init(params), p,
+                                    mask_update=jnp.all(p["Dense_0"]["bias"] == 0)))(params)
+
+
+def test_train_classifier_mask_update_every_matches_default():
+    from jaxprune.zoo.loops import train_classifier
+
+    x, y = (np.asarray(a) for a in _data(64))
+    out = []
+    for every in (None, 4):
+        tx = st.rigl(optax.adam(1e-2), 0.7, update_period=4, end_step=100)
+        params, state, _ = train_classifier(MLP(features=(16, 10)), tx, x, y, steps=9,
+                                            batch_size=16, progress=False, mask_update_every=every)
+        out.append((params, jp.get_masks(state), int(state.count)))
+    assert out[0][2] == out[1][2] == 9
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), out[0][1], out[1][1]))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 out[0][0], out[1][0])
+    with pytest.raises(ValueError, match="mask_update_every must be a positive int"):
+        train_classifier(MLP(features=(16, 10)), optax.sgd(0.1), x, y, steps=1,
+                         mask_update_every=0, progress=False)

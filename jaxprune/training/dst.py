@@ -8,7 +8,10 @@ or where the dense gradient is largest (RigL, Evci et al. 2020). The drop fracti
 a cosine from ``drop_fraction`` to 0 at ``end_step`` (default 75% of ``total_steps``).
 
 Behaviour, per step (everything inside one jitted update; mask updates are a ``lax.cond`` so
-non-update steps do not recompile and add only one fused select to the inner update):
+non-update steps do not recompile and add only one fused select to the inner update; a training
+loop that knows the schedule can say so with ``tx.update(..., mask_update=i % update_period == 0)``
+as a static argument, and the steps without an update then compile without the cond and cost what
+a static-sparse step costs — see :func:`jaxprune.training.wrapper.masked`):
 
 1. The inner optimizer receives the gradients *masked* (``g * m``), like RigL's masked-weight
    parametrisation, so inactive weights accumulate no optimizer state.

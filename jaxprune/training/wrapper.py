@@ -6,7 +6,9 @@ naming the method, and leaves a method only its own logic. :func:`masked` builds
 methods that hold masks (:func:`jaxprune.training.pruner`, static sparse / SET / RigL): a method
 supplies ``init_masks`` and ``update_masks``; the skeleton runs ``update_masks`` in the taken branch
 of one ``lax.cond`` and projects the updates so ``optax.apply_updates`` leaves params exactly zero
-where a mask is off. A step that does not update masks costs one fused select over the params.
+where a mask is off. A step that does not update masks costs one fused select over the params
+plus the cond; told so by the caller (``tx.update(..., mask_update=False)``), nothing more than a
+static-sparse step.
 
 >>> import jax.numpy as jnp
 >>> project({"w": jnp.array([1., 1.])}, {"w": jnp.array([2., 3.])}, {"w": jnp.array([True, False])})
@@ -20,6 +22,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxprune.core.masks import PyTree, apply_masks, tree_map_masked
@@ -43,13 +46,27 @@ class PruneState(NamedTuple):
 
 
 class InnerStep(NamedTuple):
-    """What a method's update sees: the raw ``grads``, the ``params``, the previous ``state`` and
-    ``inner(grads) -> (updates, inner_state)``, the wrapped optimizer's update from that state."""
+    """What a method's update sees: the raw ``grads``, the ``params``, the previous ``state``,
+    ``inner(grads) -> (updates, inner_state)`` (the wrapped optimizer's update from that state)
+    and the caller's ``mask_update`` hint (``None``, ``True`` or ``False``; see :func:`masked`)."""
 
     grads: PyTree
     params: PyTree
     state: Any
     inner: Callable[[PyTree], tuple[PyTree, optax.OptState]]
+    mask_update: bool | None = None
+
+
+def _check_hint(method: str, hint: Any) -> bool | None:
+    if hint is None or isinstance(hint, bool):
+        return hint
+    if isinstance(hint, np.bool_):
+        return bool(hint)
+    what = "a traced value" if isinstance(hint, jax.core.Tracer) else repr(hint)
+    raise ValueError(
+        f"jaxprune: {method}: mask_update= must be None, True or False (a Python bool the host "
+        f"knows, e.g. jax.jit(step, static_argnames='mask_update')), got {what}"
+    )
 
 
 def wrap(
@@ -62,7 +79,9 @@ def wrap(
 ) -> optax.GradientTransformationExtraArgs:
     """The skeleton: ``state_type`` (a NamedTuple with ``count`` and ``inner_state`` fields) holds
     the counter and the inner state; ``init(params)`` gives the method's other fields and
-    ``update(step) -> (updates, fields, inner_state)`` its step.
+    ``update(step) -> (updates, fields, inner_state)`` its step (``fields`` may set ``count``;
+    by default it advances by one). The keyword ``mask_update`` of ``tx.update`` is taken here
+    (checked, given to the method as ``step.mask_update``), not passed to ``inner``.
 
     >>> class Count(NamedTuple):
     ...     count: jax.Array
@@ -81,16 +100,18 @@ def wrap(
         return state_type(count=jnp.zeros([], jnp.int32), inner_state=inner.init(params),
                           **init(params))
 
-    def update_fn(updates: PyTree, state: S, params: PyTree | None = None, **extra: Any):
+    def update_fn(updates: PyTree, state: S, params: PyTree | None = None, *,
+                  mask_update: bool | None = None, **extra: Any):
         if params is None:
             raise ValueError(
                 f"jaxprune: {method} needs params: call tx.update(grads, state, params)"
             )
         step = InnerStep(updates, params, state,
-                         lambda g: inner.update(g, state.inner_state, params, **extra))
+                         lambda g: inner.update(g, state.inner_state, params, **extra),
+                         _check_hint(method, mask_update))
         new_updates, fields, inner_state = update(step)
-        return new_updates, state._replace(count=optax.safe_int32_increment(state.count),
-                                           inner_state=inner_state, **fields)
+        fields.setdefault("count", optax.safe_int32_increment(state.count))
+        return new_updates, state._replace(inner_state=inner_state, **fields)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -141,6 +162,14 @@ def masked(
     the whole step, so the reset of the regrown entries' optimizer state is not paid on the other
     steps either.
 
+    ``tx.update(grads, state, params, mask_update=False)`` (a Python bool, e.g. a static argument
+    of the jitted step) says the caller knows no mask update is due: the step is compiled without
+    the ``lax.cond`` and costs exactly a static-sparse step. Two programs then serve a run — call
+    the step with ``mask_update=(i % update_period == 0)`` for SET/RigL,
+    ``mask_update=bool(schedule.should_update(i))`` for a pruner. An update the schedule
+    had due on a ``False`` step is deferred, not lost: the count stays there until a step with
+    ``mask_update`` ``True`` or ``None`` (the default: the cond decides on the device) runs it.
+
     >>> tx = masked(optax.sgd(1.0), method="demo", init_masks=lambda p: {"w": p["w"] > 1})
     >>> p = {"w": jnp.array([1., 2.])}
     >>> u, st = tx.update({"w": jnp.ones(2)}, tx.init(p), p)
@@ -158,6 +187,14 @@ def masked(
         old = state.masks
         aux = state.movement if update_aux is None else update_aux(state.movement, grads, params)
         masks, value_masks = old, old
+        fields: dict[str, Any] = {"movement": aux}
+        if update_masks is not None and step.mask_update is False:
+            # the caller says no mask update on this step: the static path, no cond. An update
+            # the schedule had due now is deferred, not lost: the count stays on this step
+            due = should_update(state.count)
+            fields["count"] = jnp.where(due, state.count, optax.safe_int32_increment(state.count))
+            inner_updates, inner_state = step.inner(apply_masks(grads, old) if mask_grads else grads)
+            return project(inner_updates, params, old), {"masks": old, **fields}, inner_state
         if update_masks is not None and restart_grown:  # SET, RigL
             # the whole step is one cond: a step without a mask update runs exactly the static
             # path (masked grads, inner update, projection); resetting the regrown entries' inner
@@ -180,7 +217,7 @@ def masked(
 
             new_updates, masks, inner_state = jax.lax.cond(
                 should_update(state.count), with_update, plain, None)
-            return new_updates, {"masks": masks, "movement": aux}, inner_state
+            return new_updates, {"masks": masks, **fields}, inner_state
         inner_updates, inner_state = step.inner(apply_masks(grads, old) if mask_grads else grads)
         if update_masks is not None:
             def do_update(masks_: PyTree) -> Any:
@@ -195,7 +232,7 @@ def masked(
             masks = value_masks = jax.lax.cond(
                 should_update(state.count), do_update, lambda m: m, old)
         new_updates = project(inner_updates, params, value_masks)
-        return new_updates, {"masks": masks, "movement": aux}, inner_state
+        return new_updates, {"masks": masks, **fields}, inner_state
 
     return wrap(inner, method=method, state_type=PruneState, init=init, update=update)
 

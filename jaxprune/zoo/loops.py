@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -39,16 +40,20 @@ def make_train_step(
 ) -> Callable[[PyTree, Any, jax.Array, jax.Array], tuple[PyTree, Any, jax.Array]]:
     """A jitted ``(params, opt_state, x, y) -> (params, opt_state, loss)`` for ``apply_fn(vars, x)``.
 
+    The step also takes a static ``mask_update=`` (``None``, ``True``, ``False``), passed to
+    ``tx.update`` when not ``None`` (the host-side hint of jaxprune's mask-holding transforms).
+
     >>> step = make_train_step(lambda v, x: x @ v["params"]["w"], optax.sgd(0.1))
     """
 
     def loss_fn(params, x, y):
         return cross_entropy(apply_fn({"params": params}, x), y)
 
-    @jax.jit
-    def step(params, opt_state, x, y):
+    @functools.partial(jax.jit, static_argnames="mask_update")
+    def step(params, opt_state, x, y, mask_update=None):
         loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-        updates, opt_state = tx.update(grads, opt_state, params)
+        hint = {} if mask_update is None else {"mask_update": mask_update}
+        updates, opt_state = tx.update(grads, opt_state, params, **hint)
         return optax.apply_updates(params, updates), opt_state, loss
 
     return step
@@ -107,14 +112,22 @@ def train_classifier(
     params: PyTree | None = None,
     progress: bool = True,
     desc: str = "train",
+    mask_update_every: int | None = None,
 ) -> tuple[PyTree, Any, dict[str, Any]]:
     """Train a linen classifier with ``tx``; returns ``(params, opt_state, history)``.
 
     ``history`` has per-step ``loss`` and the measured ``steps_per_s`` (excluding the first,
-    compiling step). ``steps`` must be >= 1.
+    compiling step). ``steps`` must be >= 1. ``mask_update_every=ΔT`` (SET/RigL's
+    ``update_period``) tells ``tx`` on the host which steps may update masks
+    (``mask_update=(i % ΔT == 0)``): the other steps run without the mask-update ``lax.cond``.
     """
     if not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"train_classifier: steps must be a positive integer, got {steps!r}")
+    if mask_update_every is not None and (
+            isinstance(mask_update_every, bool) or not isinstance(mask_update_every, int)
+            or mask_update_every < 1):
+        raise ValueError("train_classifier: mask_update_every must be a positive int or None, "
+                         f"got {mask_update_every!r}")
     if params is None:
         params = model.init(jax.random.key(seed), x[:1])["params"]
     opt_state = tx.init(params)
@@ -129,7 +142,8 @@ def train_classifier(
     t0 = None
     for i in rng:
         xb, yb = next(it)
-        params, opt_state, loss = step(params, opt_state, xb, yb)
+        hint = None if mask_update_every is None else i % mask_update_every == 0
+        params, opt_state, loss = step(params, opt_state, xb, yb, hint)
         losses.append(loss)
         if i == 0:
             jax.block_until_ready(loss)
