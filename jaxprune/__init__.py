@@ -13,8 +13,8 @@ library.
 0.5
 """
 
-import importlib
-from typing import Any
+import importlib as _importlib
+from typing import Any as _Any
 
 from jaxprune import training
 from jaxprune.core import allocation, criteria, filters, masks, patterns, pipeline, schedules
@@ -51,14 +51,14 @@ __version__ = "0.1.0"
 _LAZY_SUBMODULES = ("core", "io", "kernels", "oneshot", "structured")
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _Any:
     if name in _LAZY_SUBMODULES:
-        return importlib.import_module(f"jaxprune.{name}")
+        return _importlib.import_module(f"jaxprune.{name}")
     raise AttributeError(f"module 'jaxprune' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY_SUBMODULES])
+    return sorted({*(n for n in globals() if not n.startswith("_")), *_LAZY_SUBMODULES})
 
 
 __all__ = [

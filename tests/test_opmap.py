@@ -206,3 +206,22 @@ def test_nm_groups_never_span_two_batch_entries():
     _, m = jp.prune({"w": w8}, pattern="2:4", opmap=jp.operator_map(fn, {"w": w8}, jnp.ones((4, 3, 8))))
     groups = np.asarray(m["w"]).reshape(4, 2, 4, 8).sum(2)  # (expert, group, out)
     assert np.all(groups == 2)
+
+
+def test_stacked_leaf_is_one_layer_to_patterns():
+    """The documented rule for a leaf with batch axes: channel picks the same output units in every
+    entry; unstructured keeps the leaf's exact count; N:M groups stay inside one entry."""
+    def fn(p, x):
+        return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["layers"])[0]
+
+    params = {"layers": jax.random.normal(jax.random.key(3), (3, 16, 16))}
+    om = jp.operator_map(fn, params, jnp.ones((2, 16)))
+    assert om["layers"].batch == (0,) and om["layers"].view_shape == (48, 16)
+    everything = lambda p, v: True  # noqa: E731
+    m = np.asarray(jp.prune(params, 0.5, pattern="channel", opmap=om, filter=everything)[1]["layers"])
+    cols = m.all(axis=1)  # (3, 16): output units kept per layer
+    assert (m.any(axis=1) == cols).all() and (cols == cols[0]).all() and cols[0].sum() == 8
+    m = np.asarray(jp.prune(params, 0.5, opmap=om, filter=everything)[1]["layers"])
+    assert m.sum() == 3 * 16 * 16 // 2
+    m = np.asarray(jp.prune(params, pattern="2:4", opmap=om, filter=everything)[1]["layers"])
+    assert (m.reshape(3, 4, 4, 16).sum(axis=2) == 2).all()
