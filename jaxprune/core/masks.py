@@ -234,7 +234,7 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
     """
     check_masks(params, masks)
     return tree_map_masked(
-        lambda m, p: p if m is None else jnp.where(m, p, jnp.zeros((), p.dtype)), masks, params
+        lambda m, p: p if m is None else jnp.where(m, p, jnp.zeros_like(p)), masks, params
     )
 
 
