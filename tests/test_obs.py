@@ -90,6 +90,20 @@ def test_layer_obs_unstructured_and_nm():
         np.testing.assert_array_equal(m[:, c], bk)
 
 
+def test_pruned_weights_exactly_zero():
+    """Later OBS updates used to leave ~1e-8 on earlier removals: a "sparse" layer not sparse."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 16)).astype(np.float32)
+    w = rng.normal(size=(16, 8)).astype(np.float32)
+    st = LayerStats.from_inputs(x)
+    for kw in ({"sparsity": 0.5}, {"pattern": "2:4"}):
+        q, m = OBS()(w, st, **kw)
+        q, m = np.asarray(q), np.asarray(m)
+        assert (~m).sum() == 64 and not q[~m].any() and q[m].all()
+    q2, k2, _ = obs_greedy(w, np.linalg.inv(st.hessian + 0.1 * np.eye(16)), np.full(8, 10))
+    assert (~k2).sum() == 80 and not q2[~k2].any()
+
+
 def test_obs_close_to_best_subset_on_tiny_column():
     w, st, h = _setup(3)
     col = w[:, 0].astype(np.float64)

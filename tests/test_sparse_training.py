@@ -266,29 +266,32 @@ def test_set_with_uniform_and_key_differs():
     assert _counts(a.masks) == _counts(b.masks) == [96, 80]
 
 
-def test_nnx_optimizer():
+@pytest.mark.parametrize("hinted", [False, True])
+def test_nnx_optimizer(hinted):
+    """RigL through nnx.Optimizer; ``hinted``: the step passes the host-told ``mask_update``."""
     model = NnxMLP(12, (16, 10), rngs=nnx.Rngs(0))
     tx = st.rigl(optax.adam(1e-2), sparsity=0.7, update_period=2, end_step=20,
                  filter=jp.filters.select(names=("kernel",)))
     opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
     x, y = _data()
 
-    @nnx.jit
-    def train_step(model, opt, x, y):
+    @nnx.jit(static_argnames="hint")
+    def train_step(model, opt, x, y, hint=None):
         def loss(m):
             return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
 
         grads = nnx.grad(loss)(model)
-        opt.update(model, grads)
+        opt.update(model, grads, **({} if hint is None else {"mask_update": hint}))
 
     masks0 = jp.get_masks(nnx.as_pure(opt.opt_state))
     counts0 = _counts(masks0)
-    for _ in range(5):
-        train_step(model, opt, x, y)
+    for i in range(5):
+        train_step(model, opt, x, y, (i % 2 == 0) if hinted else None)
         masks = jp.get_masks(nnx.as_pure(opt.opt_state))
         assert _counts(masks) == counts0
         params = nnx.as_pure(nnx.state(model, nnx.Param))
         assert _off_mask_zero(params, masks)
+    assert not jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), masks, masks0))
 
 
 @pytest.mark.parametrize("frac", [0.0, 1.0, -0.1, 1.5, float("nan")])
@@ -383,28 +386,6 @@ def test_host_hint_false_defers_a_due_update_and_has_no_cond():
     jaxpr = jax.make_jaxpr(lambda p, s: step.__wrapped__(p, s, x, y, False))(p, s)
     assert "cond" not in str(jaxpr)
     assert "cond" in str(jax.make_jaxpr(lambda p, s: step.__wrapped__(p, s, x, y))(p, s))
-
-
-def test_host_hint_through_nnx_optimizer():
-    model = NnxMLP(12, (16, 10), rngs=nnx.Rngs(0))
-    tx = st.set_training(optax.adam(1e-2), sparsity=0.7, update_period=2, end_step=20,
-                         filter=jp.filters.select(names=("kernel",)))
-    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    x, y = _data()
-
-    @nnx.jit(static_argnames="hint")
-    def train_step(model, opt, x, y, hint):
-        grads = nnx.grad(lambda m: optax.softmax_cross_entropy_with_integer_labels(
-            m(x), y).mean())(model)
-        opt.update(model, grads, mask_update=hint)
-
-    masks0 = jp.get_masks(nnx.as_pure(opt.opt_state))
-    for i in range(3):
-        train_step(model, opt, x, y, hint=i % 2 == 0)
-    masks = jp.get_masks(nnx.as_pure(opt.opt_state))
-    assert _counts(masks) == _counts(masks0) and not jax.tree.all(
-        jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), masks, masks0))
-    assert _off_mask_zero(nnx.as_pure(nnx.state(model, nnx.Param)), masks)
 
 
 @pytest.mark.parametrize("hint", [1, 0, "yes", jnp.array(True)])

@@ -179,11 +179,15 @@ def dot_operand(eqn: Any, a: jax.Array, opi: int, *, weight: bool) -> jax.Array:
     return t.reshape(*lead, k, -1) if weight else t.reshape(*lead, -1, k)
 
 
-def conv_rows(eqn: Any, x: jax.Array, w_shape: tuple[int, ...], path: str
-              ) -> tuple[jax.Array, tuple[int, ...]]:
+def conv_rows(eqn: Any, x: jax.Array, w_shape: tuple[int, ...], path: str, *,
+              grouped: bool = False) -> tuple[jax.Array, tuple[int, ...]]:
     """``(rows, free)``: the input ``x`` of a ``conv_general_dilated`` with kernel ``path`` (shape
     ``w_shape``) as ``(positions, fan_in)`` patch rows in ``(*window, in)`` order (an identity-kernel
     conv, in float32), and the output shape without its feature axis, feature axis moved last.
+
+    A grouped conv (``feature_group_count = G > 1``: depthwise, ResNeXt) is refused unless
+    ``grouped``; then ``rows`` is ``(G, positions, fan_in)``: group ``g``'s patches, the inputs of
+    output features ``g·out/G … (g+1)·out/G − 1``.
 
     >>> import jax, jax.numpy as jnp
     >>> conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "VALID",
@@ -194,23 +198,27 @@ def conv_rows(eqn: Any, x: jax.Array, w_shape: tuple[int, ...], path: str
     ((4, 18), (1, 2, 2))
     """
     p = eqn.params
-    if p.get("feature_group_count", 1) != 1 or p.get("batch_group_count", 1) != 1:
-        raise ValueError(f"jaxprune: grouped conv '{path}' is not supported by op-level calibration "
-                         "and export")
+    groups = p.get("feature_group_count", 1)
+    if p.get("batch_group_count", 1) != 1 or (groups != 1 and not grouped):
+        what = "batch-grouped" if p.get("batch_group_count", 1) != 1 else "grouped"
+        raise ValueError(f"jaxprune: {what} conv '{path}' is not supported by op-level "
+                         f"{'calibration' if grouped else 'export'}")
     dn = p["dimension_numbers"]
     out_d, in_d, *sp = dn.rhs_spec
     window = tuple(w_shape[d] for d in sp)
-    cin = w_shape[in_d]
+    cin = w_shape[in_d]  # per group
     k = cin * math.prod(window)
-    # identity kernel: output feature f = flat(*window, in) index
+    # identity kernel: output feature g*k + f = group g's flat(*window, in) index f
     eye = jnp.eye(k, dtype=jnp.float32).reshape(k, *window, cin)
-    canon = jnp.moveaxis(eye, -1, 1)  # (out=k, in, *window)
+    canon = jnp.tile(jnp.moveaxis(eye, -1, 1), (groups,) + (1,) * (len(window) + 1))
     kern = jnp.moveaxis(canon, tuple(range(canon.ndim)), (out_d, in_d, *sp))
     y = jax.lax.conv_general_dilated(
         x.astype(jnp.float32), kern, window_strides=p["window_strides"], padding=p["padding"],
         lhs_dilation=p["lhs_dilation"], rhs_dilation=p["rhs_dilation"], dimension_numbers=dn,
-        precision=jax.lax.Precision.HIGHEST,
+        feature_group_count=groups, precision=jax.lax.Precision.HIGHEST,
     )
     f = dn.out_spec[1]
     y = jnp.moveaxis(y, f, -1)
-    return y.reshape(-1, k), tuple(y.shape[:-1])
+    if groups == 1:
+        return y.reshape(-1, k), tuple(y.shape[:-1])
+    return jnp.moveaxis(y.reshape(-1, groups, k), 1, 0), tuple(y.shape[:-1])

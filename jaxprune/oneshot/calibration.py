@@ -45,6 +45,10 @@ class LayerStats(NamedTuple):
     """Streamed input statistics of one layer (float32, fan-in view ``(tokens, fan_in)``).
 
     ``gram`` is ``None`` when calibration ran with ``gram=False`` (Wanda/OWL need only norms).
+    A grouped conv (``feature_group_count = G > 1``, e.g. depthwise) has ``groups = G`` and one
+    set of statistics per group on a leading axis (``gram`` ``(G, fan_in, fan_in)``, ``sum``
+    ``(G, fan_in)``): group ``g`` feeds the ``g``-th block of ``out / G`` output columns of the
+    matrix view, and :meth:`group` gives its statistics as a layer of their own.
     """
 
     gram: np.ndarray | None
@@ -53,21 +57,39 @@ class LayerStats(NamedTuple):
     count: int
     fan_in: int
     view: Any = None  # the weight's LeafOp (matrix view) when calibration traced it
+    groups: int = 1
+
+    def group(self, g: int) -> LayerStats:
+        """Group ``g``'s statistics (the layer itself when ``groups == 1``), without a view.
+
+        >>> st = LayerStats.from_inputs(np.ones((2, 4, 3)))
+        >>> st.groups, st.group(1).sum.tolist(), st.group(1).groups
+        (2, [4.0, 4.0, 4.0], 1)
+        """
+        if self.groups == 1:
+            return self
+        if not 0 <= g < self.groups:
+            raise IndexError(f"jaxprune: group {g} of stats with {self.groups} groups")
+        return LayerStats(None if self.gram is None else self.gram[g], self.sum[g],
+                          self.sumsq[g], self.count, self.fan_in)
 
     @classmethod
     def from_inputs(cls, x: Any, *, gram: bool = True) -> LayerStats:
         """The statistics calibration records for one layer whose inputs are the rows of ``x``
-        ``(tokens, fan_in)`` (float32), e.g. to prune a layer from activations you already have.
+        ``(tokens, fan_in)`` (float32), e.g. to prune a layer from activations you already have;
+        ``(groups, tokens, fan_in)`` for a grouped conv.
 
         >>> st = LayerStats.from_inputs(np.ones((4, 3)))
         >>> st.count, st.fan_in, st.hessian[0, 0]
         (4, 3, np.float32(1.0))
         """
         x = np.asarray(x, np.float32)
-        if x.ndim != 2:
-            raise ValueError(f"jaxprune: LayerStats.from_inputs needs (tokens, fan_in) rows, got "
-                             f"shape {x.shape}")
-        return cls(x.T @ x if gram else None, x.sum(0), (x * x).sum(0), x.shape[0], x.shape[1])
+        if x.ndim not in (2, 3):
+            raise ValueError(f"jaxprune: LayerStats.from_inputs needs (tokens, fan_in) rows (or "
+                             f"(groups, tokens, fan_in)), got shape {x.shape}")
+        g = np.swapaxes(x, -1, -2) @ x if gram else None
+        return cls(g, x.sum(-2), (x * x).sum(-2), x.shape[-2], x.shape[-1],
+                   groups=x.shape[0] if x.ndim == 3 else 1)
 
     @property
     def norms(self) -> np.ndarray:
@@ -101,9 +123,12 @@ def merge_stats(a: LayerStats | None, b: LayerStats) -> LayerStats:
     """
     if a is None:
         return b
+    if (a.fan_in, a.groups) != (b.fan_in, b.groups):
+        raise ValueError(f"jaxprune: cannot merge stats of fan-in {a.fan_in} x {a.groups} groups "
+                         f"with fan-in {b.fan_in} x {b.groups} groups")
     gram = None if a.gram is None or b.gram is None else a.gram + b.gram
     return LayerStats(gram, a.sum + b.sum, a.sumsq + b.sumsq, a.count + b.count, a.fan_in,
-                      a.view if a.view is not None else b.view)
+                      a.view if a.view is not None else b.view, a.groups)
 
 
 def as_matrix(weight: Any, stats: LayerStats | int, name: str = "<layer>") -> jax.Array:

@@ -146,8 +146,13 @@ class LayerMethod:
         if sparsity is None:
             sparsity = self.default_sparsity(pat_lib.parse(pattern))
         w2, s, pat, back = self.matrix_target(weight, stats, sparsity, pattern, name)
-        q2, m2 = self.prune_matrix(w2, stats, s, pat, name=name)
-        return back(q2), back(jnp.asarray(m2))
+        q2, m2 = _by_group(lambda w, st, nm: self.prune_matrix(w, st, s, pat, name=nm),
+                           w2, stats, name)
+        m2 = jnp.asarray(m2)
+        # pruned entries exactly zero, whatever the method (float residue of an update, a
+        # user-registered method that forgot): a "sparse" result is never silently dense
+        q2 = jnp.where(m2, q2, jnp.zeros((), jnp.asarray(q2).dtype))
+        return back(q2), back(m2)
 
     def default_sparsity(self, pattern: pat_lib.Pattern) -> float | None:
         """The sparsity used when none is given (by a call or by the drivers): ``None``, i.e. an
@@ -255,7 +260,8 @@ class LayerMethod:
         if sparsity is None:
             sparsity = self.default_sparsity(pat_lib.parse(pattern))
         w2, s, pat, back = self.matrix_target(weight, stats, sparsity, pattern, name)
-        return (*self.compress_matrix(w2, stats, s, pat, name=name), back)
+        return (*_by_group(lambda w, st, nm: self.compress_matrix(w, st, s, pat, name=nm),
+                           w2, stats, name), back)
 
     def compress_matrix(
         self, w: jax.Array, stats: LayerStats | None, sparsity: Any, pattern: pat_lib.Pattern,
@@ -267,6 +273,23 @@ class LayerMethod:
             f"jaxprune: {self.label} on '{name}' does not quantize: integer codes come from GPTQ, "
             "SparseGPT(quant=...), OBR or RoundToNearest"
         )
+
+
+def _by_group(run: Any, w2: jax.Array, stats: LayerStats | None, name: str) -> tuple[Any, Any]:
+    """``run(w, stats, name) -> (result, mask)`` on the matrix view ``w2``; for the stats of a
+    grouped conv, on each group's block of output columns with that group's statistics (each
+    group is a layer of its own: its own inputs), the results joined along the columns."""
+    groups = 1 if stats is None else stats.groups
+    if groups == 1:
+        return run(w2, stats, name)
+    n = w2.shape[1]
+    if n % groups:
+        raise ValueError(f"jaxprune: '{name}' has {n} output columns, not a multiple of its "
+                         f"{groups} conv groups")
+    c = n // groups
+    parts = [run(w2[:, g * c:(g + 1) * c], stats.group(g), f"{name}[group {g}]")
+             for g in range(groups)]
+    return jax.tree.map(lambda *a: jnp.concatenate(a, axis=-1), *parts)
 
 
 _REGISTRY: dict[str, LayerMethod] = {}

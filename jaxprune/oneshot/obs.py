@@ -72,7 +72,8 @@ def _greedy(w: jax.Array, hinv: jax.Array, counts: jax.Array, steps: int,
 
         init = (wc, hinv, jnp.zeros(fin, bool), jnp.zeros(max(steps, 1), jnp.float32))
         wc, _, pruned, losses = jax.lax.fori_loop(0, steps, step, init)
-        return wc, ~pruned, losses
+        # exactly zero where pruned: later updates leave ~1e-8 float residue on earlier removals
+        return jnp.where(pruned, 0.0, wc), ~pruned, losses
 
     return jax.vmap(one, in_axes=(1, 0), out_axes=(1, 1, 1))(w, counts)
 

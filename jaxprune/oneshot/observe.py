@@ -109,7 +109,7 @@ def model_fn(model: Any, params: PyTree | None = None, *, method: Any = None,
 
 
 _rows_dot = ev.dot_rows  # the data operand as fan-in rows (shared with export)
-_rows_conv = ev.conv_rows
+_rows_conv = functools.partial(ev.conv_rows, grouped=True)  # (G, positions, fan_in) if grouped
 
 
 def _weights(mask: jax.Array | None, free: tuple[int, ...], path: str) -> jax.Array | None:
@@ -126,12 +126,14 @@ def _weights(mask: jax.Array | None, free: tuple[int, ...], path: str) -> jax.Ar
 
 
 def _partial(rows: jax.Array, w: jax.Array | None, gram: bool) -> dict[str, jax.Array]:
+    """Sums of ``(tokens, fan_in)`` rows, or per group of ``(groups, tokens, fan_in)`` rows."""
     r = rows.astype(jnp.float32)
     rw = r if w is None else r * w[:, None]
-    out = {"sum": rw.sum(0), "sumsq": (rw * r).sum(0),
-           "count": jnp.asarray(r.shape[0], jnp.float32) if w is None else w.sum()}
+    t = r.ndim - 2  # the token axis
+    out = {"sum": rw.sum(t), "sumsq": (rw * r).sum(t),
+           "count": jnp.asarray(r.shape[t], jnp.float32) if w is None else w.sum()}
     if gram:
-        out["gram"] = jnp.matmul(rw.T, r, precision=_HI)
+        out["gram"] = jnp.matmul(jnp.swapaxes(rw, -1, -2), r, precision=_HI)
     return out
 
 
@@ -231,7 +233,8 @@ def observe(
             acc[k] = {n: acc[k][n] + x for n, x in v.items()} if k in acc else v
     acc = {k: LayerStats(None if "gram" not in v else np.asarray(v["gram"], np.float32),
                          np.asarray(v["sum"], np.float32), np.asarray(v["sumsq"], np.float32),
-                         int(round(float(v["count"]))), int(v["sum"].shape[0]))
+                         int(round(float(v["count"]))), int(v["sum"].shape[-1]),
+                         groups=int(v["sum"].shape[0]) if v["sum"].ndim == 2 else 1)
            for k, v in acc.items()}
     if not acc:
         raise ValueError(
@@ -274,7 +277,8 @@ def _cached_map(fn: Any, treedef: Any, avals: tuple, a_def: Any, a_avals: tuple)
 
 
 def rows_of(fn: Callable[..., Any], params: PyTree, batch: Any) -> dict[str, jax.Array]:
-    """The raw ``(tokens, fan_in)`` input rows of every matmul/conv weight for one batch.
+    """The raw ``(tokens, fan_in)`` input rows of every matmul/conv weight for one batch
+    (``(groups, tokens, fan_in)`` for a grouped conv).
 
     >>> rows_of(lambda p, x: x @ p["w"], {"w": jnp.ones((3, 2))}, jnp.ones((4, 3)))["w"].shape
     (4, 3)
@@ -290,7 +294,7 @@ def rows_of(fn: Callable[..., Any], params: PyTree, batch: Any) -> dict[str, jax
                 r, _ = _rows_dot(eqn, ins[1 - opi], opi, path)
             else:
                 r, _ = _rows_conv(eqn, ins[0], tuple(ins[1].shape), path)
-            found[path] = jnp.concatenate([found[path], r]) if path in found else r
+            found[path] = jnp.concatenate([found[path], r], axis=r.ndim - 2) if path in found else r
         return None
 
     ev.evaluate(closed.jaxpr, closed.consts, [*leaves, *jax.tree_util.tree_leaves(args)],

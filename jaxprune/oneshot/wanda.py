@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jaxprune.core import criteria, pipeline
 from jaxprune.core import patterns as pat_lib
 from jaxprune.oneshot.calibration import LayerStats, as_matrix
-from jaxprune.oneshot.methods import LayerMethod, register_method
+from jaxprune.oneshot.methods import LayerMethod, _by_group, register_method
 
 __all__ = ["PerOutput", "Wanda", "Magnitude", "wanda_scores"]
 
@@ -60,8 +60,12 @@ def wanda_scores(weight: Any, stats: LayerStats, name: str = "<layer>") -> jax.A
     [[1.0], [2.0]]
     """
     w2 = as_matrix(weight, stats, name).astype(jnp.float32)
-    params, masks = _masks_for(name, w2)
-    return criteria.wanda(params, masks, act_norms={name: jnp.asarray(stats.norms)})[name]
+
+    def run(w: jax.Array, st: LayerStats, nm: str) -> tuple[jax.Array, None]:
+        params, masks = _masks_for(nm, w)
+        return criteria.wanda(params, masks, act_norms={nm: jnp.asarray(st.norms)})[nm], None
+
+    return _by_group(run, w2, stats, name)[0]  # a grouped conv: each group's own norms
 
 
 @dataclasses.dataclass(frozen=True)
