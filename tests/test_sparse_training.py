@@ -416,3 +416,29 @@ def test_train_classifier_mask_update_every_matches_default():
     with pytest.raises(ValueError, match="mask_update_every must be a positive int"):
         train_classifier(MLP(features=(16, 10)), optax.sgd(0.1), x, y, steps=1,
                          mask_update_every=0, progress=False)
+
+
+def test_drop_grow_density_exact_with_nonfinite_values():
+    """NaN weights or -inf grow scores tie with the excluded entries no longer: density is kept
+    (it used to shrink at every update once params were NaN)."""
+    m = {"a": jnp.arange(64).reshape(8, 8) % 3 == 0, "b": jnp.arange(40).reshape(5, 8) % 2 == 0}
+    p = {"a": jnp.where(jnp.arange(64).reshape(8, 8) % 5 == 0, jnp.nan, 1.0),
+         "b": jnp.full((5, 8), jnp.nan)}
+    g = {"a": jnp.full((8, 8), -jnp.inf), "b": jnp.where(jnp.arange(40).reshape(5, 8) < 7, jnp.nan,
+                                                          -jnp.inf)}
+    for frac in (0.3, 0.9):
+        new, grown = jax.jit(st.drop_grow)(m, p, g, frac)
+        assert _counts(new) == _counts(m)
+        assert not any(bool(jnp.any(gr & mm)) for gr, mm in zip(
+            jax.tree.leaves(grown), jax.tree.leaves(m), strict=True))
+
+
+def test_keep_pruned_below_minus_inf_scores():
+    """Under jit (where non-finite scores cannot be refused) entries kept pruned rank below live
+    entries scored -inf or NaN."""
+    kp = jnp.array([False, True, True, True, False, False])
+    s = jnp.array([9., -jnp.inf, -jnp.inf, jnp.nan, 7., 8.])
+    got = jax.jit(lambda s, kp: jp.pipeline.leaf_masks([s], [3], keep_pruned=[kp])[0])(s, kp)
+    assert got.tolist() == [False, True, True, True, False, False]
+    new = jax.jit(lambda m, s: jp.compute_masks(m, s, 0.5, keep_pruned=True))({"w": kp}, {"w": s})
+    assert new["w"].tolist() == [False, True, True, True, False, False]  # keep 3 of 6

@@ -258,16 +258,25 @@ def _compute_masks_impl(masks: PyTree, scores: PyTree, sparsity: Any,
         views = [(lo, s if lo is None else lo.to_view(s)) for lo, s in views]
         keeps = [pat_lib.Unstructured().n_keep(a, v.size) for (_, v), (*_, a) in
                  zip(views, batch, strict=True)]
-        new = _topk_leaves([v for _, v in views], keeps)
+        excl = None
+        if keep_pruned:  # already-pruned entries below every live one, -inf/NaN scores included
+            excl = [~(m if lo is None else lo.to_view(m)) for (lo, _), (i, *_) in
+                    zip(views, batch, strict=True) for m in [jnp.asarray(out[i], bool)]]
+        new = _topk_leaves([v for _, v in views], keeps, excl)
         for (i, *_), (lo, v), n in zip(batch, views, new, strict=True):
             n = n.reshape(v.shape) if lo is None else lo.from_view(n.reshape(v.shape))
             out[i] = n & out[i] if keep_pruned else n
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _topk_leaves(scores: list[jax.Array], n_keep: list[Any]) -> list[jax.Array]:
-    """Flat exact-count masks of several leaves in one selection; NaN scores rank lowest."""
-    return topk_lib.topk_masks([_nan_lowest(s.reshape(-1)) for s in scores], n_keep)
+def _topk_leaves(scores: list[jax.Array], n_keep: list[Any],
+                 exclude: list[Any] | None = None) -> list[jax.Array]:
+    """Flat exact-count masks of several leaves in one selection; NaN scores rank lowest among
+    the candidates, ``exclude``d entries (kept-pruned) below every candidate, ``-inf`` included."""
+    return topk_lib.topk_masks(
+        [_nan_lowest(s.reshape(-1)) for s in scores], n_keep,
+        exclude=None if exclude is None else [None if e is None else jnp.asarray(e).reshape(-1)
+                                              for e in exclude])
 
 
 def leaf_masks(
@@ -301,10 +310,9 @@ def leaf_masks(
         _check_leaf(path, s, kp)
         if _concrete(k) and not 0 <= int(k) <= s.size:
             raise ValueError(f"jaxprune: leaf '{path}': n_keep={int(k)} is outside [0, {s.size}]")
-        if kp is not None:
-            s = jnp.where(kp, s.astype(jnp.float32), -jnp.inf)
         ranked.append(s)
-    new = _topk_leaves(ranked, n_keep)
+    new = _topk_leaves(ranked, n_keep,
+                       [None if kp is None else ~jnp.asarray(kp, bool) for kp in keep_pruned])
     return [n.reshape(s.shape) if kp is None else n.reshape(s.shape) & jnp.asarray(kp, bool)
             for n, s, kp in zip(new, scores, keep_pruned, strict=True)]
 

@@ -80,8 +80,12 @@ def topk_mask(scores: jax.Array, k_keep: Any) -> jax.Array:
     return topk_masks([scores], [k_keep])[0]
 
 
-def topk_masks(scores: Any, k_keep: Any) -> list[jax.Array]:
+def topk_masks(scores: Any, k_keep: Any, *, exclude: Any = None) -> list[jax.Array]:
     """Per 1-D array ``scores[i]``, the mask keeping exactly ``k_keep[i]`` highest entries.
+
+    ``exclude`` (a list of bool arrays or ``None`` entries): where ``True`` an entry ranks below
+    every other entry, ``-inf`` included (its key is the lowest there is), so it is kept only when
+    ``k`` exceeds the number of the others.
 
     The arrays are selected together (in groups of up to 2^24 entries and 64 arrays, which bound
     the extra memory), so the compiled program — and what XLA:CPU pays for it on every run, even
@@ -110,10 +114,17 @@ def topk_masks(scores: Any, k_keep: Any) -> list[jax.Array]:
                              f"shape {tuple(s.shape)}")
     if not scores:
         return []
+    exclude = [None] * len(scores) if exclude is None else list(exclude)
+    if len(exclude) != len(scores):
+        raise ValueError(f"jaxprune: topk_masks got {len(scores)} score arrays and "
+                         f"{len(exclude)} exclude masks")
+    keys = [sortable_key(s) if ex is None else
+            jnp.where(jnp.asarray(ex, bool).reshape(s.shape), jnp.uint32(0), sortable_key(s))
+            for s, ex in zip(scores, exclude, strict=True)]
     out: list[jax.Array] = []
     for g in _groups([int(sc.size) for sc in scores]):
         ks = jnp.stack([jnp.asarray(k_keep[i], jnp.int32).reshape(()) for i in g])
-        out.extend(_topk_rows(tuple(scores[i] for i in g), ks))
+        out.extend(_topk_rows(tuple(keys[i] for i in g), ks))
     return out
 
 
@@ -171,11 +182,11 @@ def count_true(masks: Any) -> jax.Array:
 
 
 @jax.jit
-def _topk_rows(scores: tuple[jax.Array, ...], ks: jax.Array) -> tuple[jax.Array, ...]:
-    sizes = [int(s.size) for s in scores]
+def _topk_rows(keys: tuple[jax.Array, ...], ks: jax.Array) -> tuple[jax.Array, ...]:
+    sizes = [int(s.size) for s in keys]
     width, n_rows, row_leaf, row_to_leaf = _layout(sizes)
     n_leaves = len(sizes)
-    key = _stack_rows([sortable_key(s) for s in scores], width, n_rows, 0)
+    key = _stack_rows(list(keys), width, n_rows, 0)
     valid = _stack_rows([jnp.ones(n, bool) for n in sizes], width, n_rows, False)
     k = jnp.clip(ks, 0, jnp.asarray(sizes, jnp.int32))
     kk = jnp.maximum(k, 1)
