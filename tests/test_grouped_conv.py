@@ -95,3 +95,21 @@ def test_grouped_conv_owl_and_refusals(net):
         oneshot.prune_layers(p, st, "sparsegpt", 0.5)
     with pytest.raises(ValueError, match="not divisible by m=4"):  # 3x3 depthwise: fan-in 9
         oneshot.prune_layers(p, st, "wanda", pattern="2:4")
+
+
+def test_pack_params_refuses_grouped_conv_at_pack_time(net):
+    """Packed kernels run ungrouped convs only: refused when packing (it used to pack, then fail
+    inside apply_packed), and the rest of the model packs with the grouped conv left dense."""
+    import jaxprune as jp
+    from jaxprune import kernels
+
+    m, p, xs = net
+    fn = lambda q, x: m.apply({"params": q}, x)  # noqa: E731
+    om = jp.operator_map(fn, p, xs[0])
+    q, masks = jp.prune(p, 0.5, opmap=om)
+    with pytest.raises(ValueError, match="'dw/kernel' is a grouped conv"):
+        kernels.pack_params(q, masks, om, pattern="unstructured")
+    q, masks = jp.prune(p, 0.5, opmap=om, filter=jp.filters.PathRegex("(stem|head)/kernel"))
+    packed = kernels.pack_params(q, masks, om, pattern="unstructured")
+    np.testing.assert_allclose(kernels.apply_packed(fn, packed, xs[0]), fn(q, xs[0]),
+                               rtol=1e-5, atol=1e-5)

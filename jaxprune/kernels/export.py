@@ -194,6 +194,13 @@ def pack_params(params: PyTree, masks: PyTree, opmap: om_lib.OperatorMap, *,
                 f"matrix view in the operator map (role '{lo.role}', shape {lo.shape}); only matmul "
                 "and conv weights can be packed, leave it out of the masks"
             )
+        grouped = sorted({u.groups for u in lo.uses if u.groups != 1})
+        if grouped:
+            raise ValueError(
+                f"jaxprune.kernels.pack_params: leaf '{path}' is a grouped conv "
+                f"(feature_group_count {grouped[0]}); packed kernels run ungrouped convs and "
+                "matmuls only, leave it out of the masks (it stays dense)"
+            )
         try:
             view = np.asarray(lo.to_view(F._concrete(w, "weight")))
             mview = np.asarray(lo.to_view(F._concrete(m, "mask")))
