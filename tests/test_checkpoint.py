@@ -599,3 +599,23 @@ def test_compact_nm_quant_packed_saved_as_is(tmp_path, bits, sym):
     bad = {"q": {"kernel": jnp.asarray(~mask), "bias": None}, "d": masks}
     with pytest.raises(ValueError, match="q/kernel"):
         sc.save_sparse(tmp_path / "bad", tree, bad, pattern="2:4")
+
+
+def test_compact_checkpoint_zero_size_and_odd_leaves(tmp_path):
+    """Zero-size leaves (orbax cannot store them) round-trip by shape and dtype, masked or not,
+    next to bf16/fp16 kernels, a scalar, an int leaf, lists and tuples."""
+    k = jax.random.split(jax.random.key(0), 3)
+    params = {"conv": {"kernel": jax.random.normal(k[0], (3, 3, 4, 8), jnp.bfloat16)},
+              "dense": {"kernel": jax.random.normal(k[1], (16, 8), jnp.float16)},
+              "lst": [jax.random.normal(k[2], (8, 4)), jnp.arange(3)], "scalar": jnp.float32(3.0),
+              "empty": jnp.zeros((0, 4), jnp.bfloat16), "tup": (jnp.zeros((2, 0)),)}
+    weights = lambda p, x: x.ndim >= 2 and x.size > 0 and x.dtype != jnp.int32  # noqa: E731
+    for i, pat in enumerate(["unstructured", "2:4"]):
+        pruned, masks = jp.prune(params, 0.5, pattern=pat, filter=weights)
+        masks["tup"] = (jnp.zeros((2, 0), bool),)  # a mask on an empty leaf is kept too
+        sc.save_sparse(tmp_path / f"c{i}", pruned, masks, pattern=pat)
+        p2, m2 = sc.load_sparse(tmp_path / f"c{i}", template=params)
+        for (path, a), (_, b) in zip(leaves_with_paths(pruned), leaves_with_paths(p2), strict=True):
+            assert a.shape == b.shape and a.dtype == b.dtype and bool(jnp.array_equal(a, b)), path
+        for (path, a), (_, b) in zip(leaves_with_paths(masks), leaves_with_paths(m2), strict=True):
+            assert (a is None) == (b is None) and (a is None or bool(jnp.array_equal(a, b))), path

@@ -133,10 +133,12 @@ def _entry(path: str, key: str, w: np.ndarray, m: np.ndarray | None, pat: pat_li
                              "pass None for a packed leaf")
         rec, arrays = _record(w)
         return info | rec, arrays
+    if m is not None and m.shape != w.shape:
+        raise ValueError(f"mask shape {m.shape} does not match the param's {w.shape}")
+    if w.size == 0:  # orbax cannot store a zero-size array: its shape and dtype are the leaf
+        return info | {"format": "empty", "masked": m is not None}, {}
     if m is None:
         return info | {"format": "dense"}, {"value": w}
-    if m.shape != w.shape:
-        raise ValueError(f"mask shape {m.shape} does not match the param's {w.shape}")
     off = int(np.count_nonzero(w[~m]))
     if off and drop is not None:
         drop[path] = off
@@ -157,6 +159,8 @@ def _packed_leaf(info: dict[str, Any], arrays: dict[str, Any]) -> Any:
     fmt = info["format"]
     if fmt == "dense":
         return jnp.asarray(arrays["value"], jnp.dtype(info["dtype"]))
+    if fmt == "empty":
+        return jnp.zeros(tuple(info["shape"]), jnp.dtype(info["dtype"]))
     if fmt not in _CLASSES:
         raise ValueError(f"jaxprune: unknown packed format '{fmt}' at '{info['path']}'")
     static = {k: tuple(v) if isinstance(v, list) else v for k, v in info["static"].items()}
@@ -206,11 +210,13 @@ def save_sparse(directory: str | os.PathLike, params: PyTree, masks: PyTree, *,
             continue
         key = f"leaf_{i}"
         try:
-            info, arrays[key] = _entry(path, key, p if isinstance(p, _PACKED) else np.asarray(p),
-                                       None if m is None else np.asarray(m).astype(bool),
-                                       pat_lib.for_path(pattern, path), dropped)
+            info, a = _entry(path, key, p if isinstance(p, _PACKED) else np.asarray(p),
+                             None if m is None else np.asarray(m).astype(bool),
+                             pat_lib.for_path(pattern, path), dropped)
         except (ValueError, TypeError) as e:
             raise type(e)(f"jaxprune.io.compact.save_sparse: leaf '{path}': {e}") from e
+        if a:  # a zero-size leaf has no arrays
+            arrays[key] = a
         leaves.append(info)
     meta = {"format_version": FORMAT_VERSION, "leaves": leaves}
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
@@ -254,7 +260,7 @@ def _read(directory: str | os.PathLike, template: PyTree | None
             check_structure(template, spec, what="sparse checkpoint")
         arrays = ckptr.restore(directory, args=ocp.args.Composite(
             arrays=ocp.args.StandardRestore()))["arrays"]
-    return infos, {p: _packed_leaf(i, arrays[i["key"]]) for p, i in infos.items()}
+    return infos, {p: _packed_leaf(i, arrays.get(i["key"], {})) for p, i in infos.items()}
 
 
 def _assemble(by_path: dict[str, Any], template: PyTree | None) -> PyTree:
@@ -306,5 +312,6 @@ def load_sparse(directory: str | os.PathLike, template: PyTree | None = None
             params[path] = _packed_dense(x).astype(jnp.dtype(infos[path]["dtype"]))
             masks[path] = _packed_mask(x)
         else:
-            params[path], masks[path] = x, None
+            masked = infos[path].get("masked", False)  # a zero-size leaf that had a mask
+            params[path], masks[path] = x, jnp.zeros(x.shape, bool) if masked else None
     return _assemble(params, template), _assemble(masks, template)
