@@ -619,3 +619,19 @@ def test_compact_checkpoint_zero_size_and_odd_leaves(tmp_path):
             assert a.shape == b.shape and a.dtype == b.dtype and bool(jnp.array_equal(a, b)), path
         for (path, a), (_, b) in zip(leaves_with_paths(masks), leaves_with_paths(m2), strict=True):
             assert (a is None) == (b is None) and (a is None or bool(jnp.array_equal(a, b))), path
+
+
+def test_dense_checkpoint_zero_size_leaves(tmp_path):
+    """orbax cannot store a zero-size array: such leaves (and their adam moments) are saved as
+    nothing and restored from the template, with and without shardings."""
+    params = {"w": jnp.arange(16.).reshape(4, 4), "empty": jnp.zeros((0, 4), jnp.bfloat16)}
+    state = ck.TrainState.create(params, optax.adam(1e-3).init(params))
+    with ck.CheckpointManager(tmp_path, async_save=False) as mgr:
+        assert mgr.save(3, state)
+        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        for kw in ({}, {"shardings": jax.tree.map(lambda _: dev, state)}):
+            got, _ = mgr.restore(state, **kw)
+            for (path, a), (_, b) in zip(leaves_with_paths(state), leaves_with_paths(got),
+                                         strict=True):
+                assert a.shape == b.shape and a.dtype == b.dtype, path
+            np.testing.assert_array_equal(got.params["w"], params["w"])

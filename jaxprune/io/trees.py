@@ -17,6 +17,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -50,8 +51,19 @@ def _pure(tree: PyTree) -> PyTree:
     return jax.tree.map(f, tree, is_leaf=lambda x: x is None or _is_nnx_state(x))
 
 
-def _to_savable(tree: PyTree) -> PyTree:
-    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, _pure(tree))
+def _empty(x: Any) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype") and 0 in tuple(x.shape)
+
+
+def _to_savable(tree: PyTree, drop_empty: bool = True) -> PyTree:
+    """Typed keys as raw key data; zero-size arrays (orbax cannot store them) as ``None``, put
+    back from the template's shape and dtype on restore (:func:`_rewrap_keys`)."""
+    def f(x: Any) -> Any:
+        if drop_empty and _empty(x):
+            return None
+        return jax.random.key_data(x) if _is_key(x) else x
+
+    return jax.tree.map(f, _pure(tree))
 
 
 def _flat_spec(tree: PyTree) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -66,7 +78,8 @@ def check_structure(template: PyTree, saved: PyTree, what: str = "checkpoint") -
     orbax metadata) differs from ``template`` in presence, shape or dtype.
 
     NamedTuples, dicts and lists compare by their paths, so a NamedTuple state matches the dict
-    orbax reads back. ``None`` leaves (unpruned mask entries) are ignored on both sides.
+    orbax reads back. ``None`` leaves (unpruned mask entries) are ignored on both sides, and so
+    is a zero-size template leaf that ``saved`` lacks (a dense checkpoint does not store them).
 
     >>> check_structure({"a": np.ones(2)}, {"b": np.ones(2)})
     Traceback (most recent call last):
@@ -74,9 +87,11 @@ def check_structure(template: PyTree, saved: PyTree, what: str = "checkpoint") -
     jaxprune.io.trees.CheckpointMismatchError: jaxprune: checkpoint does not match the model: \
 'a' is in the model but not in the checkpoint (checkpoint has e.g. 'b')
     """
-    t = _flat_spec(_to_savable(template))
+    t = _flat_spec(_to_savable(template, drop_empty=False))
     s = _flat_spec(saved)
     for path, (shape, dtype) in t.items():
+        if path not in s and 0 in shape:
+            continue
         if path not in s:
             near = [k for k in s if k not in t][:1]
             hint = f" ({what} has e.g. '{near[0]}')" if near else ""
@@ -115,13 +130,14 @@ def abstract_state(template: PyTree, shardings: PyTree | None = None) -> PyTree:
     if shardings is None:
         return jax.tree.map(ocp.utils.to_shape_dtype_struct, sav)
     shard_flat = jax.tree_util.tree_flatten(shardings, is_leaf=lambda x: x is None)[0]
-    flat, treedef = jax.tree_util.tree_flatten(sav)
+    treedef = jax.tree_util.tree_structure(_pure(template))
+    flat = treedef.flatten_up_to(sav)  # None where a zero-size leaf is not saved
     shard_flat = [s for s in shard_flat if s is not None]
     if len(shard_flat) != len(flat):
         raise ValueError(
             f"jaxprune: shardings has {len(shard_flat)} leaves but the state has {len(flat)}"
         )
-    out = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    out = [None if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
            for x, s in zip(flat, shard_flat, strict=True)]
     return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -138,6 +154,8 @@ def _rewrap_keys(template: PyTree, restored: PyTree) -> PyTree:
             return out
         if _is_key(t):
             return jax.random.wrap_key_data(r, impl=jax.random.key_impl(t))
+        if _empty(t) and r is None:  # saved as None: nothing to read, the template's shape
+            return jnp.zeros(t.shape, t.dtype)
         return r
 
     return jax.tree.map(f, template, restored, is_leaf=_is_nnx_state)
