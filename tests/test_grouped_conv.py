@@ -75,6 +75,9 @@ def test_each_group_pruned_as_its_own_layer(net, method):
         rq, rm = meth(w2[:, 4 * g:4 * g + 4], s.group(g), 0.5)
         np.testing.assert_array_equal(got_m[:, 4 * g:4 * g + 4], np.asarray(rm))
         np.testing.assert_allclose(got_q[:, 4 * g:4 * g + 4], np.asarray(rq), rtol=1e-5, atol=1e-6)
+    # the depthwise layer's 72 weights (8 groups of 9): exactly 36 pruned, 4 or 5 per group
+    dwm = np.asarray(masks["dw"]["kernel"]).reshape(9, 8)
+    assert (~dwm).sum() == 36 and sorted(set((~dwm).sum(0).tolist())) == [4, 5]
     for path, mk in leaves_with_paths(masks):
         if mk is not None:  # exactly sparse everywhere
             assert not np.asarray(dict(leaves_with_paths(q))[path])[~np.asarray(mk)].any()

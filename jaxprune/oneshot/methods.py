@@ -146,8 +146,8 @@ class LayerMethod:
         if sparsity is None:
             sparsity = self.default_sparsity(pat_lib.parse(pattern))
         w2, s, pat, back = self.matrix_target(weight, stats, sparsity, pattern, name)
-        q2, m2 = _by_group(lambda w, st, nm: self.prune_matrix(w, st, s, pat, name=nm),
-                           w2, stats, name)
+        q2, m2 = _by_group(lambda w, st, nm, sg: self.prune_matrix(w, st, sg, pat, name=nm),
+                           w2, stats, name, s, pat)
         m2 = jnp.asarray(m2)
         # pruned entries exactly zero, whatever the method (float residue of an update, a
         # user-registered method that forgot): a "sparse" result is never silently dense
@@ -260,8 +260,8 @@ class LayerMethod:
         if sparsity is None:
             sparsity = self.default_sparsity(pat_lib.parse(pattern))
         w2, s, pat, back = self.matrix_target(weight, stats, sparsity, pattern, name)
-        return (*_by_group(lambda w, st, nm: self.compress_matrix(w, st, s, pat, name=nm),
-                           w2, stats, name), back)
+        return (*_by_group(lambda w, st, nm, sg: self.compress_matrix(w, st, sg, pat, name=nm),
+                           w2, stats, name, s, pat), back)
 
     def compress_matrix(
         self, w: jax.Array, stats: LayerStats | None, sparsity: Any, pattern: pat_lib.Pattern,
@@ -275,19 +275,37 @@ class LayerMethod:
         )
 
 
-def _by_group(run: Any, w2: jax.Array, stats: LayerStats | None, name: str) -> tuple[Any, Any]:
-    """``run(w, stats, name) -> (result, mask)`` on the matrix view ``w2``; for the stats of a
-    grouped conv, on each group's block of output columns with that group's statistics (each
-    group is a layer of its own: its own inputs), the results joined along the columns."""
+def _by_group(run: Any, w2: jax.Array, stats: LayerStats | None, name: str,
+              sparsity: Any = None, pattern: Any = None) -> tuple[Any, Any]:
+    """``run(w, stats, name, sparsity) -> (result, mask)`` on the matrix view ``w2``; for the
+    stats of a grouped conv, on each group's block of output columns with that group's statistics
+    (each group is a layer of its own: its own inputs), the results joined along the columns.
+
+    An unstructured ``sparsity`` is split into whole per-group counts that add up to the layer's
+    ``round(sparsity · size)`` (a 3×3 depthwise group has 9 weights: 50% per group alone would
+    prune 4 of 9, 44%), the first groups taking the remainder.
+
+    >>> st = LayerStats.from_inputs(np.ones((2, 4, 3)))
+    >>> run = lambda w, s, nm, sp: (w, np.full(w.shape, sp))
+    >>> sp = _by_group(run, jnp.ones((3, 2)), st, "c", 0.5, pat_lib.Unstructured())[1]
+    >>> (np.asarray(sp)[0] * 3).round().tolist()  # 3 of the 6 weights: 2 in group 0, 1 in group 1
+    [2.0, 1.0]
+    """
     groups = 1 if stats is None else stats.groups
     if groups == 1:
-        return run(w2, stats, name)
+        return run(w2, stats, name, sparsity)
     n = w2.shape[1]
     if n % groups:
         raise ValueError(f"jaxprune: '{name}' has {n} output columns, not a multiple of its "
                          f"{groups} conv groups")
     c = n // groups
-    parts = [run(w2[:, g * c:(g + 1) * c], stats.group(g), f"{name}[group {g}]")
+    per = [sparsity] * groups
+    if isinstance(pattern, pat_lib.Unstructured) and sparsity is not None:
+        size = w2.shape[0] * c
+        total = int(np.round(np.float32(sparsity) * np.float32(size * groups)))
+        counts = [total // groups + (g < total % groups) for g in range(groups)]
+        per = [float(np.float32(k) / np.float32(size)) for k in counts]
+    parts = [run(w2[:, g * c:(g + 1) * c], stats.group(g), f"{name}[group {g}]", per[g])
              for g in range(groups)]
     return jax.tree.map(lambda *a: jnp.concatenate(a, axis=-1), *parts)
 

@@ -61,7 +61,7 @@ def wanda_scores(weight: Any, stats: LayerStats, name: str = "<layer>") -> jax.A
     """
     w2 = as_matrix(weight, stats, name).astype(jnp.float32)
 
-    def run(w: jax.Array, st: LayerStats, nm: str) -> tuple[jax.Array, None]:
+    def run(w: jax.Array, st: LayerStats, nm: str, _: Any) -> tuple[jax.Array, None]:
         params, masks = _masks_for(nm, w)
         return criteria.wanda(params, masks, act_norms={nm: jnp.asarray(st.norms)})[nm], None
 
