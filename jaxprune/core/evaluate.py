@@ -6,7 +6,8 @@ runs: op-level calibration (:mod:`jaxprune.oneshot.observe`) reads their data op
 (:mod:`jaxprune.kernels.export`) replaces them with packed sparse kernels. Both run the model
 through :func:`evaluate` — jax's own primitives, equation by equation (inside ``jit`` everything is
 staged into one program), recursing into ``jit``/``custom_jvp``/``custom_vjp``/``remat`` bodies
-that contain a tap. A tap inside ``scan``/``cond``/``while`` is refused with a clear error.
+that contain a tap. A tap inside ``cond``/``while`` is refused with a clear error, and inside
+``scan`` too unless the caller asks for the scan to be unrolled (calibration does).
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -65,10 +66,14 @@ def _bind(eqn: Any, ins: list[Any]) -> list[Any]:
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
-def evaluate(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], taps: dict, hook: Hook
-             ) -> list[Any]:
+def evaluate(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], taps: dict, hook: Hook,
+             *, unroll_scan: bool = False) -> list[Any]:
     """Run ``jaxpr`` on ``args``; at every tapped equation call ``hook`` (its non-``None`` result
-    replaces the equation's outputs). Returns the jaxpr's outputs."""
+    replaces the equation's outputs). Returns the jaxpr's outputs.
+
+    ``unroll_scan``: a ``scan`` whose body holds a tap runs as a Python loop over its iterations
+    (the program grows with the length), and the hook sees, for a weight the scan slices, the
+    iteration index as ``(i,)`` in place of the tap's ``scanned`` flag (``(i, j)`` nested)."""
     env: dict[Any, Any] = {}
 
     def read(v: Any) -> Any:
@@ -86,7 +91,10 @@ def evaluate(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], taps: dict,
         if outs is None:
             sub = wk.sub_jaxpr(eqn)
             if sub is not None and has_taps(sub[0], taps):
-                outs = evaluate(sub[0], sub[1], ins, taps, hook)
+                outs = evaluate(sub[0], sub[1], ins, taps, hook, unroll_scan=unroll_scan)
+            elif unroll_scan and eqn.primitive.name == "scan" and has_taps(
+                    eqn.params["jaxpr"].jaxpr, taps):
+                outs = _scan_unrolled(eqn, ins, taps, hook)
             else:
                 if sub is None and any(has_taps(j, taps) for j in _subjaxprs(eqn)):
                     raise ValueError(
@@ -99,6 +107,31 @@ def evaluate(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], taps: dict,
     return [read(v) for v in jaxpr.outvars]
 
 
+def _indexed(hook: Hook, i: int) -> Hook:
+    """``hook`` seeing the taps of a weight the scan slices with iteration ``i`` prepended."""
+    def h(eqn: Any, ins: list[Any], taps: list[tuple[int, str, Any]]) -> Any:
+        return hook(eqn, ins, [(o, p, (i, *(s if isinstance(s, tuple) else ())) if s else s)
+                               for o, p, s in taps])
+    return h
+
+
+def _scan_unrolled(eqn: Any, ins: list[Any], taps: dict, hook: Hook) -> list[Any]:
+    """A ``scan`` as a Python loop over its iterations (consts, carry, sliced xs; stacked ys)."""
+    p = eqn.params
+    body, nc, nk, n = p["jaxpr"], p["num_consts"], p["num_carry"], p["length"]
+    consts, carry, xs = ins[:nc], list(ins[nc:nc + nk]), ins[nc + nk:]
+    ys: list[list[Any]] = [[None] * n for _ in range(len(body.jaxpr.outvars) - nk)]
+    for i in (range(n - 1, -1, -1) if p["reverse"] else range(n)):
+        out = evaluate(body.jaxpr, body.consts, [*consts, *carry, *(x[i] for x in xs)], taps,
+                       _indexed(hook, i), unroll_scan=True)
+        carry = out[:nk]
+        for j, y in enumerate(out[nk:]):
+            ys[j][i] = y
+    stacked = [jnp.stack(y) if n else jnp.zeros(v.aval.shape, v.aval.dtype)
+               for y, v in zip(ys, eqn.outvars[nk:], strict=True)]
+    return [*carry, *stacked]
+
+
 # ------------------------------------------------------------------------------------------------
 # The data operand of a tapped equation as rows of the weight's fan-in (op-level calibration reads
 # them; export multiplies them with a packed matrix view).
@@ -106,7 +139,8 @@ def evaluate(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], taps: dict,
 
 
 def tapped_program(fn: Callable[..., Any], treedef: Any,
-                   make_hook: Callable[..., Hook]) -> Callable[..., dict]:
+                   make_hook: Callable[..., Hook], *, unroll_scan: bool = False
+                   ) -> Callable[..., dict]:
     """``jax.jit`` of ``run(leaves, args, *extra) -> out``: trace ``fn(params, *args)`` (``params =
     treedef.unflatten(leaves)``) to its operator map and evaluate it; at every tapped matmul/conv
     the hook ``make_hook(out, analysis, *extra)`` sees the operands and fills the dict ``out``.
@@ -128,7 +162,7 @@ def tapped_program(fn: Callable[..., Any], treedef: Any,
         closed, an, _ = om_lib.trace(fn, treedef.unflatten(leaves), *args)
         out: dict = {}
         evaluate(closed.jaxpr, closed.consts, [*leaves, *jax.tree_util.tree_leaves(args)],
-                 an.taps, make_hook(out, an, *extra))
+                 an.taps, make_hook(out, an, *extra), unroll_scan=unroll_scan)
         return out
 
     return jax.jit(run)

@@ -48,7 +48,10 @@ class LayerStats(NamedTuple):
     A grouped conv (``feature_group_count = G > 1``, e.g. depthwise) has ``groups = G`` and one
     set of statistics per group on a leading axis (``gram`` ``(G, fan_in, fan_in)``, ``sum``
     ``(G, fan_in)``): group ``g`` feeds the ``g``-th block of ``out / G`` output columns of the
-    matrix view, and :meth:`group` gives its statistics as a layer of their own.
+    matrix view, and :meth:`group` gives its statistics as a layer of their own. Layers stacked
+    for ``lax.scan`` / ``nn.scan`` (one weight sliced by the scan) have ``entries = L`` and one set
+    of statistics per stacked layer on a leading axis: entry ``l`` feeds the ``l``-th block of
+    ``fan_in`` rows of the matrix view (:meth:`entry`).
     """
 
     gram: np.ndarray | None
@@ -58,6 +61,21 @@ class LayerStats(NamedTuple):
     fan_in: int
     view: Any = None  # the weight's LeafOp (matrix view) when calibration traced it
     groups: int = 1
+    entries: int = 1
+
+    def entry(self, i: int) -> LayerStats:
+        """Stacked layer ``i``'s statistics (the layer itself when ``entries == 1``), no view.
+
+        >>> st = LayerStats(np.ones((2, 3, 3)), np.ones((2, 3)), np.ones((2, 3)), 4, 3, entries=2)
+        >>> st.entry(1).gram.shape, st.entry(1).entries
+        ((3, 3), 1)
+        """
+        if self.entries == 1:
+            return self
+        if not 0 <= i < self.entries:
+            raise IndexError(f"jaxprune: entry {i} of stats with {self.entries} stacked layers")
+        return LayerStats(None if self.gram is None else self.gram[i], self.sum[i],
+                          self.sumsq[i], self.count, self.fan_in, groups=self.groups)
 
     def group(self, g: int) -> LayerStats:
         """Group ``g``'s statistics (the layer itself when ``groups == 1``), without a view.
@@ -123,12 +141,13 @@ def merge_stats(a: LayerStats | None, b: LayerStats) -> LayerStats:
     """
     if a is None:
         return b
-    if (a.fan_in, a.groups) != (b.fan_in, b.groups):
+    if (a.fan_in, a.groups, a.entries) != (b.fan_in, b.groups, b.entries):
         raise ValueError(f"jaxprune: cannot merge stats of fan-in {a.fan_in} x {a.groups} groups "
-                         f"with fan-in {b.fan_in} x {b.groups} groups")
+                         f"x {a.entries} entries with fan-in {b.fan_in} x {b.groups} groups x "
+                         f"{b.entries} entries")
     gram = None if a.gram is None or b.gram is None else a.gram + b.gram
     return LayerStats(gram, a.sum + b.sum, a.sumsq + b.sumsq, a.count + b.count, a.fan_in,
-                      a.view if a.view is not None else b.view, a.groups)
+                      a.view if a.view is not None else b.view, a.groups, a.entries)
 
 
 def as_matrix(weight: Any, stats: LayerStats | int, name: str = "<layer>") -> jax.Array:

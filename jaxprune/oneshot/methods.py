@@ -260,6 +260,10 @@ class LayerMethod:
         if sparsity is None:
             sparsity = self.default_sparsity(pat_lib.parse(pattern))
         w2, s, pat, back = self.matrix_target(weight, stats, sparsity, pattern, name)
+        if stats is not None and stats.entries > 1:
+            raise ValueError(f"jaxprune: {self.label} on '{name}': integer codes of layers stacked "
+                             "for a scan (scanned weights) are not supported; unroll the layers "
+                             "or call the method without codes")
         return (*_by_group(lambda w, st, nm, sg: self.compress_matrix(w, st, sg, pat, name=nm),
                            w2, stats, name, s, pat), back)
 
@@ -279,7 +283,8 @@ def _by_group(run: Any, w2: jax.Array, stats: LayerStats | None, name: str,
               sparsity: Any = None, pattern: Any = None) -> tuple[Any, Any]:
     """``run(w, stats, name, sparsity) -> (result, mask)`` on the matrix view ``w2``; for the
     stats of a grouped conv, on each group's block of output columns with that group's statistics
-    (each group is a layer of its own: its own inputs), the results joined along the columns.
+    (each group is a layer of its own: its own inputs), the results joined along the columns; for
+    layers stacked for a scan (``stats.entries``), on each layer's block of rows likewise.
 
     An unstructured ``sparsity`` is split into whole per-group counts that add up to the layer's
     ``round(sparsity · size)`` (a 3×3 depthwise group has 9 weights: 50% per group alone would
@@ -291,6 +296,15 @@ def _by_group(run: Any, w2: jax.Array, stats: LayerStats | None, name: str,
     >>> (np.asarray(sp)[0] * 3).round().tolist()  # 3 of the 6 weights: 2 in group 0, 1 in group 1
     [2.0, 1.0]
     """
+    entries = 1 if stats is None else stats.entries
+    if entries > 1:  # layers stacked for a scan: each block of rows is a layer of its own
+        k = w2.shape[0] // entries
+        if k * entries != w2.shape[0]:
+            raise ValueError(f"jaxprune: '{name}' has {w2.shape[0]} rows, not {entries} stacked "
+                             "layers of equal fan-in")
+        parts = [_by_group(run, w2[i * k:(i + 1) * k], stats.entry(i), f"{name}[layer {i}]",
+                           sparsity, pattern) for i in range(entries)]
+        return jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *parts)
     groups = 1 if stats is None else stats.groups
     if groups == 1:
         return run(w2, stats, name, sparsity)

@@ -137,6 +137,17 @@ def _partial(rows: jax.Array, w: jax.Array | None, gram: bool) -> dict[str, jax.
     return out
 
 
+_ENTRIES = "scan_entries"  # the per-iteration statistics of a weight sliced by a scan
+
+
+def _merge(a: Any, b: Any) -> Any:
+    """Sum two partial statistics (dicts of arrays, per-entry dicts merged by entry)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return {k: _merge(a[k], b[k]) if k in a and k in b else a.get(k, b.get(k))
+                for k in {**a, **b}}
+    return a + b
+
+
 def _observer(out: dict, gram: bool, mask: jax.Array | None, shared: set[int] = frozenset()) -> Any:
     def hook(eqn: Any, ins: list[Any], taps: list[tuple[int, str, bool]]) -> None:
         if id(eqn) in shared and len({p for _, p, _ in taps}) > 1:
@@ -147,10 +158,10 @@ def _observer(out: dict, gram: bool, mask: jax.Array | None, shared: set[int] = 
                 "jax.jit / nn.jit around the layer to calibrate it"
             )
         for opi, path, scanned in taps:
-            if scanned:
+            if scanned is True or (isinstance(scanned, tuple) and len(scanned) != 1):
                 raise ValueError(
-                    f"jaxprune: calibration of '{path}': the weight is scanned over (stacked "
-                    "layers in lax.scan / nn.scan); unroll the layers to calibrate them"
+                    f"jaxprune: calibration of '{path}': the weight is sliced by nested scans "
+                    "(or a scan that cannot be unrolled); unroll the outer layers to calibrate it"
                 )
             if eqn.primitive.name == "dot_general":
                 rows, free = _rows_dot(eqn, ins[1 - opi], opi, path)
@@ -159,7 +170,12 @@ def _observer(out: dict, gram: bool, mask: jax.Array | None, shared: set[int] = 
                     raise ValueError(f"jaxprune: a token mask cannot apply to conv '{path}'")
                 rows, free = _rows_conv(eqn, ins[0], tuple(ins[1].shape), path)
             part = _partial(rows, _weights(mask, free, path), gram)
-            out[path] = jax.tree.map(jnp.add, out[path], part) if path in out else part
+            if scanned:  # one stacked layer per scan iteration: its own statistics
+                part = {_ENTRIES: {scanned[0]: part}}
+            if path in out and (_ENTRIES in out[path]) != bool(scanned):
+                raise ValueError(f"jaxprune: calibration of '{path}': the weight is used both "
+                                 "sliced by a scan and whole; calibrate the two uses apart")
+            out[path] = _merge(out[path], part) if path in out else part
         return None
 
     return hook
@@ -169,7 +185,8 @@ def _observer(out: dict, gram: bool, mask: jax.Array | None, shared: set[int] = 
 def _program(fn: Callable[..., Any], treedef: Any, gram: bool) -> Callable[..., Any]:
     """One jitted observer per (model function, params structure, gram); jit caches per shape."""
     return ev.tapped_program(
-        fn, treedef, lambda out, an, mask: _observer(out, gram, mask, an.shared))
+        fn, treedef, lambda out, an, mask: _observer(out, gram, mask, an.shared),
+        unroll_scan=True)
 
 
 def observe(
@@ -194,10 +211,11 @@ def observe(
       progress: a progress bar over batches.
 
     Raises ``ValueError`` for zero batches, masks that do not fit a layer's inputs, or weights the
-    calibration cannot observe (inside ``scan``/``cond``/``while``, batched expert matmuls).
+    calibration cannot observe (inside ``cond``/``while`` or nested scans, batched expert
+    matmuls). A weight a ``scan`` slices (layers stacked for ``nn.scan``) gets one set of
+    statistics per stacked layer (``LayerStats.entries``; the scan is unrolled in the calibration
+    program, so it grows with the number of layers).
     """
-    from jaxprune.oneshot.calibration import LayerStats
-
     batches = list(batches)
     if not batches:
         raise ValueError("jaxprune: calibration needs at least one batch; got zero batches")
@@ -230,12 +248,8 @@ def observe(
                 raise
             raise ValueError(_batch_error(i, args, e)) from e
         for k, v in parts.items():  # summed in numpy: no extra compilation per shape
-            acc[k] = {n: acc[k][n] + x for n, x in v.items()} if k in acc else v
-    acc = {k: LayerStats(None if "gram" not in v else np.asarray(v["gram"], np.float32),
-                         np.asarray(v["sum"], np.float32), np.asarray(v["sumsq"], np.float32),
-                         int(round(float(v["count"]))), int(v["sum"].shape[-1]),
-                         groups=int(v["sum"].shape[0]) if v["sum"].ndim == 2 else 1)
-           for k, v in acc.items()}
+            acc[k] = _merge(acc[k], v) if k in acc else v
+    acc = {k: _layer_stats(k, v) for k, v in acc.items()}
     if not acc:
         raise ValueError(
             "jaxprune: calibration found no matmul or conv that multiplies a parameter with the "
@@ -243,6 +257,31 @@ def observe(
         )
     om = operator_map_of(fn, params, batches[0] if isinstance(batches[0], tuple) else (batches[0],))
     return {k: v._replace(view=om[k]) for k, v in acc.items()}
+
+
+def _layer_stats(path: str, v: dict) -> Any:
+    """``LayerStats`` from summed parts; a scanned weight's per-iteration parts are stacked on a
+    leading entry axis (``entries``)."""
+    from jaxprune.oneshot.calibration import LayerStats
+
+    if _ENTRIES in v:
+        by = v[_ENTRIES]
+        n = len(by)
+        if sorted(by) != list(range(n)):
+            raise ValueError(f"jaxprune: calibration of '{path}': scan iterations {sorted(by)} "
+                             "do not cover the stacked layers")
+        counts = {int(round(float(by[i]["count"]))) for i in range(n)}
+        if len(counts) != 1 or any(np.ndim(by[i]["sum"]) != 1 for i in range(n)):
+            raise ValueError(f"jaxprune: calibration of '{path}': the stacked layers saw "
+                             f"different token counts {sorted(counts)} (or are grouped convs)")
+        st = {f: np.stack([np.asarray(by[i][f], np.float32) for i in range(n)])
+              for f in ("sum", "sumsq", *(("gram",) if "gram" in by[0] else ()))}
+        return LayerStats(st.get("gram"), st["sum"], st["sumsq"], counts.pop(),
+                          int(st["sum"].shape[-1]), entries=n)
+    return LayerStats(None if "gram" not in v else np.asarray(v["gram"], np.float32),
+                      np.asarray(v["sum"], np.float32), np.asarray(v["sumsq"], np.float32),
+                      int(round(float(v["count"]))), int(v["sum"].shape[-1]),
+                      groups=int(v["sum"].shape[0]) if v["sum"].ndim == 2 else 1)
 
 
 def _batch_error(i: int, args: tuple, e: Exception) -> str:

@@ -105,6 +105,9 @@ def _consumer_rows(w: Any, st: LayerStats, axis: int, path: str
     calibration recorded (any layout: einsum ``(heads, d, head_dim)``, PyTorch ``(out, in)``), else
     the Flax convention (fan-in = leading axes)."""
     view = st.view
+    if st.entries > 1:
+        raise ValueError(f"jaxprune.structured: '{path}' holds layers stacked for a scan; "
+                         "activation criteria (wanda, flap) do not support it, use l2 or taylor")
     if st.groups > 1:
         raise ValueError(f"jaxprune.structured: '{path}' is a grouped conv ({st.groups} groups); "
                          "activation criteria (wanda, flap) do not support it, use l2 or taylor")
