@@ -117,3 +117,30 @@ def test_restore_onto_different_mesh(tmp_path):
     step = shd.make_sharded_train_step(loss_fn, make_tx("uniform"), sh, bsh)
     out, loss = step(restored, shd.shard_batch(batch_at(3), bsh))
     assert int(out.step) == 4 and np.isfinite(float(loss))
+
+
+def test_sharded_step_with_host_told_mask_updates():
+    """make_sharded_train_step's static mask_update: RigL told its update steps on the host gives
+    the masks and params of the device-side schedule, on a 2x4 mesh."""
+    mesh = shd.make_mesh(2, 4)
+    out = []
+    for hinted in (False, True):
+        params = MODEL.init(jax.random.key(0), _X[:1])["params"]
+        tx = make_tx("rigl")
+        state, sh = shd.init_train_state(params, tx, mesh, seed=0)
+        bsh = shd.batch_sharding(mesh)
+        step = shd.make_sharded_train_step(loss_fn, tx, sh, bsh)
+        for i in range(6):
+            hint = (i % 2 == 0) if hinted else None
+            state, _ = step(state, shd.shard_batch(batch_at(i), bsh), mask_update=hint)
+        out.append(state)
+    init = jp.get_masks(tx.init(params))
+    assert any(not np.array_equal(a, b) for (_, a), (_, b) in zip(
+        leaves_with_paths(init), leaves_with_paths(jp.get_masks(out[1].opt_state)), strict=True)
+        if a is not None)  # the masks did move
+    for (p, a), (_, b) in zip(leaves_with_paths(jp.get_masks(out[0].opt_state)),
+                              leaves_with_paths(jp.get_masks(out[1].opt_state)), strict=True):
+        assert (a is None and b is None) or bool(np.array_equal(a, b)), p
+    for (p, a), (_, b) in zip(leaves_with_paths(out[0].params), leaves_with_paths(out[1].params),
+                              strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6, err_msg=p)

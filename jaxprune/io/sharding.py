@@ -292,11 +292,13 @@ def make_sharded_train_step(
     *,
     donate: bool = True,
 ) -> Callable[[TrainState, Any], tuple[TrainState, jax.Array]]:
-    """Jitted ``(state, batch) -> (state, loss)`` with fixed in/out shardings.
+    """Jitted ``(state, batch, mask_update=None) -> (state, loss)`` with fixed in/out shardings.
 
     ``loss_fn(params, batch, rng)``; ``shardings`` from :func:`init_train_state`. Each step
     splits ``state.rng``, applies ``tx`` (e.g. :func:`jaxprune.pruner`) and advances
-    ``state.step`` and ``state.data_pos``.
+    ``state.step`` and ``state.data_pos``. ``mask_update`` (a Python bool, static: one program
+    each) is passed to ``tx.update`` when not ``None`` — the host-told mask-update schedule of
+    jaxprune's mask-holding transforms (``False``: the step has no mask-update ``lax.cond``).
 
     >>> import optax
     >>> mesh = make_mesh()
@@ -309,17 +311,26 @@ def make_sharded_train_step(
     """
     replicated = NamedSharding(batch_shard.mesh, PartitionSpec())
 
-    def step(state: TrainState, batch: Any) -> tuple[TrainState, jax.Array]:
+    def step(state: TrainState, batch: Any, mask_update: bool | None = None
+             ) -> tuple[TrainState, jax.Array]:
         rng, sub = jax.random.split(state.rng)
         loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, sub)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        hint = {} if mask_update is None else {"mask_update": mask_update}
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, **hint)
         new = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state,
                          rng, state.data_pos + 1)
         return new, loss
 
-    return jax.jit(step, in_shardings=(shardings, batch_shard),
-                   out_shardings=(shardings, replicated),
-                   donate_argnums=(0,) if donate else ())
+    # the static flag is positional: jit takes no keyword arguments with in_shardings
+    jitted = jax.jit(step, in_shardings=(shardings, batch_shard),
+                     out_shardings=(shardings, replicated), static_argnums=2,
+                     donate_argnums=(0,) if donate else ())
+
+    def run(state: TrainState, batch: Any, mask_update: bool | None = None
+            ) -> tuple[TrainState, jax.Array]:
+        return jitted(state, batch, mask_update)
+
+    return run
 
 
 def initialize_distributed(
