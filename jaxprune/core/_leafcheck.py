@@ -94,6 +94,15 @@ def _nan_lowest(scores: jax.Array) -> jax.Array:
     return scores
 
 
+def _rank_live(scores: Any, live: Any) -> jax.Array:
+    """Float32 scores where only ``live`` entries compete: the others (kept pruned) are ``-inf``
+    and a live NaN or ``-inf`` score becomes the lowest finite float32, so an entry kept pruned
+    ranks below every live entry whatever its score (under ``jit``, where non-finite scores cannot
+    be refused, they would otherwise tie and a pruned entry could take a live one's place)."""
+    s = jnp.maximum(_nan_lowest(jnp.asarray(scores, jnp.float32)), jnp.finfo(jnp.float32).min)
+    return jnp.where(live, s, -jnp.inf)
+
+
 def _check_scores(path: str, s: Any) -> None:
     if not _concrete(s):
         return

@@ -51,6 +51,7 @@ from jaxprune.core._leafcheck import (
     _nan_lowest,
     _pattern_mask,
     _pattern_shape,
+    _rank_live,
     _validate,
     _view,
     check_opmap,
@@ -140,7 +141,7 @@ def default_filter(opmap: Any = None) -> Filter:
 def _keep_pruned_scores(masks: PyTree, scores: PyTree) -> PyTree:
     """Scores with already-pruned entries at ``-inf`` (ranked below every live entry)."""
     return jax.tree.map(
-        lambda m, s: None if m is None else jnp.where(m, jnp.asarray(s, jnp.float32), -jnp.inf),
+        lambda m, s: None if m is None else _rank_live(s, m),
         masks, scores, is_leaf=_is_none,
     )
 
@@ -258,25 +259,16 @@ def _compute_masks_impl(masks: PyTree, scores: PyTree, sparsity: Any,
         views = [(lo, s if lo is None else lo.to_view(s)) for lo, s in views]
         keeps = [pat_lib.Unstructured().n_keep(a, v.size) for (_, v), (*_, a) in
                  zip(views, batch, strict=True)]
-        excl = None
-        if keep_pruned:  # already-pruned entries below every live one, -inf/NaN scores included
-            excl = [~(m if lo is None else lo.to_view(m)) for (lo, _), (i, *_) in
-                    zip(views, batch, strict=True) for m in [jnp.asarray(out[i], bool)]]
-        new = _topk_leaves([v for _, v in views], keeps, excl)
+        new = _topk_leaves([v for _, v in views], keeps)
         for (i, *_), (lo, v), n in zip(batch, views, new, strict=True):
             n = n.reshape(v.shape) if lo is None else lo.from_view(n.reshape(v.shape))
             out[i] = n & out[i] if keep_pruned else n
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _topk_leaves(scores: list[jax.Array], n_keep: list[Any],
-                 exclude: list[Any] | None = None) -> list[jax.Array]:
-    """Flat exact-count masks of several leaves in one selection; NaN scores rank lowest among
-    the candidates, ``exclude``d entries (kept-pruned) below every candidate, ``-inf`` included."""
-    return topk_lib.topk_masks(
-        [_nan_lowest(s.reshape(-1)) for s in scores], n_keep,
-        exclude=None if exclude is None else [None if e is None else jnp.asarray(e).reshape(-1)
-                                              for e in exclude])
+def _topk_leaves(scores: list[jax.Array], n_keep: list[Any]) -> list[jax.Array]:
+    """Flat exact-count masks of several leaves in one selection; NaN scores rank lowest."""
+    return topk_lib.topk_masks([_nan_lowest(s.reshape(-1)) for s in scores], n_keep)
 
 
 def leaf_masks(
@@ -310,9 +302,8 @@ def leaf_masks(
         _check_leaf(path, s, kp)
         if _concrete(k) and not 0 <= int(k) <= s.size:
             raise ValueError(f"jaxprune: leaf '{path}': n_keep={int(k)} is outside [0, {s.size}]")
-        ranked.append(s)
-    new = _topk_leaves(ranked, n_keep,
-                       [None if kp is None else ~jnp.asarray(kp, bool) for kp in keep_pruned])
+        ranked.append(s if kp is None else _rank_live(s, kp))
+    new = _topk_leaves(ranked, n_keep)
     return [n.reshape(s.shape) if kp is None else n.reshape(s.shape) & jnp.asarray(kp, bool)
             for n, s, kp in zip(new, scores, keep_pruned, strict=True)]
 
@@ -362,7 +353,7 @@ def leaf_mask(
         return leaf_masks([scores], [n_keep], keep_pruned=[keep_pruned], paths=[path])[0]
     _check_leaf(path, scores, keep_pruned)
     if keep_pruned is not None:
-        scores = jnp.where(keep_pruned, scores.astype(jnp.float32), -jnp.inf)
+        scores = _rank_live(scores, keep_pruned)
     _validate(pat, path, opmap, shape)
     s = resolve_sparsity(sparsity, pat)
     if keep_pruned is None:

@@ -80,12 +80,8 @@ def topk_mask(scores: jax.Array, k_keep: Any) -> jax.Array:
     return topk_masks([scores], [k_keep])[0]
 
 
-def topk_masks(scores: Any, k_keep: Any, *, exclude: Any = None) -> list[jax.Array]:
+def topk_masks(scores: Any, k_keep: Any) -> list[jax.Array]:
     """Per 1-D array ``scores[i]``, the mask keeping exactly ``k_keep[i]`` highest entries.
-
-    ``exclude`` (a list of bool arrays or ``None`` entries): where ``True`` an entry ranks below
-    every other entry, ``-inf`` included (its key is the lowest there is), so it is kept only when
-    ``k`` exceeds the number of the others.
 
     The arrays are selected together (in groups of up to 2^24 entries and 64 arrays, which bound
     the extra memory), so the compiled program — and what XLA:CPU pays for it on every run, even
@@ -114,13 +110,7 @@ def topk_masks(scores: Any, k_keep: Any, *, exclude: Any = None) -> list[jax.Arr
                              f"shape {tuple(s.shape)}")
     if not scores:
         return []
-    exclude = [None] * len(scores) if exclude is None else list(exclude)
-    if len(exclude) != len(scores):
-        raise ValueError(f"jaxprune: topk_masks got {len(scores)} score arrays and "
-                         f"{len(exclude)} exclude masks")
-    keys = [sortable_key(s) if ex is None else
-            jnp.where(jnp.asarray(ex, bool).reshape(s.shape), jnp.uint32(0), sortable_key(s))
-            for s, ex in zip(scores, exclude, strict=True)]
+    keys = [sortable_key(s) for s in scores]
     out: list[jax.Array] = []
     for g in _groups([int(sc.size) for sc in scores]):
         ks = jnp.stack([jnp.asarray(k_keep[i], jnp.int32).reshape(()) for i in g])

@@ -70,12 +70,7 @@ class LayerStats(NamedTuple):
         >>> st.entry(1).gram.shape, st.entry(1).entries
         ((3, 3), 1)
         """
-        if self.entries == 1:
-            return self
-        if not 0 <= i < self.entries:
-            raise IndexError(f"jaxprune: entry {i} of stats with {self.entries} stacked layers")
-        return LayerStats(None if self.gram is None else self.gram[i], self.sum[i],
-                          self.sumsq[i], self.count, self.fan_in, groups=self.groups)
+        return self._take(i, self.entries, "stacked layers", groups=self.groups)
 
     def group(self, g: int) -> LayerStats:
         """Group ``g``'s statistics (the layer itself when ``groups == 1``), without a view.
@@ -84,12 +79,16 @@ class LayerStats(NamedTuple):
         >>> st.groups, st.group(1).sum.tolist(), st.group(1).groups
         (2, [4.0, 4.0, 4.0], 1)
         """
-        if self.groups == 1:
+        return self._take(g, self.groups, "groups")
+
+    def _take(self, i: int, n: int, what: str, **keep: Any) -> LayerStats:
+        """Part ``i`` of ``n`` along the statistics' leading axis (``self`` when ``n == 1``)."""
+        if n == 1:
             return self
-        if not 0 <= g < self.groups:
-            raise IndexError(f"jaxprune: group {g} of stats with {self.groups} groups")
-        return LayerStats(None if self.gram is None else self.gram[g], self.sum[g],
-                          self.sumsq[g], self.count, self.fan_in)
+        if not 0 <= i < n:
+            raise IndexError(f"jaxprune: part {i} of stats with {n} {what}")
+        return LayerStats(None if self.gram is None else self.gram[i], self.sum[i],
+                          self.sumsq[i], self.count, self.fan_in, **keep)
 
     @classmethod
     def from_inputs(cls, x: Any, *, gram: bool = True) -> LayerStats:

@@ -316,7 +316,7 @@ def _by_group(run: Any, w2: jax.Array, stats: LayerStats | None, name: str,
     per = [sparsity] * groups
     if isinstance(pattern, pat_lib.Unstructured) and sparsity is not None:
         size = w2.shape[0] * c
-        total = int(np.round(np.float32(sparsity) * np.float32(size * groups)))
+        total = size * groups - int(pattern.n_keep(sparsity, size * groups))  # the layer's count
         counts = [total // groups + (g < total % groups) for g in range(groups)]
         per = [float(np.float32(k) / np.float32(size)) for k in counts]
     parts = [run(w2[:, g * c:(g + 1) * c], stats.group(g), f"{name}[group {g}]", per[g])

@@ -186,16 +186,14 @@ def masked(
         state, grads, params = step.state, step.grads, step.params
         old = state.masks
         aux = state.movement if update_aux is None else update_aux(state.movement, grads, params)
-        masks, value_masks = old, old
         fields: dict[str, Any] = {"movement": aux}
-        if update_masks is not None and step.mask_update is False:
-            # the caller says no mask update on this step: the static path, no cond. An update
-            # the schedule had due now is deferred, not lost: the count stays on this step
-            due = should_update(state.count)
-            fields["count"] = jnp.where(due, state.count, optax.safe_int32_increment(state.count))
-            inner_updates, inner_state = step.inner(apply_masks(grads, old) if mask_grads else grads)
-            return project(inner_updates, params, old), {"masks": old, **fields}, inner_state
-        if update_masks is not None and restart_grown:  # SET, RigL
+        updating = update_masks is not None and step.mask_update is not False
+        if update_masks is not None and not updating:
+            # the caller says no mask update on this step: the static path below, no cond. An
+            # update the schedule had due now is deferred, not lost: the count stays on this step
+            fields["count"] = jnp.where(should_update(state.count), state.count,
+                                        optax.safe_int32_increment(state.count))
+        if updating and restart_grown:  # SET, RigL
             # the whole step is one cond: a step without a mask update runs exactly the static
             # path (masked grads, inner update, projection); resetting the regrown entries' inner
             # state and value masks costs nothing on the other steps
@@ -219,7 +217,8 @@ def masked(
                 should_update(state.count), with_update, plain, None)
             return new_updates, {"masks": masks, **fields}, inner_state
         inner_updates, inner_state = step.inner(apply_masks(grads, old) if mask_grads else grads)
-        if update_masks is not None:
+        masks = old
+        if updating:
             def do_update(masks_: PyTree) -> Any:
                 # the inner update is recomputed here rather than passed in: an operand of the
                 # cond would have to be materialised on every step
@@ -229,10 +228,8 @@ def masked(
                 )
                 return update_masks(MaskUpdate(state.count, masks_, grads, params, new_params, aux))
 
-            masks = value_masks = jax.lax.cond(
-                should_update(state.count), do_update, lambda m: m, old)
-        new_updates = project(inner_updates, params, value_masks)
-        return new_updates, {"masks": masks, **fields}, inner_state
+            masks = jax.lax.cond(should_update(state.count), do_update, lambda m: m, old)
+        return project(inner_updates, params, masks), {"masks": masks, **fields}, inner_state
 
     return wrap(inner, method=method, state_type=PruneState, init=init, update=update)
 
