@@ -218,9 +218,11 @@ def main(argv: list[str] | None = None) -> int:
 
         tx = rigl(inner, args.sparsity, allocation=args.allocation, update_period=args.prune_every,
                   total_steps=args.steps, key=jax.random.key(args.seed + 1))
+        may_update = np.arange(args.steps + 1) % args.prune_every == 0
     else:
         schedule = jp.Polynomial(args.sparsity, begin=begin, end=end, freq=args.prune_every)
         tx = jp.pruner(inner, schedule=schedule, allocation=args.allocation)
+        may_update = np.asarray(schedule.should_update(np.arange(args.steps + 1)))
     state, shardings = shd.init_train_state(params, tx, mesh, seed=args.seed)
     bsh = shd.batch_sharding(mesh)
 
@@ -268,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(start, last):
         assert int(state.data_pos) == i == train_batches.position  # data position is state
         tokens = shd.shard_batch(next(train_batches), bsh)
-        state, loss_arr = train_step(state, tokens)
+        # the host knows the schedule: steps that cannot update masks run without the cond
+        state, loss_arr = train_step(state, tokens, bool(may_update[i]))
         step = i + 1
         if t_window is None:  # first step compiles; time from its end
             jax.block_until_ready(loss_arr)
