@@ -138,6 +138,23 @@ def _member_vectors(leaf_scores: Mapping[str, Any], g: Group) -> list[np.ndarray
     return vecs
 
 
+def _check_members(leaves: Mapping[str, Any], groups: Sequence[Group], what: str) -> None:
+    """Every member of every group is a leaf of ``leaves`` whose axis has the group's length."""
+    for g in groups:
+        for m in g.members:
+            if m.path not in leaves:
+                hint = ("were the groups discovered on other variables?" if what == "params" else
+                        "pass gradients of every kernel the groups touch")
+                raise ValueError(f"jaxprune.structured.group_scores: group '{g.name}' member "
+                                 f"'{m.path}' is not in {what} ({hint})")
+            shp = np.shape(leaves[m.path])
+            if len(shp) <= m.axis or shp[m.axis] != math.prod(m.sizes):
+                raise ValueError(f"jaxprune.structured.group_scores: {what} '{m.path}' has shape "
+                                 f"{shp}; group '{g.name}' expects axis {m.axis} of length "
+                                 f"{math.prod(m.sizes)} (were the groups discovered on other "
+                                 "variables?)")
+
+
 def group_scores(
     params: PyTree,
     groups: Sequence[Group],
@@ -164,10 +181,7 @@ def group_scores(
                          f"valid: {list(CRITERIA)}")
     leaves = {p: x for p, x in leaves_with_paths(params) if x is not None}
     touched = {m.path for g in groups for m in g.members}
-    missing = sorted(touched - set(leaves))
-    if missing:
-        raise ValueError(f"jaxprune.structured.group_scores: group members {missing[:5]} are not "
-                         "in params")
+    _check_members(leaves, groups, "params")
     if criterion in ("l1", "l2"):
         mag = {p: np.asarray(criteria.magnitude({"w": leaves[p]})["w"]) for p in touched}
         leaf = {p: v if criterion == "l1" else v**2 for p, v in mag.items()}
@@ -177,6 +191,13 @@ def group_scores(
         if grads is None:
             raise ValueError("jaxprune.structured.group_scores: criterion 'taylor' needs grads=")
         gl = {p: x for p, x in leaves_with_paths(grads) if x is not None}
+        # vectors without gradients (BatchNorm statistics, grads of params only) are skipped; a
+        # missing kernel, or a group with no gradient at all, would silently change the ranking
+        _check_members({p: x for p, x in gl.items() if p in leaves}, [
+            type(g)(g.name, g.size, tuple(m for m in g.members if m.path in gl
+                                          or np.ndim(leaves[m.path]) >= 2
+                                          or not any(m2.path in gl for m2 in g.members)))
+            for g in groups], "grads")
         leaf = {p: np.asarray(criteria.taylor({"w": leaves[p]}, grads={"w": gl[p]})["w"])
                 for p in touched if p in gl}
         return {g.name: np.abs(sum(_member_vectors(leaf, g))) for g in groups}
@@ -209,6 +230,31 @@ def group_scores(
                                minlength=g.size)
         out[g.name] = acc
     return out
+
+
+def _global_masks(sc: Mapping[str, Any], target: float, min_density: float,
+                  notes: list[str]) -> dict[str, Any]:
+    """One exact global selection over standardised unit scores: every group keeps its
+    ``ceil(min_density * size)`` best units, the remaining budget goes to the best other units of
+    all groups (ties: earlier group, then lower index). A threshold would keep or drop every unit
+    tied at it; standardised scores tie often (a group of two units is always ``(-1, +1)``)."""
+    names = list(sc)
+    sizes = [int(sc[n].size) for n in names]
+    total = sum(sizes)
+    budget = total - int(round(target * total))
+    floors = [min(s, math.ceil(min_density * s)) for s in sizes]
+    fl = [leaf_mask(sc[n], n_keep=f, path=n) for n, f in zip(names, floors, strict=True)]
+    extra = budget - sum(floors)
+    if extra <= 0:
+        if extra < 0:
+            notes.append(f"global allocation: the per-group floors (min_density={min_density}) keep "
+                         f"{sum(floors)} of {total} units, more than the {budget} asked for")
+        return dict(zip(names, fl, strict=True))
+    # the floor units are taken: they rank below every other unit here (keep_pruned=False)
+    rest = leaf_mask(jnp.concatenate([sc[n] for n in names]), n_keep=extra, path="global",
+                     keep_pruned=~jnp.concatenate(fl))
+    parts = np.split(np.asarray(rest), np.cumsum(sizes)[:-1])
+    return {n: jnp.asarray(np.asarray(m) | p) for n, m, p in zip(names, fl, parts, strict=True)}
 
 
 class Selection(NamedTuple):
@@ -273,6 +319,10 @@ def choose_units(
     ([0, 1], ["group 'h': sparsity 0.6 of 4 units = 2.4, rounded to 2 whole units"])
     """
     alloc = _allocation(allocation)
+    for arg, val in (("round_to", round_to), ("min_keep", min_keep)):
+        if isinstance(val, bool) or not isinstance(val, int | np.integer) or val < 1:
+            raise ValueError(f"jaxprune.structured.choose_units: {arg} must be an integer >= 1, "
+                             f"got {val!r}")
     per_group = isinstance(sparsity, Mapping)
     unknown = sorted(set(sparsity) - {g.name for g in groups}) if per_group else []
     if unknown:
@@ -302,9 +352,12 @@ def choose_units(
                              "sparsity, not one per group")
         alloc = alloc_lib.Uniform(overrides=tuple(
             (f"^{re.escape(n)}$", v) for n, v in sp.items()))
-    masks = compute_masks({n: jnp.ones(v.shape, bool) for n, v in sc.items()}, sc, target, alloc,
-                          "unstructured")
     notes: list[str] = []
+    if isinstance(alloc, alloc_lib.Global) and not alloc.overrides:
+        masks = _global_masks(sc, float(target), alloc.min_density, notes)
+    else:
+        masks = compute_masks({n: jnp.ones(v.shape, bool) for n, v in sc.items()}, sc, target,
+                              alloc, "unstructured")
     keep = {}
     for g in groups:
         k = int(np.asarray(masks[g.name]).sum())

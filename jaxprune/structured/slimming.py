@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.core.masks import PyTree, leaves_with_paths
+from jaxprune.oneshot.calibration import LayerStats
 from jaxprune.structured.groups import Group
 
 __all__ = [
@@ -195,7 +196,10 @@ def compensate_bias(
 
     For each kernel ``W`` in ``input_means`` (``{kernel_path: mean of the layer input}``, shape
     ``W.shape[:k]``, i.e. the contracted leading axes of a Dense/DenseGeneral kernel, or flat over
-    them as ``LayerStats.mean`` from :func:`~jaxprune.structured.input_stats` gives it), adds
+    them as ``LayerStats.mean`` gives it; or the ``LayerStats`` of
+    :func:`~jaxprune.structured.input_stats` itself, whose traced view gives the real input axes of
+    any layout, e.g. a PyTorch-style ``(out, in)`` kernel used as ``x @ w.T`` — a plain array
+    always assumes the Flax layout, input axes first), adds
     ``sum_{removed j} mean_j * W[j, ...]`` to the sibling ``bias`` (same path, last part
     ``bias``). Apply *before* :func:`slim` or :func:`group_masks`; the slim and the masked model
     then agree again. Kernels without a sibling bias raise (FLAP needs one to fold into).
@@ -213,6 +217,7 @@ def compensate_bias(
         if kpath not in leaves:
             raise ValueError(f"jaxprune.structured.compensate_bias: no kernel at '{kpath}'")
         w = leaves[kpath]
+        mean, w, ak_w = _traced_layout(kpath, mean, w, ak)
         mean = jnp.asarray(mean)
         if mean.ndim == 1 and w.ndim > 2 and mean.shape[0] != w.shape[0]:
             # a flat fan-in vector (LayerStats.mean): the leading axes it covers
@@ -227,20 +232,28 @@ def compensate_bias(
             )
         kept = np.ones(mean.shape, bool)
         for a in range(k):
-            if (kpath, a) in ak:
+            if a in ak_w:
                 shp = [1] * k
                 shp[a] = -1
-                kept &= ak[(kpath, a)].reshape(shp)
+                kept &= ak_w[a].reshape(shp)
+        bpath = kpath.rsplit("/", 1)[0] + "/bias" if "/" in kpath else "bias"
+        if not isinstance(input_means[kpath], LayerStats) and bpath in leaves:
+            _check_flax_layout(kpath, bpath, k, groups, _check_keep(groups, keep))
         if kept.all():
             continue
-        bpath = kpath.rsplit("/", 1)[0] + "/bias" if "/" in kpath else "bias"
         if bpath not in leaves:
             raise ValueError(
                 f"jaxprune.structured.compensate_bias: kernel '{kpath}' has no sibling bias "
                 f"'{bpath}' to fold the removed inputs into (use a layer with use_bias=True)"
             )
         removed_mean = jnp.where(jnp.asarray(kept), 0.0, mean).astype(w.dtype)
-        deltas[bpath] = jnp.tensordot(removed_mean, w, axes=k)
+        delta = jnp.tensordot(removed_mean, w, axes=k)
+        if delta.shape != np.shape(leaves[bpath]):
+            raise ValueError(
+                f"jaxprune.structured.compensate_bias: the correction for '{kpath}' has shape "
+                f"{delta.shape} but its bias '{bpath}' has shape {np.shape(leaves[bpath])}; pass "
+                "the LayerStats from input_stats (its traced view knows the kernel's layout)")
+        deltas[bpath] = delta
 
     def f(path, x):
         if path in deltas:
@@ -250,6 +263,50 @@ def compensate_bias(
     return jax.tree_util.tree_map_with_path(
         lambda p, x: f(_path(p), x), params, is_leaf=lambda x: x is None
     )
+
+
+def _check_flax_layout(kpath: str, bpath: str, k: int, groups: Sequence[Group],
+                       keep: Mapping[str, np.ndarray]) -> None:
+    """A plain mean assumes the Flax layout (input axes first): refuse a kernel whose pruned axes
+    say otherwise (an axis pruned together with the bias is an output axis; one pruned without
+    it, an input axis)."""
+    for g in groups:
+        if g.name not in keep or len(keep[g.name]) == g.size:
+            continue
+        axes = {m.axis for m in g.members if m.path == kpath}
+        bias = any(m.path == bpath for m in g.members)
+        bad = [a for a in axes if a < k] if bias and all(a < k for a in axes) else (
+            [a for a in axes if a >= k] if not bias else [])
+        if bad:
+            raise ValueError(
+                f"jaxprune.structured.compensate_bias: '{kpath}' loses units along axis {bad[0]} "
+                f"(group '{g.name}'), which is {'an output' if bias else 'an input'} axis (pruned "
+                f"{'with' if bias else 'without'} the bias '{bpath}'), not what the Flax layout "
+                "a plain mean assumes (input axes first: a PyTorch-style (out, in) kernel?); pass "
+                "its LayerStats from input_stats, whose traced view knows the layout")
+
+
+def _traced_layout(kpath: str, mean: Any, w: Any, ak: Mapping[tuple[str, int], np.ndarray]
+                   ) -> tuple[Any, Any, dict[int, np.ndarray]]:
+    """``(mean, kernel, {axis: keep})`` in the Flax layout (input axes first). A ``LayerStats``
+    with a traced matrix view gives the kernel's real input/output axes (PyTorch ``(out, in)``,
+    einsum layouts); a plain array assumes the Flax layout."""
+    axes = list(range(np.ndim(w)))
+    if isinstance(mean, LayerStats):
+        view = mean.view
+        if mean.entries > 1 or mean.groups > 1:
+            raise ValueError(f"jaxprune.structured.compensate_bias: '{kpath}' is a stacked (scan) "
+                             "or grouped-conv layer; bias compensation does not support it")
+        mean = mean.mean
+        if view is not None and view.has_view:
+            if view.batch:
+                raise ValueError(f"jaxprune.structured.compensate_bias: '{kpath}' is a batched "
+                                 f"matmul weight (einsum batch axes {view.batch}); not supported")
+            rest = [a for a in axes if a not in view.fan_in and a not in view.out]
+            axes = [*view.fan_in, *rest, *view.out]
+            mean = jnp.asarray(mean).reshape([w.shape[a] for a in view.fan_in])
+    ak_w = {i: ak[(kpath, a)] for i, a in enumerate(axes) if (kpath, a) in ak}
+    return mean, jnp.transpose(jnp.asarray(w), axes), ak_w
 
 
 def slim_nnx(model: Any, groups: Sequence[Group], keep: Mapping[str, Any]) -> Any:
