@@ -76,6 +76,8 @@ class Prov:
 
     axes: dict[str, tuple[tuple[int, ...], ...]]
     scanned: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    # parameter axes reversed on the way (``lax.rev``: a flipped conv kernel, ``w[::-1]``)
+    flipped: dict[str, frozenset[int]] = dataclasses.field(default_factory=dict)
 
     def ndim(self) -> int:
         return len(next(iter(self.axes.values())))
@@ -85,20 +87,24 @@ class Prov:
         return any(d > 1 and not any(m[i] for m in self.axes.values()) for i, d in enumerate(shape))
 
     def remap(self, new_axes: Callable[[tuple[tuple[int, ...], ...]], tuple]) -> Prov:
-        return Prov({p: tuple(new_axes(m)) for p, m in self.axes.items()}, dict(self.scanned))
+        return Prov({p: tuple(new_axes(m)) for p, m in self.axes.items()}, dict(self.scanned),
+                    dict(self.flipped))
 
 
 def _merge(values: Sequence[Prov]) -> Prov:
     axes: dict[str, list[set[int]]] = {}
     scanned: dict[str, tuple[int, ...]] = {}
+    flipped: dict[str, frozenset[int]] = {}
     for v in values:
+        for p, f in v.flipped.items():
+            flipped[p] = flipped.get(p, frozenset()) | f
         for p, m in v.axes.items():
             cur = axes.setdefault(p, [set() for _ in m])
             for i, a in enumerate(m):
                 cur[i] |= set(a)
         for p, s in v.scanned.items():
             scanned[p] = tuple(sorted(set(scanned.get(p, ())) | set(s)))
-    return Prov({p: tuple(tuple(sorted(a)) for a in m) for p, m in axes.items()}, scanned)
+    return Prov({p: tuple(tuple(sorted(a)) for a in m) for p, m in axes.items()}, scanned, flipped)
 
 
 def _regroup(in_shape: tuple[int, ...], out_shape: tuple[int, ...]
@@ -133,6 +139,9 @@ class _Analysis:
         self.spatial: dict[str, tuple[int, ...]] = {}  # conv weights: their window axes
         self.seen: set[int] = set()
         self.shared: set[int] = set()
+        # id(eqn) -> {path: (contraction sizes, reversed positions) or None}: a tapped weight that
+        # reaches the equation through ``rev`` along its fan-in (rows come in the reversed order)
+        self.flips: dict[int, dict[str, Any]] = {}
 
     def record(self, prov: Prov, kind: str, primitive: str, **kw: Any) -> None:
         for p in prov.axes:
@@ -145,7 +154,7 @@ _UNARY = {
     "acosh", "atanh", "abs", "sqrt", "rsqrt", "cbrt", "square", "integer_pow", "erf", "erfc",
     "erf_inv", "not", "real", "imag", "conj", "convert_element_type", "reduce_precision", "copy",
     "copy_p", "stop_gradient", "sharding_constraint", "pvary", "mesh_cast", "reshard",
-    "optimization_barrier", "rev",
+    "optimization_barrier",
 }
 _NARY = {
     "add", "add_any", "sub", "mul", "div", "rem", "pow", "max", "min", "atan2", "nextafter",
@@ -247,6 +256,21 @@ def _rules(an: _Analysis) -> dict[str, wk.Rule]:
     for make in (broadcast_in_dim, reshape, transpose, squeeze, expand_dims):
         R[make.__name__] = layout(make)
 
+    def rev(e, ins):  # axes stay in place, reversed: remember which parameter axes (calibration
+        v = ins[0]    # maps the matmul's rows back to the parameter's order)
+        if not isinstance(v, Prov):
+            return [v]
+        fl = {}
+        for p, m in v.axes.items():
+            f = set(v.flipped.get(p, ()))
+            for d in e.eqn.params["dimensions"]:
+                f ^= set(m[d])
+            if f:
+                fl[p] = frozenset(f)
+        return [Prov(dict(v.axes), dict(v.scanned), fl)]
+
+    R["rev"] = rev
+
     def keep_rank(e, ins):  # slice, dynamic_slice, pad, cumulative ops: axes stay in place
         eqn = e.eqn
         v = ins[0]
@@ -322,9 +346,15 @@ def _record_matmul(an: _Analysis, prov: Prov, kind: str, prim: str, fan_dims: Se
             an.spatial[p] = _axes_of(m, spatial_dims)
 
 
-def _tap(an: _Analysis, eqn: Any, opi: int, v: Prov) -> None:
+def _tap(an: _Analysis, eqn: Any, opi: int, v: Prov, cdims: Sequence[int]) -> None:
     for p in v.axes:
         an.taps.setdefault(id(eqn), []).append((opi, p, bool(v.scanned.get(p))))
+        f, m = v.flipped.get(p, frozenset()), v.axes[p]
+        if f & set(_axes_of(m, cdims)):  # a reversed fan-in axis: (sizes, reversed positions) of
+            shape = wk.shape_of(eqn.invars[opi])  # the contraction, None if not whole dims
+            whole = all(set(m[d]) <= f or not set(m[d]) & f for d in cdims)
+            an.flips.setdefault(id(eqn), {})[p] = (tuple(shape[d] for d in cdims), tuple(
+                i for i, d in enumerate(cdims) if m[d] and set(m[d]) <= f)) if whole else None
 
 
 def _visit(an: _Analysis, eqn: Any) -> None:
@@ -343,7 +373,7 @@ def _dot_general(an: _Analysis, eqn: Any, ins: list[Any]) -> list[Any]:
             out_dims = [i for i in range(nd) if i not in c and i not in b]
             _record_matmul(an, v, "matmul", "dot_general", c, b, out_dims)
             if _is_data(ins[1 - opi]):  # a weight applied to data: calibration observes it here
-                _tap(an, eqn, opi, v)
+                _tap(an, eqn, opi, v, c)
     return [_join(ins)]
 
 
@@ -357,7 +387,7 @@ def _conv(an: _Analysis, eqn: Any, ins: list[Any]) -> list[Any]:
         _record_matmul(an, rhs, "conv", "conv_general_dilated", [*spatial, in_dim], [], [out_dim],
                        groups=int(p.get("feature_group_count", 1)), spatial_dims=spatial)
         if _is_data(ins[0]):
-            _tap(an, eqn, 1, rhs)
+            _tap(an, eqn, 1, rhs, [*spatial, in_dim])
     if isinstance(ins[0], Prov):
         an.record(ins[0], "other", "conv_general_dilated")
     return [_join(ins)]
@@ -395,7 +425,8 @@ def _scan(w: wk.Eqn, eqn: Any, ins: list[Any]) -> list[Any]:
         if isinstance(v, Prov):  # stacked params scanned over their leading axis
             scanned = {q: tuple(dict.fromkeys((*v.scanned.get(q, ()), *m[0])))
                        for q, m in v.axes.items()}
-            xs_in.append(Prov({q: tuple(m[1:]) for q, m in v.axes.items()}, scanned))
+            xs_in.append(Prov({q: tuple(m[1:]) for q, m in v.axes.items()}, scanned,
+                              dict(v.flipped)))
         else:
             xs_in.append(v)
     outs = w.run(body, [*ins[:nc], *ins[nc:nc + ncarry], *xs_in])

@@ -39,6 +39,7 @@ import numpy as np
 from jaxprune.core import allocation as alloc_lib
 from jaxprune.core import patterns as pat_lib
 from jaxprune.core import pipeline
+from jaxprune.core._leafcheck import _check_not_all_pruned
 from jaxprune.core.registry import check_free, lookup
 from jaxprune.oneshot.calibration import LayerStats, as_matrix, from_matrix
 from jaxprune.oneshot.common import check_layer_weight
@@ -87,6 +88,8 @@ def resolve_layer_target(
         s = pipeline.resolve_sparsity(sparsity, pat)
     except ValueError as e:
         raise ValueError(f"jaxprune: layer '{name}': {str(e).removeprefix('jaxprune: ')}") from None
+    if isinstance(pat, pat_lib.Unstructured):  # every method, not only those using leaf_mask:
+        _check_not_all_pruned(pat, s, name, None, (fin, out))  # 0.99 of 48 weights = all 48
     return pat, s
 
 
@@ -185,6 +188,12 @@ class LayerMethod:
         if view is not None and tuple(view.shape) != shape:
             raise ValueError(f"jaxprune: '{name}' has shape {shape} but was calibrated as "
                              f"{tuple(view.shape)}")
+        if view is not None and stats.fan_in * stats.entries != view.view_shape[0]:
+            raise ValueError(
+                f"jaxprune: layer '{name}': calibration saw inputs of length {stats.fan_in} but "
+                f"the weight's fan-in is {view.view_shape[0] // stats.entries} (shape {shape}): it "
+                "reaches its matmul/conv sliced, padded or concatenated along the fan-in, which "
+                "cannot be mapped back to its entries; leave it out (filter=)")
         fan_in = view.view_shape[0] if view is not None else (
             stats.fan_in if stats is not None else None)
         pat, s = resolve_layer_target(sparsity, pattern, name,
@@ -220,6 +229,9 @@ class LayerMethod:
             )
         if "gram" in self.needs and stats.gram is None:
             raise ValueError(f"jaxprune: {self.label} on '{name}' needs calibration with gram=True")
+        if stats.count <= 0:  # SparseGPT/OBS would zero every weight (all inputs look dead)
+            raise ValueError(f"jaxprune: {self.label} on '{name}': the calibration statistics hold "
+                             "no tokens (count 0: every token masked out?)")
 
     def prune_matrix(
         self, w: jax.Array, stats: LayerStats | None, sparsity: Any, pattern: pat_lib.Pattern,

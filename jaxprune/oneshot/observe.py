@@ -148,7 +148,24 @@ def _merge(a: Any, b: Any) -> Any:
     return a + b
 
 
-def _observer(out: dict, gram: bool, mask: jax.Array | None, shared: set[int] = frozenset()) -> Any:
+def _unflip(rows: jax.Array, flips: dict, eqn: Any, path: str) -> jax.Array:
+    """``rows`` in the weight's own fan-in order when it reaches the equation reversed along some
+    fan-in axes (``lax.rev``: a flipped conv kernel, ``ConvTranspose(transpose_kernel=True)``,
+    ``w[::-1]``); the rows come in the order of the reversed operand."""
+    f = flips.get(id(eqn), {}).get(path, False)
+    if f is False:
+        return rows
+    if f is None:
+        raise ValueError(f"jaxprune: calibration of '{path}': the weight is reversed along part of "
+                         "a fan-in axis merged with others; reverse whole axes before the reshape")
+    sizes, pos = f
+    lead = rows.shape[:-1]
+    r = jnp.flip(rows.reshape(*lead, *sizes), [len(lead) + i for i in pos])
+    return r.reshape(rows.shape)
+
+
+def _observer(out: dict, gram: bool, mask: jax.Array | None, shared: set[int] = frozenset(),
+              flips: dict | None = None) -> Any:
     def hook(eqn: Any, ins: list[Any], taps: list[tuple[int, str, bool]]) -> None:
         if id(eqn) in shared and len({p for _, p, _ in taps}) > 1:
             raise ValueError(
@@ -169,6 +186,7 @@ def _observer(out: dict, gram: bool, mask: jax.Array | None, shared: set[int] = 
                 if mask is not None:
                     raise ValueError(f"jaxprune: a token mask cannot apply to conv '{path}'")
                 rows, free = _rows_conv(eqn, ins[0], tuple(ins[1].shape), path)
+            rows = _unflip(rows, flips or {}, eqn, path)
             part = _partial(rows, _weights(mask, free, path), gram)
             if scanned:  # one stacked layer per scan iteration: its own statistics
                 part = {_ENTRIES: {scanned[0]: part}}
@@ -185,7 +203,7 @@ def _observer(out: dict, gram: bool, mask: jax.Array | None, shared: set[int] = 
 def _program(fn: Callable[..., Any], treedef: Any, gram: bool) -> Callable[..., Any]:
     """One jitted observer per (model function, params structure, gram); jit caches per shape."""
     return ev.tapped_program(
-        fn, treedef, lambda out, an, mask: _observer(out, gram, mask, an.shared),
+        fn, treedef, lambda out, an, mask: _observer(out, gram, mask, an.shared, an.flips),
         unroll_scan=True)
 
 
@@ -224,6 +242,21 @@ def observe(
         raise ValueError(
             f"jaxprune: {len(masks)} token masks for {len(batches)} calibration batches"
         )
+    # the operator map first: a weight used in incompatible ways (a tied embedding used as x @ W
+    # and h @ W.T) is refused naming both uses, not by a shape error inside the statistics
+    first = batches[0] if isinstance(batches[0], tuple) else (batches[0],)
+    try:
+        om = operator_map_of(fn, params, first)
+    except om_lib.OperatorMapError as e:
+        raise om_lib.OperatorMapError(
+            f"{e} (calibration records one matrix view per weight: use the weight once, or give "
+            "each use its own parameter)") from None
+    except TypeError as e:
+        raise TypeError(_batch_error(0, first, e)) from e
+    except Exception as e:  # the model's own error, as for the batches below
+        if str(e).startswith("jaxprune:"):
+            raise
+        raise ValueError(_batch_error(0, first, e)) from e
     leaves, treedef = jax.tree_util.tree_flatten(params)
     try:
         prog = _program(fn, treedef, bool(gram))
@@ -255,7 +288,9 @@ def observe(
             "jaxprune: calibration found no matmul or conv that multiplies a parameter with the "
             "inputs; check that fn(params, *batch) uses params"
         )
-    om = operator_map_of(fn, params, batches[0] if isinstance(batches[0], tuple) else (batches[0],))
+    if all(v.count == 0 for v in acc.values()):
+        raise ValueError("jaxprune: calibration saw no tokens: every entry of the token masks is 0 "
+                         "(nonzero = a real token)")
     return {k: v._replace(view=om[k]) for k, v in acc.items()}
 
 
@@ -333,6 +368,7 @@ def rows_of(fn: Callable[..., Any], params: PyTree, batch: Any) -> dict[str, jax
                 r, _ = _rows_dot(eqn, ins[1 - opi], opi, path)
             else:
                 r, _ = _rows_conv(eqn, ins[0], tuple(ins[1].shape), path)
+            r = _unflip(r, an.flips, eqn, path)
             found[path] = jnp.concatenate([found[path], r], axis=r.ndim - 2) if path in found else r
         return None
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import jax.numpy as jnp
@@ -131,7 +131,8 @@ def owl_sparsities(
     lam: float = 0.08,
     group: str | None = None,
 ) -> dict[str, float]:
-    """``{path: sparsity}`` for the layers in ``stats`` (``kernels`` maps the same paths to weights).
+    """``{path: sparsity}`` for the layers in ``stats`` (``kernels`` maps the same paths to weights,
+    or is the params tree itself).
 
     ``group``: a regex whose first match in the path names the group (e.g. ``r"block_\\d+"``); layers
     of a group share its pooled outlier ratio. Default: one group per layer.
@@ -142,6 +143,10 @@ def owl_sparsities(
     """
     check_owl_args(sparsity, M=M, lam=lam, where="owl_sparsities")
     keys = list(stats)
+    if isinstance(kernels, Mapping) and any(k not in kernels for k in keys):
+        from jaxprune.core.masks import leaves_with_paths  # the params tree itself
+
+        kernels = {**dict(leaves_with_paths(kernels)), **kernels}
     missing = [k for k in keys if k not in kernels]
     if missing:
         raise ValueError(f"jaxprune: owl_sparsities: no kernel for calibrated layer(s) {missing}")

@@ -232,10 +232,26 @@ def prune_layers(
     """
     plan = _plan(method, sparsity, pattern, filter, sparsities)
     codes: dict[str, Any] | None = {} if _check_return_codes(return_codes) else None
+    bad = next((k for k, v in stats.items() if not isinstance(v, LayerStats)), None) \
+        if isinstance(stats, Mapping) else ""
+    if bad is not None:
+        raise TypeError("jaxprune: prune_layers needs stats {kernel path: LayerStats} from "
+                        f"oneshot.calibrate, got {type(stats).__name__}"
+                        + (f" with a {type(stats[bad]).__name__} at '{bad}'" if bad else ""))
     new, masks, seen = _prune_layers(params, stats, plan, codes=codes)
     _check_overrides(plan, seen)
+    _warn_if_none(masks, len(stats))
     out = _replace_leaves(params, new), _mask_tree(params, masks)
     return out if codes is None else (*out, codes)
+
+
+def _warn_if_none(masks: dict[str, Any], calibrated: int) -> None:
+    if not masks:
+        import warnings
+
+        warnings.warn(f"jaxprune: no layer was pruned ({calibrated} calibrated layer(s), none "
+                      "selected by the filter); the params are returned unchanged",
+                      UserWarning, stacklevel=3)
 
 
 def _check_return_codes(flag: Any) -> bool:
@@ -407,5 +423,6 @@ def prune_sequential(
         if dense_inputs:
             xs_dense = [run(sub, x) for x in xs_dense]
     _check_overrides(plan, seen)
+    _warn_if_none(all_masks, len(seen))
     out = _replace_leaves(params, new_leaves), _mask_tree(params, all_masks)
     return out if codes is None else (*out, codes)
