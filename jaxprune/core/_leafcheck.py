@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxprune.core import opmap as om_lib
 from jaxprune.core import patterns as pat_lib
-from jaxprune.core.masks import find_nonfinite
+from jaxprune.core.masks import find_nonfinite, leaves_with_paths
 
 
 def _concrete(x: Any) -> bool:
@@ -35,6 +35,31 @@ def check_opmap(opmap: Any) -> None:
             f"jaxprune: opmap must be a jaxprune.OperatorMap (from jp.operator_map(fn, params, x)) "
             f"or None, got {type(opmap).__name__}"
         )
+
+
+def check_opmap_paths(masks: Any, opmap: Any, filter: Any, where: str) -> None:
+    """Refuse an operator map traced from another params tree than ``masks`` mirrors (e.g. from
+    ``{"params": params}`` while the params are ``params``): every pruned leaf must be in it, and
+    its default filter must select something. Paths outside ``opmap`` would silently lose their
+    matrix view (N:M along the wrong axis) or, with the default filter, not be pruned at all.
+
+    >>> check_opmap_paths({"w": None}, None, None, "demo")
+    """
+    if opmap is None:
+        return
+    paths = leaves_with_paths(masks)
+    selected = [p for p, m in paths if m is not None]
+    hint = ("trace the operator map from the params tree given here, e.g. "
+            "jp.operator_map(lambda p, x: model.apply({'params': p}, x), params, x)")
+    missing = [p for p in selected if p not in opmap]
+    if missing:
+        raise ValueError(
+            f"jaxprune: {where}: pruned leaf '{missing[0]}' is not in the operator map (its "
+            f"paths: {list(opmap)[:4]}); {hint}")
+    if not selected and filter is None and opmap.weights():
+        raise ValueError(
+            f"jaxprune: {where}: none of the operator map's weights {opmap.weights()[:4]} is a "
+            f"leaf of the params {[p for p, _ in paths][:4]}, so nothing would be pruned; {hint}")
 
 
 def _view(opmap: Any, path: str) -> Any:

@@ -55,6 +55,7 @@ from jaxprune.core._leafcheck import (
     _validate,
     _view,
     check_opmap,
+    check_opmap_paths,
 )
 from jaxprune.core.masks import (
     Filter,
@@ -411,6 +412,7 @@ def prune(
             )
     else:
         check_masks(params, masks)
+    check_opmap_paths(masks, opmap, filter, "prune")
     pat = pat_lib.parse(pattern)
     sparsity = resolve_sparsity(sparsity, pat)
     validate_patterns(masks, pat, opmap)

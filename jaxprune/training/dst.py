@@ -46,6 +46,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxprune.core import allocation as alloc_lib
@@ -63,7 +64,13 @@ from jaxprune.core.masks import (
 )
 from jaxprune.core.pipeline import check_opmap, compute_masks, default_filter, leaf_masks
 from jaxprune.core.topk import count_true
-from jaxprune.training.wrapper import MaskUpdate, get_masks, masked, reset_inner_state
+from jaxprune.training.wrapper import (
+    MaskUpdate,
+    check_selection,
+    get_masks,
+    masked,
+    reset_inner_state,
+)
 
 __all__ = [
     "SPARSE_TRAINING_METHODS",
@@ -177,9 +184,13 @@ def mask_params(params: PyTree, opt_state: optax.OptState) -> PyTree:
     return apply_masks(params, get_masks(opt_state))
 
 
-def _check_positive_int(name: str, v: Any) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+def _check_positive_int(name: str, v: Any) -> int:
+    if isinstance(v, jax.core.Tracer):
+        raise ValueError(f"jaxprune: {name} must be a positive Python int known when the "
+                         f"transform is built (static), got a traced value {v!r}")
+    if isinstance(v, bool | np.bool_) or not isinstance(v, int | np.integer) or v <= 0:
         raise ValueError(f"jaxprune: {name} must be a positive int, got {v!r}")
+    return int(v)
 
 
 def sparse_training(
@@ -201,7 +212,7 @@ def sparse_training(
 
     Args:
       inner: any optax optimizer (``None``: identity).
-      sparsity: global target in ``[0, 1)``; required unless ``masks`` is given.
+      sparsity: global target in ``[0, 1)``; required unless ``masks`` is given (not both).
       method: ``"static"`` (mask fixed), ``"set"`` (random regrowth) or ``"rigl"`` (regrowth by
         dense-gradient magnitude).
       masks: explicit initial masks (bool leaves / ``None``) instead of a random draw; they must
@@ -229,6 +240,11 @@ def sparse_training(
         raise ValueError(
             f"jaxprune: {method} needs a sparsity (sparse_training/static_sparse: or masks=)"
         )
+    if masks is not None and sparsity is not None:
+        raise ValueError(
+            f"jaxprune: {method}: pass sparsity or masks=, not both (given masks keep their own "
+            f"sparsity, so sparsity={sparsity!r} would be ignored)"
+        )
     if sparsity is not None:
         if isinstance(sparsity, str):
             raise ValueError(f"jaxprune: {method} sparsity must be a float, got {sparsity!r}")
@@ -243,16 +259,15 @@ def sparse_training(
             raise ValueError(
                 f"jaxprune: drop_fraction must be in (0, 1), got {drop_fraction!r}"
             )
-        _check_positive_int("update_period", update_period)
+        update_period = _check_positive_int("update_period", update_period)
         if end_step is None:
             if total_steps is None:
                 raise ValueError(
                     f"jaxprune: {method} needs total_steps= (end_step defaults to 75% of it) "
                     "or an explicit end_step="
                 )
-            _check_positive_int("total_steps", total_steps)
-            end_step = int(0.75 * total_steps)
-        _check_positive_int("end_step", end_step)
+            end_step = int(0.75 * _check_positive_int("total_steps", total_steps))
+        end_step = _check_positive_int("end_step", end_step)
     key = jax.random.key(0) if key is None else key
 
     def init_dst_masks(params: PyTree) -> PyTree:
@@ -260,6 +275,8 @@ def sparse_training(
             check_masks(params, masks)
             m0 = tree_map_masked(lambda m: None if m is None else jnp.asarray(m, bool), masks)
         else:
+            check_selection(method, init_masks(
+                params, default_filter(opmap) if filter is None else filter), opmap, filter)
             m0 = sparse_init(params, sparsity, allocation=alloc, filter=filter, key=key, opmap=opmap)
         for path, m in leaves_with_paths(m0):
             if m is None or not m.size or not dynamic or isinstance(m, jax.core.Tracer):

@@ -49,7 +49,7 @@ from jaxprune.core import masks as mask_lib
 from jaxprune.core import patterns as pat_lib
 from jaxprune.core.masks import Filter, PyTree
 from jaxprune.core.pipeline import compute_masks, resolve_sparsity
-from jaxprune.training.wrapper import InnerStep, find_state, wrap
+from jaxprune.training.wrapper import InnerStep, check_selection, find_state, wrap
 
 __all__ = [
     "RewindState",
@@ -294,6 +294,7 @@ def imp(
         return _like(out, init_params), None
 
     masks = mask_lib.init_masks(init_params, filter)
+    check_selection("imp", masks, None, filter)
     trained, opt_state = unpack(train(init_params, masks))
     history = [Round(0, _measured_sparsity(masks), masks, init_params, trained)]
     if callback is not None:

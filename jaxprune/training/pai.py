@@ -50,6 +50,7 @@ from jaxprune.core import masks as mask_lib
 from jaxprune.core import patterns as pat_lib
 from jaxprune.core.masks import Filter, PyTree
 from jaxprune.core.pipeline import compute_masks, resolve_sparsity
+from jaxprune.training.wrapper import check_selection
 
 __all__ = [
     "snip_scores",
@@ -138,16 +139,25 @@ def synflow_scores(apply_fn: Callable[[PyTree, jax.Array], jax.Array], params: P
     )
 
 
-def _check_finite_scores(scores: PyTree) -> None:
+_NONFINITE_HINT = {
+    "synflow": "SynFlow can overflow float32 on deep nets: try dtype=jnp.float64 with "
+               "jax_enable_x64, or fewer layers",
+    "snip": "the loss or its gradient at these params is not finite: check loss_fn and the batch",
+    "grasp": "the loss, its gradient or the Hessian-gradient product at these params is not "
+             "finite: check loss_fn and the batch",
+}
+
+
+def _check_finite_scores(scores: PyTree, method: str = "") -> None:
+    hint = _NONFINITE_HINT.get(method, "scores must be finite")
     for path, s in mask_lib.leaves_with_paths(scores):
         if s is None or isinstance(s, jax.core.Tracer):
             continue
         a = np.asarray(s)
         if not np.all(np.isfinite(a)):
             raise ValueError(
-                f"jaxprune: scores for '{path}' contain {int((~np.isfinite(a)).sum())} non-finite "
-                "values (SynFlow can overflow float32 on deep nets: try dtype=jnp.float64 with "
-                "jax_enable_x64, or fewer layers)"
+                f"jaxprune: {method + ' ' if method else ''}scores for '{path}' contain "
+                f"{int((~np.isfinite(a)).sum())} non-finite values ({hint})"
             )
 
 
@@ -159,6 +169,7 @@ def masks_from_scores(
     allocation: alloc_lib.Allocation | str = DEFAULT_ALLOCATION,
     pattern: pat_lib.Pattern | str = "unstructured",
     keep_pruned: bool = False,
+    method: str = "",
 ) -> PyTree:
     """Masks at ``sparsity`` from ``scores`` via :func:`jaxprune.core.pipeline.compute_masks`.
 
@@ -173,7 +184,7 @@ def masks_from_scores(
     """
     pat = pat_lib.parse(pattern)
     sparsity = _check_sparsity(sparsity, pat)
-    _check_finite_scores(scores)
+    _check_finite_scores(scores, method)
     alloc = alloc_lib.get(allocation)
     return compute_masks(masks, scores, sparsity, alloc, pat, keep_pruned=keep_pruned)
 
@@ -200,8 +211,10 @@ def snip(loss_fn: LossFn, params: PyTree, batch: Any, sparsity: float | None = N
            [ 0.,  3.]], dtype=float32)
     """
     masks = mask_lib.init_masks(params, filter)
+    check_selection("snip", masks, None, filter)
     scores = snip_scores(loss_fn, params, batch, masks)
-    masks = masks_from_scores(masks, scores, sparsity, allocation=allocation, pattern=pattern)
+    masks = masks_from_scores(masks, scores, sparsity, allocation=allocation, pattern=pattern,
+                              method="snip")
     return mask_lib.apply_masks(params, masks), masks
 
 
@@ -218,8 +231,10 @@ def grasp(loss_fn: LossFn, params: PyTree, batch: Any, sparsity: float | None = 
            [False,  True]], dtype=bool)
     """
     masks = mask_lib.init_masks(params, filter)
+    check_selection("grasp", masks, None, filter)
     scores = grasp_scores(loss_fn, params, batch, masks)
-    masks = masks_from_scores(masks, scores, sparsity, allocation=allocation, pattern=pattern)
+    masks = masks_from_scores(masks, scores, sparsity, allocation=allocation, pattern=pattern,
+                              method="grasp")
     return mask_lib.apply_masks(params, masks), masks
 
 
@@ -245,13 +260,14 @@ def synflow(apply_fn: Callable[[PyTree, jax.Array], jax.Array], params: PyTree,
         raise ValueError(f"jaxprune: synflow rounds must be an int >= 1, got {rounds!r}")
     sparsity = _check_sparsity(sparsity, pattern)
     masks = mask_lib.init_masks(params, filter)
+    check_selection("synflow", masks, None, filter)
     score_fn = jax.jit(
         lambda p, m: synflow_scores(apply_fn, p, input_shape, m, dtype=dtype)
     )
     for k in range(1, rounds + 1):
         s_k = 1.0 - (1.0 - sparsity) ** (k / rounds)
         masks = masks_from_scores(masks, score_fn(params, masks), s_k, allocation=allocation,
-                                  pattern=pattern, keep_pruned=True)
+                                  pattern=pattern, keep_pruned=True, method="synflow")
     return mask_lib.apply_masks(params, masks), masks
 
 

@@ -37,7 +37,7 @@ from jaxprune.core.pipeline import (
     resolve_sparsity,
     validate_patterns,
 )
-from jaxprune.training.wrapper import MaskUpdate, masked
+from jaxprune.training.wrapper import MaskUpdate, check_inner, check_selection, masked
 
 __all__ = ["pruner", "gradual_magnitude"]
 
@@ -79,12 +79,7 @@ def pruner(
             f"jaxprune: pruner schedule= must be a jaxprune Schedule (OneShot, Polynomial, "
             f"Iterative), got {type(schedule).__name__}: {schedule!r}"
         )
-    if inner is not None and not (callable(getattr(inner, "init", None))
-                                  and callable(getattr(inner, "update", None))):
-        raise TypeError(
-            f"jaxprune: pruner inner must be an optax optimizer with init/update (e.g. "
-            f"optax.adam(1e-3)) or None, got {type(inner).__name__}: {inner!r}"
-        )
+    check_inner("pruner", inner)
     crit = crit_lib.get(criterion)
     alloc = alloc_lib.get(allocation)
     if not alloc.traceable:
@@ -107,6 +102,7 @@ def pruner(
 
     def init_pruner_masks(params: PyTree) -> PyTree:
         masks = init_masks(params, filt)
+        check_selection("pruner", masks, opmap, filter)
         validate_patterns(masks, pat, opmap)
         return masks
 

@@ -24,10 +24,12 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxprune.core import allocation as alloc_lib
@@ -41,6 +43,7 @@ from jaxprune.core.pipeline import (
     resolve_sparsity,
     validate_patterns,
 )
+from jaxprune.training.wrapper import check_selection
 
 __all__ = ["ste_masks", "ste_params", "sparse_params", "sr_ste"]
 
@@ -50,10 +53,12 @@ def _resolve(sparsity: Any, pattern: pat_lib.Pattern | str) -> tuple[Any, pat_li
     return resolve_sparsity(sparsity, pat), pat
 
 
-def _init(params: PyTree, pat: pat_lib.Pattern, filter: Filter | None, opmap: Any) -> PyTree:
+def _init(params: PyTree, pat: pat_lib.Pattern, filter: Filter | None, opmap: Any,
+          method: str = "ste_masks") -> PyTree:
     """All-true masks of the selected leaves, checked against ``pat`` (on the map's views)."""
     check_opmap(opmap)
     masks = init_masks(params, default_filter(opmap) if filter is None else filter)
+    check_selection(method, masks, opmap, filter)
     validate_patterns(masks, pat, opmap)
     return masks
 
@@ -130,12 +135,13 @@ def sr_ste(
     >>> u["kernel"][:, 0]
     Array([0.5, 0. , 0. , 1. ], dtype=float32)
     """
-    if not (isinstance(decay, int | float) and decay >= 0.0):
-        raise ValueError(f"jaxprune: sr_ste decay must be a float >= 0, got {decay!r}")
+    if isinstance(decay, bool) or not (isinstance(decay, int | float | np.floating | np.integer)
+                                       and math.isfinite(decay) and decay >= 0.0):
+        raise ValueError(f"jaxprune: sr_ste decay must be a finite float >= 0, got {decay!r}")
     sparsity, pat = _resolve(sparsity, pattern)
 
     def init_fn(params: PyTree) -> optax.EmptyState:
-        _init(params, pat, filter, opmap)
+        _init(params, pat, filter, opmap, "sr_ste")
         return optax.EmptyState()
 
     def update_fn(updates: PyTree, state: optax.EmptyState, params: PyTree | None = None):

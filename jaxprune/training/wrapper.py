@@ -17,6 +17,7 @@ static-sparse step.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
@@ -25,11 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxprune.core.masks import PyTree, apply_masks, tree_map_masked
+from jaxprune.core._leafcheck import check_opmap_paths
+from jaxprune.core.masks import PyTree, apply_masks, leaves_with_paths, tree_map_masked
 
 __all__ = [
     "PruneState", "InnerStep", "MaskUpdate", "wrap", "masked", "reset_inner_state", "project",
-    "find_state", "get_prune_state", "get_masks",
+    "find_state", "get_prune_state", "get_masks", "check_inner", "check_selection",
 ]
 
 S = TypeVar("S", bound=tuple)
@@ -69,6 +71,45 @@ def _check_hint(method: str, hint: Any) -> bool | None:
     )
 
 
+def check_inner(method: str, inner: Any) -> None:
+    """Refuse an ``inner`` that is not an optax optimizer (an object with ``init``/``update``)."""
+    if inner is not None and not (callable(getattr(inner, "init", None))
+                                  and callable(getattr(inner, "update", None))):
+        raise TypeError(
+            f"jaxprune: {method} inner must be an optax optimizer with init/update (e.g. "
+            f"optax.adam(1e-3)) or None, got {type(inner).__name__}: {inner!r}"
+        )
+
+
+def check_selection(method: str, masks: PyTree, opmap: Any, filter: Any) -> None:
+    """At init: the pruned leaves must be in ``opmap`` (traced from the same params tree), and
+    a default selection that picks no leaf is warned about (training would stay dense).
+
+    >>> check_selection("demo", {"w": jnp.ones(2, bool)}, None, None)
+    """
+    check_opmap_paths(masks, opmap, filter, method)
+    selected = [p for p, m in leaves_with_paths(masks) if m is not None]
+    if not selected and filter is None:
+        warnings.warn(
+            f"jaxprune: {method}: the default filter (leaves named 'kernel' with ndim >= 2, or "
+            "the operator map's weights) selected no leaf, so training stays dense; pass "
+            "opmap=jp.operator_map(apply_fn, params, x) or a filter=", UserWarning, stacklevel=3)
+
+
+def _check_same_tree(method: str, grads: PyTree, params: PyTree) -> None:
+    gp = [p for p, _ in leaves_with_paths(grads)]
+    pp = [p for p, _ in leaves_with_paths(params)]
+    if gp != pp:
+        only_g = [p for p in gp if p not in pp]
+        only_p = [p for p in pp if p not in gp]
+        what = (f"'{only_g[0]}' is only in the grads" if only_g else
+                f"'{only_p[0]}' is only in the params" if only_p else "their leaves are in another order")
+        raise ValueError(
+            f"jaxprune: {method}: the grads tree does not match the params tree ({what}); call "
+            "tx.update(grads, state, params) with grads of the same params"
+        )
+
+
 def wrap(
     inner: optax.GradientTransformation | None,
     *,
@@ -94,6 +135,7 @@ def wrap(
     >>> int(st.count), u["w"]
     (1, Array([-1.], dtype=float32))
     """
+    check_inner(method, inner)
     inner = optax.with_extra_args_support(optax.identity() if inner is None else inner)
 
     def init_fn(params: PyTree) -> S:
@@ -106,6 +148,7 @@ def wrap(
             raise ValueError(
                 f"jaxprune: {method} needs params: call tx.update(grads, state, params)"
             )
+        _check_same_tree(method, updates, params)
         step = InnerStep(updates, params, state,
                          lambda g: inner.update(g, state.inner_state, params, **extra),
                          _check_hint(method, mask_update))
@@ -259,7 +302,9 @@ def reset_inner_state(
             return leaf
         return jnp.where(r, jnp.zeros((), leaf.dtype), leaf)
 
-    return optax.tree_utils.tree_map_params(inner, f, inner_state, flags)
+    # optax.multi_transform / optax.masked put MaskedNode where a param is not theirs: a leaf
+    return optax.tree_utils.tree_map_params(
+        inner, f, inner_state, flags, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
 
 
 def project(updates: PyTree, params: PyTree, masks: PyTree) -> PyTree:
