@@ -243,6 +243,7 @@ class CheckpointManager:
             enable_async_checkpointing=self.async_save,
             create=self.read_only is None,
             read_only=self.read_only is not None,
+            todelete_subdir=None if self.read_only else integrity.DELETED_SUBDIR,
         )
         self._mgr = ocp.CheckpointManager(self.directory, options=options,
                                           item_handlers=_handlers(self._items))
@@ -258,8 +259,10 @@ class CheckpointManager:
     def _raise(self, what: str, e: BaseException) -> None:
         if isinstance(e, CheckpointError | IntegrityError | CheckpointMismatchError):
             raise e
+        hint = " (its files may be damaged or truncated; restore another step)" if what.startswith(
+            ("restoring", "reading")) else ""
         raise CheckpointError(
-            f"jaxprune: {what} in '{self.directory}' failed: {type(e).__name__}: {e}"
+            f"jaxprune: {what} in '{self.directory}' failed{hint}: {type(e).__name__}: {e}"
         ) from e
 
     def wait(self) -> None:
@@ -272,6 +275,8 @@ class CheckpointManager:
         finally:
             self._pending = None
             _PENDING.discard(self)
+            if self.read_only is None and jax.process_index() == 0:
+                integrity.purge_deleted(self.directory)  # steps dropped by retention
 
     def _drop(self, why: str) -> bool:
         msg = f"jaxprune: CheckpointManager.save: {why}"

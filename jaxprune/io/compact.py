@@ -18,9 +18,9 @@ as it is, bit for bit; its mask leaf must be ``None`` or equal to the mask the f
 
 Unpruned leaves are stored dense. Restoring gives back *exactly* the params and the masks (a kept
 weight that happens to be ``0.0`` stays kept). The directory is one orbax checkpoint with two items:
-``meta`` (``JsonSave``: format version, and per leaf its path, shape, dtype, format and the format's
-static fields) and ``arrays`` (``StandardSave`` of the packed formats' array fields), written
-atomically by orbax.
+``meta`` (``JsonSave``: format version, and per leaf its path, shape, dtype, format, the format's
+static fields and a CRC-32 per array, verified on load) and ``arrays`` (``StandardSave`` of the
+packed formats' array fields), written atomically by orbax.
 
 A compact checkpoint holds only the kept values, so :func:`save_sparse` refuses params that are
 nonzero where their mask is off (straight-through training keeps dense weights): apply the masks
@@ -51,7 +51,14 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from jaxprune.core import patterns as pat_lib
-from jaxprune.core.masks import PyTree, check_masks, leaves_with_paths, tree_map_with_path_masked
+from jaxprune.core.masks import (
+    PyTree,
+    check_masks,
+    leaves_with_paths,
+    path_str,
+    tree_map_with_path_masked,
+)
+from jaxprune.io import integrity
 from jaxprune.io.trees import check_structure, dir_size
 from jaxprune.kernels import formats as F
 from jaxprune.kernels import quant_formats as QF
@@ -168,6 +175,19 @@ def _packed_leaf(info: dict[str, Any], arrays: dict[str, Any]) -> Any:
     return _CLASSES[fmt](**{k: jnp.asarray(v) for k, v in arrays.items()}, **none, **static)
 
 
+def _check_unique_paths(flat: list[tuple[Any, Any]]) -> None:
+    """Leaves are stored and restored by their path string: two leaves with one path (a key
+    ``"a/b"`` next to ``{"a": {"b": ...}}``) would restore each other's values."""
+    seen: dict[str, str] = {}
+    for kp, _ in flat:
+        path, key = path_str(kp), jax.tree_util.keystr(kp)
+        if path in seen:
+            raise ValueError(f"jaxprune.io.compact.save_sparse: leaves {seen[path]} and {key} both "
+                             f"have the path '{path}'; rename a key (a compact checkpoint stores "
+                             "leaves by path)")
+        seen[path] = key
+
+
 def save_sparse(directory: str | os.PathLike, params: PyTree, masks: PyTree, *,
                 pattern: pat_lib.Pattern | str = "unstructured",
                 drop_off_mask: bool = False) -> dict[str, Any]:
@@ -203,6 +223,7 @@ def save_sparse(directory: str | os.PathLike, params: PyTree, masks: PyTree, *,
     leaves: list[dict[str, Any]] = []
     arrays: dict[str, dict[str, np.ndarray]] = {}
     packed_leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_leaf)[0]
+    _check_unique_paths(packed_leaves)
     for i, ((_, p), (path, m)) in enumerate(
         zip(packed_leaves, leaves_with_paths(masks), strict=True)
     ):
@@ -217,8 +238,11 @@ def save_sparse(directory: str | os.PathLike, params: PyTree, masks: PyTree, *,
             raise type(e)(f"jaxprune.io.compact.save_sparse: leaf '{path}': {e}") from e
         if a:  # a zero-size leaf has no arrays
             arrays[key] = a
+        info["crc"] = {name: integrity._crc(v) for name, v in a.items()}  # verified on load
         leaves.append(info)
     meta = {"format_version": FORMAT_VERSION, "leaves": leaves}
+    if not arrays:  # orbax refuses an empty item (only unsaved or zero-size leaves): a placeholder
+        arrays["_none"] = {"_": np.zeros(1, np.uint8)}
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         ckptr.save(directory, ocp.args.Composite(meta=ocp.args.JsonSave(meta),
                                                  arrays=ocp.args.StandardSave(arrays)))
@@ -260,6 +284,14 @@ def _read(directory: str | os.PathLike, template: PyTree | None
             check_structure(template, spec, what="sparse checkpoint")
         arrays = ckptr.restore(directory, args=ocp.args.Composite(
             arrays=ocp.args.StandardRestore()))["arrays"]
+    for path, i in infos.items():  # checkpoints written before checksums existed load unchecked
+        for name, want in i.get("crc", {}).items():
+            got = integrity._crc(arrays[i["key"]][name])
+            if got != want:
+                raise integrity.IntegrityError(
+                    f"jaxprune: sparse checkpoint '{directory}': array '{name}' of leaf '{path}' "
+                    f"is corrupted: its checksum is {got} on load but was {want} when saved (the "
+                    "file was changed or damaged on disk)")
     return infos, {p: _packed_leaf(i, arrays.get(i["key"], {})) for p, i in infos.items()}
 
 
@@ -296,7 +328,8 @@ def load_sparse(directory: str | os.PathLike, template: PyTree | None = None
     With ``template`` (params of the model, arrays or ``ShapeDtypeStruct``) the result has its tree
     type and a mismatch raises :class:`~jaxprune.io.trees.CheckpointMismatchError` before any
     array is read; without, nested dicts keyed by path components. Raises ``FileNotFoundError``
-    for a missing or incomplete checkpoint.
+    for a missing or incomplete checkpoint, :class:`~jaxprune.io.integrity.IntegrityError` naming
+    the leaf when an array's bytes differ from the CRC-32 recorded at save.
 
     >>> import tempfile
     >>> d = tempfile.mkdtemp() + "/s"

@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import atexit
+import collections
 import operator
 import os
 import shutil
@@ -35,15 +36,19 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import numpy as np
 
 from jaxprune.core.masks import PyTree, leaves_with_paths
 
 __all__ = ["IntegrityError", "checksums", "verify_checksums", "swap_in", "recover",
-           "REPLACED_SUFFIX", "STAGING_PREFIX", "FAULT_HOOK"]
+           "purge_deleted", "REPLACED_SUFFIX", "STAGING_PREFIX", "DELETED_SUBDIR", "FAULT_HOOK"]
 
 REPLACED_SUFFIX = ".jaxprune-replaced"
 STAGING_PREFIX = ".jaxprune-staging-"
+#: retention moves a dropped step here with one atomic rename, then it is deleted (a process
+#: killed while deleting a step in place would leave a half-deleted step that looks saved)
+DELETED_SUBDIR = ".jaxprune-deleted"
 
 #: ``FAULT_HOOK(stage)`` is called at each stage of :func:`swap_in` (tests kill the process there).
 FAULT_HOOK: Callable[[str], None] | None = None
@@ -89,15 +94,26 @@ def _crc(x: Any) -> int | None:
     return zlib.crc32(a.view(np.uint8).reshape(-1).data) if a.size else 0
 
 
+def _keyed(tree: PyTree) -> list[tuple[str, Any]]:
+    """``(key, leaf)`` per leaf: its path, or, where two leaves share a path string (a dict key
+    ``"a/b"`` next to ``{"a": {"b": ...}}``), ``jax.tree_util.keystr`` of its key path, so no
+    checksum is keyed ambiguously."""
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0]
+    paths = [p for p, _ in leaves_with_paths(tree)]
+    seen = collections.Counter(paths)
+    return [(p if seen[p] == 1 else "keystr:" + jax.tree_util.keystr(kp), x)
+            for p, (kp, x) in zip(paths, flat, strict=True)]
+
+
 def checksums(tree: PyTree) -> dict[str, int | None]:
     """``{leaf path: CRC-32 of the array's bytes}`` (``None`` for arrays this process cannot
     read whole, i.e. not fully addressable multi-process arrays; ``None`` leaves are skipped).
+    Leaves whose path strings collide are keyed by ``"keystr:" + jax.tree_util.keystr(path)``.
 
     >>> checksums({"a": np.zeros(2, np.float32), "b": None})
     {'a': 1696784233}
     """
-    return {path: _crc(x) for path, x in leaves_with_paths(tree)
-            if x is not None and hasattr(x, "shape")}
+    return {key: _crc(x) for key, x in _keyed(tree) if x is not None and hasattr(x, "shape")}
 
 
 def verify_checksums(tree: PyTree, saved: dict[str, int | None]) -> None:
@@ -106,7 +122,7 @@ def verify_checksums(tree: PyTree, saved: dict[str, int | None]) -> None:
 
     >>> verify_checksums({"a": np.ones(2)}, {"a": None})
     """
-    for path, x in leaves_with_paths(tree):
+    for path, x in _keyed(tree):
         want = saved.get(path)
         if x is None or want is None or not hasattr(x, "shape"):
             continue
@@ -181,7 +197,10 @@ def recover(directory: str) -> list[str]:
         return done
     for name in sorted(os.listdir(directory)):
         full = os.path.join(directory, name)
-        if name.startswith(STAGING_PREFIX):
+        if name == DELETED_SUBDIR:
+            if purge_deleted(directory):
+                done.append(f"finished deleting the steps dropped by retention ('{name}')")
+        elif name.startswith(STAGING_PREFIX):
             shutil.rmtree(full, ignore_errors=True)
             done.append(f"removed the incomplete staging directory '{name}'")
         elif name.endswith(REPLACED_SUFFIX):
@@ -196,3 +215,17 @@ def recover(directory: str) -> list[str]:
     if done:
         _fsync_dir(directory)
     return done
+
+
+def purge_deleted(directory: str) -> bool:
+    """Delete the steps that retention moved to ``DELETED_SUBDIR``; whether there were any.
+
+    >>> import tempfile; d = tempfile.mkdtemp(); os.makedirs(os.path.join(d, DELETED_SUBDIR, "1"))
+    >>> purge_deleted(d), os.listdir(d)
+    (True, [])
+    """
+    full = os.path.join(directory, DELETED_SUBDIR)
+    if not os.path.isdir(full):
+        return False
+    shutil.rmtree(full, ignore_errors=True)
+    return True

@@ -92,6 +92,9 @@ def _axis_size(mesh: Mesh, entry: Any) -> int:
     if entry is None:
         return 1
     names = entry if isinstance(entry, tuple) else (entry,)
+    missing = [n for n in names if n not in mesh.shape]
+    if missing:
+        raise ValueError(f"jaxprune: mesh has no axis {missing[0]!r} (axes {tuple(mesh.shape)})")
     return math.prod(mesh.shape[n] for n in names)
 
 

@@ -55,12 +55,20 @@ def _empty(x: Any) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype") and 0 in tuple(x.shape)
 
 
+def _is_scalar(x: Any) -> bool:
+    """A Python or NumPy scalar leaf (orbax saves them but cannot restore them into a target)."""
+    return isinstance(x, bool | int | float | complex | np.generic)
+
+
 def _to_savable(tree: PyTree, drop_empty: bool = True) -> PyTree:
     """Typed keys as raw key data; zero-size arrays (orbax cannot store them) as ``None``, put
-    back from the template's shape and dtype on restore (:func:`_rewrap_keys`)."""
+    back from the template's shape and dtype on restore (:func:`_rewrap_keys`); Python/NumPy
+    scalars as 0-d NumPy arrays (turned back into the template's scalar type on restore)."""
     def f(x: Any) -> Any:
         if drop_empty and _empty(x):
             return None
+        if _is_scalar(x):
+            return np.asarray(x)
         return jax.random.key_data(x) if _is_key(x) else x
 
     return jax.tree.map(f, _pure(tree))
@@ -156,6 +164,9 @@ def _rewrap_keys(template: PyTree, restored: PyTree) -> PyTree:
             return jax.random.wrap_key_data(r, impl=jax.random.key_impl(t))
         if _empty(t) and r is None:  # saved as None: nothing to read, the template's shape
             return jnp.zeros(t.shape, t.dtype)
+        if _is_scalar(t) and r is not None:  # saved as a 0-d array: the template's scalar type
+            r = np.asarray(r)
+            return r.astype(t.dtype)[()] if isinstance(t, np.generic) else type(t)(r.item())
         return r
 
     return jax.tree.map(f, template, restored, is_leaf=_is_nnx_state)

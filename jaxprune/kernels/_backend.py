@@ -19,6 +19,7 @@ reduction loop inside the kernel). Default: ``"gpu"`` on GPU, ``"tpu"`` elsewher
 
 from __future__ import annotations
 
+import operator
 import os
 import warnings
 from collections.abc import Callable
@@ -61,6 +62,25 @@ def resolve(impl: str, variant: str, interpret: bool | None) -> tuple[str, str, 
     if impl == "auto" and interpret:
         impl = "pallas"  # interpret mode runs anywhere; no compile check needed
     return impl, variant, bool(interpret)
+
+
+def positive_ints(xs: Any, count: int, what: str) -> tuple[int, ...]:
+    """``xs`` as a tuple of ``count`` Python ints >= 1 (NumPy ints accepted), else a ``ValueError``
+    naming ``what`` (``2.5`` or ``True`` are refused, not truncated).
+
+    >>> positive_ints((16, 128), 2, "tiles")
+    (16, 128)
+    """
+    shown = xs[0] if count == 1 and isinstance(xs, tuple) and len(xs) == 1 else xs
+    bad = ValueError(f"jaxprune.kernels.{what} must be "
+                     f"{'an integer' if count == 1 else f'{count} integers'} >= 1, got {shown!r}")
+    try:
+        out = tuple(operator.index(x) for x in xs)
+    except TypeError:
+        raise bad from None
+    if len(out) != count or any(isinstance(x, bool) or x < 1 for x in xs):
+        raise bad
+    return out
 
 
 def fallback_allowed(fallback: bool | None) -> bool:

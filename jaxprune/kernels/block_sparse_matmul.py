@@ -245,7 +245,10 @@ def block_sparse_matmul(
             f"jaxprune.kernels.block_sparse_matmul: w must be BlockSparse, got {type(w).__name__}"
         )
     k, nn = w.kn
+    x = jnp.asarray(x)
     ref._check_x(x, k, "block_sparse_matmul")
+    if tm is not None:
+        tm = _backend.positive_ints((tm,), 1, "block_sparse_matmul: tm")[0]
     impl, variant, interp = _backend.resolve(impl, variant, interpret)
     if math.prod(x.shape[:-1]) == 0:  # an empty batch: an empty result, no kernel
         return jnp.zeros((*x.shape[:-1], nn), jnp.result_type(x.dtype, w.blocks.dtype))

@@ -40,6 +40,7 @@ Example:
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -236,20 +237,32 @@ def _nm_codes(p: NMPacked) -> jax.Array:
 def _nm_dense(p: NMPacked, values: jax.Array | None = None) -> jax.Array:
     v = p.values if values is None else values
     codes = _nm_codes(p)  # (n, F, H, N)
-    onehot = codes[..., None, :] == jnp.arange(p.m)[:, None]  # (n, F, H, m, N)
-    dense = jnp.sum(jnp.where(onehot, v[..., None, :], jnp.zeros((), v.dtype)), axis=0)
+    # only kept slots are read (empty slots' codes may repeat a kept slot's position), so the
+    # gradient of an empty slot is zero; select, not sum, so a kept -0.0 stays -0.0
+    valid = _nm_slot_valid(p, codes)
+    onehot = (codes[..., None, :] == jnp.arange(p.m)[:, None]) & valid[..., None, :]
+    dense = jnp.zeros(onehot.shape[1:], v.dtype)  # (F, H, m, N)
+    for j in range(p.n):
+        dense = jnp.where(onehot[j], v[j][..., None, :], dense)
     k, nn = p.kn
     dense = dense.transpose(1, 0, 2, 3).reshape(p.padded_k, nn)  # (H, F, m, N) -> (Kp, N)
     return dense[:k]
 
 
-def _nm_mask(p: NMPacked) -> jax.Array:
-    codes = _nm_codes(p)
+def _nm_slot_valid(p: NMPacked, codes: jax.Array | None = None) -> jax.Array:
+    """``(n, F, H, N)`` bool: which slots hold a kept entry (not an empty-slot padding code)."""
+    codes = _nm_codes(p) if codes is None else codes
     valid = codes < p.m
     if p.n >= 2:
         inc = codes[1:] > codes[:-1]
         first = ~(codes[1] < codes[0])
         valid = valid & jnp.concatenate([first[None], inc], axis=0)
+    return valid
+
+
+def _nm_mask(p: NMPacked) -> jax.Array:
+    codes = _nm_codes(p)
+    valid = _nm_slot_valid(p, codes)
     onehot = (codes[..., None, :] == jnp.arange(p.m)[:, None]) & valid[..., None, :]
     dense = jnp.any(onehot, axis=0).transpose(1, 0, 2, 3).reshape(p.padded_k, p.kn[1])
     return dense[: p.kn[0]]
@@ -320,7 +333,11 @@ def pack_block(
     >>> b.rows.tolist(), b.cols.tolist(), bool((unpack(b) == jnp.where(m, w, 0)).all())
     ([0], [1], True)
     """
-    br, bc = (int(block[0]), int(block[1]))
+    try:
+        br, bc = (operator.index(b) for b in block)
+    except (TypeError, ValueError):  # not two integers (2.5 would silently become 2)
+        raise ValueError("jaxprune.kernels.pack_block: block must be two integers (rows, cols), "
+                         f"got {block!r}") from None
     if br <= 0 or bc <= 0:
         raise ValueError(f"jaxprune.kernels.pack_block: block must be positive, got {block}")
     wn, mn = _check_pair(w, mask, "pack_block")

@@ -221,14 +221,17 @@ def _bwd(cfg, res, g):
     g32 = g.astype(jnp.float32)
     w = F._nm_dense(p).astype(jnp.float32)  # (K, N)
     dx = jnp.dot(g32, w.T, precision=prec).astype(x2.dtype)
-    # dvalues = dW gathered at each slot's position (0 for empty-marker codes >= m)
+    # dvalues = dW gathered at each slot's position
     dw = jnp.dot(x2.astype(jnp.float32).T, g32, precision=prec)  # (K, N)
     dw = jnp.pad(dw, ((0, p.padded_k - k), (0, 0)))
     h = values.shape[2]
     dw = dw.reshape(h, p.per_word, p.m, nn)  # (H, F, m, N)
     codes = F._nm_codes(p).transpose(2, 1, 0, 3)  # (H, F, n, N)
     dv = jnp.take_along_axis(dw, jnp.minimum(codes, p.m - 1), axis=2)
-    dv = jnp.where(codes < p.m, dv, 0.0).transpose(2, 1, 0, 3).astype(values.dtype)
+    # empty slots get zero gradient, also those whose padding code repeats a kept slot's
+    # position (m == 2**bits): else training would move that weight twice and fill the slot
+    valid = F._nm_slot_valid(p).transpose(2, 1, 0, 3)
+    dv = jnp.where(valid, dv, 0.0).transpose(2, 1, 0, 3).astype(values.dtype)
     return dx, dv, np.zeros(idx.shape, jax.dtypes.float0)
 
 
@@ -270,15 +273,15 @@ def nm_matmul(
     if not isinstance(w, F.NMPacked):
         raise TypeError(f"jaxprune.kernels.nm_matmul: w must be NMPacked, got {type(w).__name__}")
     k, nn = w.kn
+    x = jnp.asarray(x)
     ref._check_x(x, k, "nm_matmul")
-    if tiles is not None and (len(tuple(tiles)) != 3 or any(int(t) < 1 for t in tiles)):
-        raise ValueError(f"jaxprune.kernels.nm_matmul: tiles must be three integers >= 1 "
-                         f"(tm, tn, th), got {tiles!r}")
+    if tiles is not None:
+        tiles = _backend.positive_ints(tiles, 3, "nm_matmul: tiles (tm, tn, th)")
     impl, variant, interp = _backend.resolve(impl, variant, interpret)
     if math.prod(x.shape[:-1]) == 0:  # an empty batch: an empty result, no kernel
         return jnp.zeros((*x.shape[:-1], nn), jnp.result_type(x.dtype, w.values.dtype))
     cfg = _Cfg(tuple(w.shape), w.n, w.m, impl, variant, interp,
-               None if tiles is None else tuple(int(t) for t in tiles),
+               tiles,
                _backend.fallback_allowed(fallback))
     lead = x.shape[:-1]
     y = _nm_core(x.reshape(-1, k), w.values, w.indices, cfg)
