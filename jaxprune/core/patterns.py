@@ -9,7 +9,9 @@ deterministically: among equal scores the entry with the lower flat index is kep
 * :class:`NM` — keep ``n`` of every ``m`` consecutive entries along the contraction axis
   (axis ``ndim - 2``: axis 0 of a Flax ``Dense`` kernel ``(in, out)``, ``in`` of a conv kernel
   ``(h, w, in, out)``). Intermediate sparsities of a gradual schedule keep ``round((1-s)·m)``
-  (never fewer than ``n``) per group, so a schedule can ramp towards N:M.
+  (never fewer than ``n``) per group, so a schedule can ramp towards N:M. In a tree every N:M
+  leaf takes the target sparsity itself (:func:`~jaxprune.core.pipeline.compute_masks`): an
+  allocation (ERK, global) spreads sparsity over the other leaves only.
 * :class:`Block` — ``(r, c)`` blocks of the matmul view ``(prod(shape[:-1]), shape[-1])``.
 * :class:`Channel` — whole output units (slices along ``axis``, default the last).
 

@@ -247,8 +247,12 @@ def _compute_masks_impl(masks: PyTree, scores: PyTree, sparsity: Any,
         if m is None:
             out.append(None)
             continue
-        alloc_lib.check_sparsity(path, a, allow_full=True)
         pat = pat_lib.for_path(pattern, path)
+        if isinstance(pat, pat_lib.NM):
+            # N:M fixes every leaf's sparsity (1 − n/m, or the target on a ramp towards it): an
+            # allocation's share (ERK, global) would give some leaves 3:4 and miss the target
+            a = sparsity
+        alloc_lib.check_sparsity(path, a, allow_full=True)
         if type(pat) is pat_lib.Unstructured:
             batch.append((len(out), path, jnp.asarray(s), a))
             out.append(m)

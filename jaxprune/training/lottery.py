@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -48,7 +49,13 @@ from jaxprune.core import criteria as crit_lib
 from jaxprune.core import masks as mask_lib
 from jaxprune.core import patterns as pat_lib
 from jaxprune.core.masks import Filter, PyTree
-from jaxprune.core.pipeline import compute_masks, resolve_sparsity
+from jaxprune.core.pipeline import (
+    check_opmap,
+    compute_masks,
+    default_filter,
+    resolve_sparsity,
+    validate_patterns,
+)
 from jaxprune.training.wrapper import InnerStep, check_selection, find_state, wrap
 
 __all__ = [
@@ -164,11 +171,14 @@ def imp_masks(
     *,
     allocation: alloc_lib.Allocation | str = "uniform",
     pattern: pat_lib.Pattern | str = "unstructured",
+    opmap: Any = None,
 ) -> PyTree:
     """One IMP pruning step: magnitude masks at ``sparsity`` that never revive pruned weights.
 
     Entries already off in ``masks`` stay off (``compute_masks(..., keep_pruned=True)``: they rank
-    below every live weight, whatever their trained value).
+    below every live weight, whatever their trained value). ``opmap``
+    (:func:`jaxprune.operator_map`) makes the pattern act on each leaf's matrix view (N:M along the
+    real fan-in of a PyTorch-layout or multi-axis kernel).
 
     >>> imp_masks({"w": jnp.array([5., 1., 3., 9.])}, {"w": jnp.array([True, True, True, False])},
     ...           0.5)["w"]
@@ -176,7 +186,7 @@ def imp_masks(
     """
     mask_lib.check_masks(trained, masks)
     scores = crit_lib.magnitude(trained, masks)
-    return compute_masks(masks, scores, sparsity, allocation, pattern, keep_pruned=True)
+    return compute_masks(masks, scores, sparsity, allocation, pattern, keep_pruned=True, opmap=opmap)
 
 
 def rewind(saved: PyTree, masks: PyTree) -> PyTree:
@@ -248,6 +258,7 @@ def imp(
     pattern: pat_lib.Pattern | str = "unstructured",
     filter: Filter | None = None,
     callback: Callable[[Round], None] | None = None,
+    opmap: Any = None,
 ) -> LotteryResult:
     """Iterative magnitude pruning with rewinding, driving the user's ``train(params, masks)``.
 
@@ -267,8 +278,12 @@ def imp(
         their trained values; ``train`` restarts its own LR schedule each call).
       rewind_params: explicit rewind point (overrides ``rewind_to``'s lookup).
       allocation, pattern: how each round's sparsity is spread and shaped (default: layer-wise
-        uniform, unstructured; pass ``"global"`` for a global threshold).
-      filter: which leaves are pruned (default: ``kernel`` leaves with ndim >= 2).
+        uniform, unstructured; pass ``"global"`` for a global threshold). With an N:M pattern a
+        round's target is rounded down to whole entries per group (the last reaches ``1 − n/m``).
+      filter: which leaves are pruned (default: ``kernel`` leaves with ndim >= 2, or the weights
+        of ``opmap``).
+      opmap: the model's operator map (:func:`jaxprune.operator_map`): patterns act on each
+        leaf's matrix view, as everywhere else.
       callback: called with every finished :class:`Round` (logging, checkpoints).
 
     >>> res = imp({"kernel": jnp.ones((2, 2))}, lambda p, m: p, sparsity=0.5, rounds=1)
@@ -293,8 +308,10 @@ def imp(
             return _like(out.params, init_params), out.opt_state
         return _like(out, init_params), None
 
-    masks = mask_lib.init_masks(init_params, filter)
-    check_selection("imp", masks, None, filter)
+    check_opmap(opmap)
+    masks = mask_lib.init_masks(init_params, default_filter(opmap) if filter is None else filter)
+    check_selection("imp", masks, opmap, filter)
+    validate_patterns(masks, pat_lib.parse(pattern), opmap)
     trained, opt_state = unpack(train(init_params, masks))
     history = [Round(0, _measured_sparsity(masks), masks, init_params, trained)]
     if callback is not None:
@@ -317,9 +334,12 @@ def imp(
             rewind_params = get_rewind_point(opt_state, trained)
     rewind_params = None if rewind_params is None else _like(rewind_params, init_params)
     mask_lib.check_masks(init_params, masks)
+    pat = pat_lib.parse(pattern)
     for r in range(1, rounds + 1):
-        masks = imp_masks(trained, masks, imp_sparsity(sparsity, r, rounds), allocation=allocation,
-                          pattern=pattern)
+        s_r = imp_sparsity(sparsity, r, rounds)
+        if isinstance(pat, pat_lib.NM):  # only whole entries of each group of m are reachable
+            s_r = math.floor(s_r * pat.m + 1e-9) / pat.m
+        masks = imp_masks(trained, masks, s_r, allocation=allocation, pattern=pattern, opmap=opmap)
         start = mask_lib.apply_masks(trained, masks) if rewind_to == "lr" else rewind(rewind_params,
                                                                              masks)
         trained, _ = unpack(train(start, masks))

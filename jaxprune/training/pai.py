@@ -37,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -49,7 +50,13 @@ from jaxprune.core import criteria as crit_lib
 from jaxprune.core import masks as mask_lib
 from jaxprune.core import patterns as pat_lib
 from jaxprune.core.masks import Filter, PyTree
-from jaxprune.core.pipeline import compute_masks, resolve_sparsity
+from jaxprune.core.pipeline import (
+    check_opmap,
+    compute_masks,
+    default_filter,
+    resolve_sparsity,
+    validate_patterns,
+)
 from jaxprune.training.wrapper import check_selection
 
 __all__ = [
@@ -170,6 +177,7 @@ def masks_from_scores(
     pattern: pat_lib.Pattern | str = "unstructured",
     keep_pruned: bool = False,
     method: str = "",
+    opmap: Any = None,
 ) -> PyTree:
     """Masks at ``sparsity`` from ``scores`` via :func:`jaxprune.core.pipeline.compute_masks`.
 
@@ -186,7 +194,17 @@ def masks_from_scores(
     sparsity = _check_sparsity(sparsity, pat)
     _check_finite_scores(scores, method)
     alloc = alloc_lib.get(allocation)
-    return compute_masks(masks, scores, sparsity, alloc, pat, keep_pruned=keep_pruned)
+    return compute_masks(masks, scores, sparsity, alloc, pat, keep_pruned=keep_pruned, opmap=opmap)
+
+
+def _init(method: str, params: PyTree, filter: Filter | None, pattern: Any, opmap: Any) -> PyTree:
+    """All-true masks of the selected leaves (the operator map's weights by default when given),
+    checked against ``pattern`` on their matrix views."""
+    check_opmap(opmap)
+    masks = mask_lib.init_masks(params, default_filter(opmap) if filter is None else filter)
+    check_selection(method, masks, opmap, filter)
+    validate_patterns(masks, pat_lib.parse(pattern), opmap)
+    return masks
 
 
 def _check_sparsity(sparsity: Any, pattern: pat_lib.Pattern | str) -> float:
@@ -198,7 +216,7 @@ def _check_sparsity(sparsity: Any, pattern: pat_lib.Pattern | str) -> float:
 def snip(loss_fn: LossFn, params: PyTree, batch: Any, sparsity: float | None = None, *,
          allocation: alloc_lib.Allocation | str = DEFAULT_ALLOCATION,
          pattern: pat_lib.Pattern | str = "unstructured",
-         filter: Filter | None = None) -> tuple[PyTree, PyTree]:
+         filter: Filter | None = None, opmap: Any = None) -> tuple[PyTree, PyTree]:
     """SNIP at ``sparsity`` (global by default): ``(params with pruned entries zeroed, masks)``.
 
     >>> p = {"kernel": jnp.array([[1., -2.], [0.5, 3.]])}
@@ -210,18 +228,17 @@ def snip(loss_fn: LossFn, params: PyTree, batch: Any, sparsity: float | None = N
     Array([[ 0., -2.],
            [ 0.,  3.]], dtype=float32)
     """
-    masks = mask_lib.init_masks(params, filter)
-    check_selection("snip", masks, None, filter)
+    masks = _init("snip", params, filter, pattern, opmap)
     scores = snip_scores(loss_fn, params, batch, masks)
     masks = masks_from_scores(masks, scores, sparsity, allocation=allocation, pattern=pattern,
-                              method="snip")
+                              method="snip", opmap=opmap)
     return mask_lib.apply_masks(params, masks), masks
 
 
 def grasp(loss_fn: LossFn, params: PyTree, batch: Any, sparsity: float | None = None, *,
           allocation: alloc_lib.Allocation | str = DEFAULT_ALLOCATION,
           pattern: pat_lib.Pattern | str = "unstructured",
-          filter: Filter | None = None) -> tuple[PyTree, PyTree]:
+          filter: Filter | None = None, opmap: Any = None) -> tuple[PyTree, PyTree]:
     """GraSP at ``sparsity``: keep the weights whose removal least reduces gradient flow.
     Returns ``(params with pruned entries zeroed, masks)``.
 
@@ -230,11 +247,10 @@ def grasp(loss_fn: LossFn, params: PyTree, batch: Any, sparsity: float | None = 
     Array([[False,  True],
            [False,  True]], dtype=bool)
     """
-    masks = mask_lib.init_masks(params, filter)
-    check_selection("grasp", masks, None, filter)
+    masks = _init("grasp", params, filter, pattern, opmap)
     scores = grasp_scores(loss_fn, params, batch, masks)
     masks = masks_from_scores(masks, scores, sparsity, allocation=allocation, pattern=pattern,
-                              method="grasp")
+                              method="grasp", opmap=opmap)
     return mask_lib.apply_masks(params, masks), masks
 
 
@@ -243,11 +259,13 @@ def synflow(apply_fn: Callable[[PyTree, jax.Array], jax.Array], params: PyTree,
             allocation: alloc_lib.Allocation | str = DEFAULT_ALLOCATION,
             pattern: pat_lib.Pattern | str = "unstructured",
             filter: Filter | None = None,
-            dtype: Any = jnp.float32) -> tuple[PyTree, PyTree]:
+            dtype: Any = jnp.float32, opmap: Any = None) -> tuple[PyTree, PyTree]:
     """Iterative SynFlow: ``rounds`` score/prune rounds to density ``d^(k/K)``, ``k = 1..K``.
 
-    Entries pruned in a round stay pruned (``keep_pruned=True``). Returns ``(params with pruned
-    entries zeroed, masks)``.
+    Entries pruned in a round stay pruned (``keep_pruned=True``). With an N:M pattern each round's
+    target is rounded down to whole entries per group (the last round reaches ``1 − n/m``).
+    ``opmap`` (:func:`jaxprune.operator_map`) makes patterns act on each leaf's matrix view.
+    Returns ``(params with pruned entries zeroed, masks)``.
 
     >>> ap = lambda p, x: x @ p["kernel"]
     >>> synflow(ap, {"kernel": jnp.array([[2.], [-3.], [1.], [4.]])}, (1, 4), 0.5, rounds=2)[1]["kernel"]
@@ -259,15 +277,18 @@ def synflow(apply_fn: Callable[[PyTree, jax.Array], jax.Array], params: PyTree,
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"jaxprune: synflow rounds must be an int >= 1, got {rounds!r}")
     sparsity = _check_sparsity(sparsity, pattern)
-    masks = mask_lib.init_masks(params, filter)
-    check_selection("synflow", masks, None, filter)
+    pat = pat_lib.parse(pattern)
+    masks = _init("synflow", params, filter, pattern, opmap)
     score_fn = jax.jit(
         lambda p, m: synflow_scores(apply_fn, p, input_shape, m, dtype=dtype)
     )
     for k in range(1, rounds + 1):
         s_k = 1.0 - (1.0 - sparsity) ** (k / rounds)
+        if isinstance(pat, pat_lib.NM):  # only whole entries of each group of m are reachable
+            s_k = math.floor(s_k * pat.m + 1e-9) / pat.m
         masks = masks_from_scores(masks, score_fn(params, masks), s_k, allocation=allocation,
-                                  pattern=pattern, keep_pruned=True, method="synflow")
+                                  pattern=pattern, keep_pruned=True, method="synflow",
+                                  opmap=opmap)
     return mask_lib.apply_masks(params, masks), masks
 
 
