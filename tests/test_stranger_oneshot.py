@@ -35,12 +35,16 @@ def _leaf(tree, path):
     return tree
 
 
-def test_densegeneral_attention_masks_follow_the_fan_in():
+def _attn_calibrated(batch: int, t: int, gram: bool = True):
+    """The DenseGeneral attention model, its params, stats and each layer's input rows."""
     m = _Attn()
-    x = jax.random.normal(K(1), (4, 5, 8))
+    x = jax.random.normal(K(1), (batch, t, 8))
     p = m.init(K(0), x)["params"]
-    st = oneshot.calibrate(m, p, [x])
-    rows = oneshot.layer_inputs(m, p, x)
+    return m, x, p, oneshot.calibrate(m, p, [x], gram=gram), oneshot.layer_inputs(m, p, x)
+
+
+def test_densegeneral_attention_masks_follow_the_fan_in():
+    m, x, p, st, rows = _attn_calibrated(4, 5)
     # oracle: the out projection multiplies the attention output flattened over (heads, head_dim)
     np.testing.assert_allclose(st["o/kernel"].gram, np.asarray(rows["o/kernel"]).T @ rows["o/kernel"],
                                rtol=1e-4, atol=1e-4)
@@ -74,11 +78,7 @@ def test_torch_layout_einsum_wanda_scores_equal_hand_oracle():
 
 
 def test_sparsegpt_and_obs_beat_magnitude_on_reconstruction():
-    m = _Attn()
-    x = jax.random.normal(K(1), (8, 6, 8))
-    p = m.init(K(0), x)["params"]
-    st = oneshot.calibrate(m, p, [x])
-    rows = oneshot.layer_inputs(m, p, x)
+    m, x, p, st, rows = _attn_calibrated(8, 6)
     errs = {}
     for meth in ("magnitude", "sparsegpt", "obs"):
         newp, _ = oneshot.prune_layers(p, st, meth, 0.5)
@@ -183,10 +183,7 @@ def test_prune_layers_argument_errors():
 
 
 def test_owl_sparsities_accepts_the_params_tree():
-    m = _Attn()
-    x = jax.random.normal(K(1), (4, 5, 8))
-    p = m.init(K(0), x)["params"]
-    st = oneshot.calibrate(m, p, [x], gram=False)
+    m, x, p, st, _ = _attn_calibrated(4, 5, gram=False)
     flat = {k: _leaf(p, k) for k in st}
     assert oneshot.owl_sparsities(p, st, 0.5, M=1.5) == oneshot.owl_sparsities(flat, st, 0.5, M=1.5)
 

@@ -11,7 +11,7 @@ from flax import linen as nn
 
 from jaxprune import structured as st
 from jaxprune.core.allocation import Global
-from jaxprune.core.masks import apply_masks, leaves_with_paths
+from jaxprune.core.masks import apply_masks
 from jaxprune.oneshot.calibration import calibrate
 from jaxprune.structured import Group, Member
 
@@ -24,18 +24,9 @@ def _rand(tree, seed=0):
 
 def _expected_count(params, groups, keep):
     """Param count after removing the units, computed per (leaf, axis) independently of slim."""
-    shapes = {p: np.shape(x) for p, x in leaves_with_paths(params)}
-    kept = {}
-    for g in groups:
-        kb = np.zeros(g.size, bool)
-        kb[keep[g.name]] = True
-        for m in g.members:
-            cur = kept.get((m.path, m.axis), np.ones(shapes[m.path][m.axis], bool))
-            kept[(m.path, m.axis)] = cur & kb[m.unit_of_index()]
-    total = 0
-    for p, s in shapes.items():
-        total += int(np.prod([kept[(p, a)].sum() if (p, a) in kept else n for a, n in enumerate(s)]))
-    return total
+    from test_slim import _removed_size  # the same per-(leaf, axis) oracle
+
+    return st.param_count(params) - _removed_size(params, groups, keep)
 
 
 def _check_slim_equals_masked(fn_full, fn_slim, v, x, groups, sparsity):
