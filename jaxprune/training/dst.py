@@ -66,10 +66,10 @@ from jaxprune.core.pipeline import check_opmap, compute_masks, default_filter, l
 from jaxprune.core.topk import count_true
 from jaxprune.training.wrapper import (
     MaskUpdate,
-    check_selection,
     get_masks,
     masked,
     reset_inner_state,
+    selected_masks,
 )
 
 __all__ = [
@@ -275,8 +275,7 @@ def sparse_training(
             check_masks(params, masks)
             m0 = tree_map_masked(lambda m: None if m is None else jnp.asarray(m, bool), masks)
         else:
-            check_selection(method, init_masks(
-                params, default_filter(opmap) if filter is None else filter), opmap, filter)
+            selected_masks(method, params, filter, "unstructured", opmap)
             m0 = sparse_init(params, sparsity, allocation=alloc, filter=filter, key=key, opmap=opmap)
         for path, m in leaves_with_paths(m0):
             if m is None or not m.size or not dynamic or isinstance(m, jax.core.Tracer):

@@ -49,14 +49,8 @@ from jaxprune.core import criteria as crit_lib
 from jaxprune.core import masks as mask_lib
 from jaxprune.core import patterns as pat_lib
 from jaxprune.core.masks import Filter, PyTree
-from jaxprune.core.pipeline import (
-    check_opmap,
-    compute_masks,
-    default_filter,
-    resolve_sparsity,
-    validate_patterns,
-)
-from jaxprune.training.wrapper import InnerStep, check_selection, find_state, wrap
+from jaxprune.core.pipeline import compute_masks, resolve_sparsity
+from jaxprune.training.wrapper import InnerStep, find_state, selected_masks, wrap
 
 __all__ = [
     "RewindState",
@@ -308,10 +302,7 @@ def imp(
             return _like(out.params, init_params), out.opt_state
         return _like(out, init_params), None
 
-    check_opmap(opmap)
-    masks = mask_lib.init_masks(init_params, default_filter(opmap) if filter is None else filter)
-    check_selection("imp", masks, opmap, filter)
-    validate_patterns(masks, pat_lib.parse(pattern), opmap)
+    masks = selected_masks("imp", init_params, filter, pattern, opmap)
     trained, opt_state = unpack(train(init_params, masks))
     history = [Round(0, _measured_sparsity(masks), masks, init_params, trained)]
     if callback is not None:

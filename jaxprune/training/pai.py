@@ -50,14 +50,8 @@ from jaxprune.core import criteria as crit_lib
 from jaxprune.core import masks as mask_lib
 from jaxprune.core import patterns as pat_lib
 from jaxprune.core.masks import Filter, PyTree
-from jaxprune.core.pipeline import (
-    check_opmap,
-    compute_masks,
-    default_filter,
-    resolve_sparsity,
-    validate_patterns,
-)
-from jaxprune.training.wrapper import check_selection
+from jaxprune.core.pipeline import compute_masks, resolve_sparsity
+from jaxprune.training.wrapper import selected_masks
 
 __all__ = [
     "snip_scores",
@@ -197,16 +191,6 @@ def masks_from_scores(
     return compute_masks(masks, scores, sparsity, alloc, pat, keep_pruned=keep_pruned, opmap=opmap)
 
 
-def _init(method: str, params: PyTree, filter: Filter | None, pattern: Any, opmap: Any) -> PyTree:
-    """All-true masks of the selected leaves (the operator map's weights by default when given),
-    checked against ``pattern`` on their matrix views."""
-    check_opmap(opmap)
-    masks = mask_lib.init_masks(params, default_filter(opmap) if filter is None else filter)
-    check_selection(method, masks, opmap, filter)
-    validate_patterns(masks, pat_lib.parse(pattern), opmap)
-    return masks
-
-
 def _check_sparsity(sparsity: Any, pattern: pat_lib.Pattern | str) -> float:
     if isinstance(sparsity, str):
         raise ValueError(f"jaxprune: sparsity must be a float, got {sparsity!r}")
@@ -228,7 +212,7 @@ def snip(loss_fn: LossFn, params: PyTree, batch: Any, sparsity: float | None = N
     Array([[ 0., -2.],
            [ 0.,  3.]], dtype=float32)
     """
-    masks = _init("snip", params, filter, pattern, opmap)
+    masks = selected_masks("snip", params, filter, pattern, opmap)
     scores = snip_scores(loss_fn, params, batch, masks)
     masks = masks_from_scores(masks, scores, sparsity, allocation=allocation, pattern=pattern,
                               method="snip", opmap=opmap)
@@ -247,7 +231,7 @@ def grasp(loss_fn: LossFn, params: PyTree, batch: Any, sparsity: float | None = 
     Array([[False,  True],
            [False,  True]], dtype=bool)
     """
-    masks = _init("grasp", params, filter, pattern, opmap)
+    masks = selected_masks("grasp", params, filter, pattern, opmap)
     scores = grasp_scores(loss_fn, params, batch, masks)
     masks = masks_from_scores(masks, scores, sparsity, allocation=allocation, pattern=pattern,
                               method="grasp", opmap=opmap)
@@ -278,7 +262,7 @@ def synflow(apply_fn: Callable[[PyTree, jax.Array], jax.Array], params: PyTree,
         raise ValueError(f"jaxprune: synflow rounds must be an int >= 1, got {rounds!r}")
     sparsity = _check_sparsity(sparsity, pattern)
     pat = pat_lib.parse(pattern)
-    masks = _init("synflow", params, filter, pattern, opmap)
+    masks = selected_masks("synflow", params, filter, pattern, opmap)
     score_fn = jax.jit(
         lambda p, m: synflow_scores(apply_fn, p, input_shape, m, dtype=dtype)
     )

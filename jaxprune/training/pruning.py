@@ -29,15 +29,13 @@ from jaxprune.core import allocation as alloc_lib
 from jaxprune.core import criteria as crit_lib
 from jaxprune.core import patterns as pat_lib
 from jaxprune.core import schedules as sched_lib
-from jaxprune.core.masks import Filter, PyTree, init_masks, tree_map_masked
+from jaxprune.core.masks import Filter, PyTree, tree_map_masked
 from jaxprune.core.pipeline import (
     check_opmap,
     compute_masks,
-    default_filter,
     resolve_sparsity,
-    validate_patterns,
 )
-from jaxprune.training.wrapper import MaskUpdate, check_inner, check_selection, masked
+from jaxprune.training.wrapper import MaskUpdate, check_inner, masked, selected_masks
 
 __all__ = ["pruner", "gradual_magnitude"]
 
@@ -90,7 +88,6 @@ def pruner(
     pat = pat_lib.parse(pattern)
     resolve_sparsity(schedule.final_sparsity(), pat)
     check_opmap(opmap)
-    filt = default_filter(opmap) if filter is None else filter
     if "key" in crit.needs and key is None:
         raise ValueError(f"jaxprune: criterion '{crit.name}' needs key=; pass a PRNG key")
     for s in crit.needs:
@@ -101,10 +98,7 @@ def pruner(
             )
 
     def init_pruner_masks(params: PyTree) -> PyTree:
-        masks = init_masks(params, filt)
-        check_selection("pruner", masks, opmap, filter)
-        validate_patterns(masks, pat, opmap)
-        return masks
+        return selected_masks("pruner", params, filter, pat, opmap)
 
     def update_masks(u: MaskUpdate) -> PyTree:
         signals: dict[str, Any] = {}

@@ -35,15 +35,12 @@ import optax
 from jaxprune.core import allocation as alloc_lib
 from jaxprune.core import criteria as crit_lib
 from jaxprune.core import patterns as pat_lib
-from jaxprune.core.masks import Filter, PyTree, apply_masks, init_masks, tree_map_masked
+from jaxprune.core.masks import Filter, PyTree, apply_masks, tree_map_masked
 from jaxprune.core.pipeline import (
-    check_opmap,
     compute_masks,
-    default_filter,
     resolve_sparsity,
-    validate_patterns,
 )
-from jaxprune.training.wrapper import check_selection
+from jaxprune.training.wrapper import selected_masks
 
 __all__ = ["ste_masks", "ste_params", "sparse_params", "sr_ste"]
 
@@ -51,16 +48,6 @@ __all__ = ["ste_masks", "ste_params", "sparse_params", "sr_ste"]
 def _resolve(sparsity: Any, pattern: pat_lib.Pattern | str) -> tuple[Any, pat_lib.Pattern]:
     pat = pat_lib.parse(pattern)
     return resolve_sparsity(sparsity, pat), pat
-
-
-def _init(params: PyTree, pat: pat_lib.Pattern, filter: Filter | None, opmap: Any,
-          method: str = "ste_masks") -> PyTree:
-    """All-true masks of the selected leaves, checked against ``pat`` (on the map's views)."""
-    check_opmap(opmap)
-    masks = init_masks(params, default_filter(opmap) if filter is None else filter)
-    check_selection(method, masks, opmap, filter)
-    validate_patterns(masks, pat, opmap)
-    return masks
 
 
 def ste_masks(
@@ -78,7 +65,7 @@ def ste_masks(
     Array([False,  True,  True, False], dtype=bool)
     """
     s, pat = _resolve(sparsity, pattern)
-    masks = _init(params, pat, filter, opmap)
+    masks = selected_masks("ste_masks", params, filter, pat, opmap)
     sg = jax.lax.stop_gradient(params)
     scores = crit_lib.magnitude(sg, masks)
     return compute_masks(masks, scores, s, allocation, pat, opmap=opmap)
@@ -115,19 +102,14 @@ def sparse_params(params: PyTree, sparsity: float | None = None, **kwargs: Any
     return apply_masks(params, masks), masks
 
 
-def sr_ste(
-    decay: float,
-    sparsity: float | None = None,
-    *,
-    pattern: pat_lib.Pattern | str = "2:4",
-    allocation: alloc_lib.Allocation | str = "uniform",
-    filter: Filter | None = None,
-    opmap: Any = None,
-) -> optax.GradientTransformation:
+def sr_ste(decay: float, sparsity: float | None = None, **kwargs: Any
+           ) -> optax.GradientTransformation:
     """SR-STE's sparse-refined term: add ``decay · (1 − m) ⊙ w`` to the gradients of pruned weights.
 
-    ``m`` is recomputed from the current ``|w|``. Chain it before the optimizer, with gradients
-    taken through :func:`ste_params`: ``optax.chain(sr_ste(2e-4, pattern="2:4"), optax.sgd(lr))``.
+    ``m`` is recomputed from the current ``|w|`` by :func:`ste_masks` (``kwargs`` are its
+    ``pattern=``, ``allocation=``, ``filter=``, ``opmap=``, checked here). Chain it before the
+    optimizer, with gradients taken through :func:`ste_params`:
+    ``optax.chain(sr_ste(2e-4, pattern="2:4"), optax.sgd(lr))``.
 
     >>> tx = sr_ste(0.5, pattern="2:4")
     >>> p = {"kernel": jnp.array([[1.], [4.], [3.], [2.]])}
@@ -138,17 +120,21 @@ def sr_ste(
     if isinstance(decay, bool) or not (isinstance(decay, int | float | np.floating | np.integer)
                                        and math.isfinite(decay) and decay >= 0.0):
         raise ValueError(f"jaxprune: sr_ste decay must be a finite float >= 0, got {decay!r}")
-    sparsity, pat = _resolve(sparsity, pattern)
+    unknown = sorted(set(kwargs) - {"pattern", "allocation", "filter", "opmap"})
+    if unknown:
+        raise TypeError(f"jaxprune: sr_ste got unexpected keyword(s) {unknown} (it takes ste_masks's "
+                        "pattern=, allocation=, filter=, opmap=)")
+    sparsity, pat = _resolve(sparsity, kwargs.get("pattern", "2:4"))
+    kwargs = {**kwargs, "pattern": pat}
 
     def init_fn(params: PyTree) -> optax.EmptyState:
-        _init(params, pat, filter, opmap, "sr_ste")
+        selected_masks("sr_ste", params, kwargs.get("filter"), pat, kwargs.get("opmap"))
         return optax.EmptyState()
 
     def update_fn(updates: PyTree, state: optax.EmptyState, params: PyTree | None = None):
         if params is None:
             raise ValueError("jaxprune: sr_ste needs params: call tx.update(grads, state, params)")
-        masks = ste_masks(params, sparsity, pattern=pat, allocation=allocation, filter=filter,
-                          opmap=opmap)
+        masks = ste_masks(params, sparsity, **kwargs)
 
         def f(m: Any, g: Any, w: Any) -> Any:
             if m is None or g is None:

@@ -26,12 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxprune.core import patterns as pat_lib
 from jaxprune.core._leafcheck import check_opmap_paths
-from jaxprune.core.masks import PyTree, apply_masks, leaves_with_paths, tree_map_masked
+from jaxprune.core.masks import PyTree, apply_masks, init_masks, leaves_with_paths, tree_map_masked
+from jaxprune.core.pipeline import check_opmap, default_filter, validate_patterns
 
 __all__ = [
     "PruneState", "InnerStep", "MaskUpdate", "wrap", "masked", "reset_inner_state", "project",
     "find_state", "get_prune_state", "get_masks", "check_inner", "check_selection",
+    "selected_masks",
 ]
 
 S = TypeVar("S", bound=tuple)
@@ -94,6 +97,25 @@ def check_selection(method: str, masks: PyTree, opmap: Any, filter: Any) -> None
             f"jaxprune: {method}: the default filter (leaves named 'kernel' with ndim >= 2, or "
             "the operator map's weights) selected no leaf, so training stays dense; pass "
             "opmap=jp.operator_map(apply_fn, params, x) or a filter=", UserWarning, stacklevel=3)
+
+
+def selected_masks(method: str, params: PyTree, filter: Any, pattern: Any = "unstructured",
+                   opmap: Any = None) -> PyTree:
+    """All-true masks of the leaves a method prunes — ``filter``, by default the operator map's
+    weights (or ``kernel`` leaves with ndim >= 2) — checked once for every family: the operator
+    map (:func:`check_selection`) and ``pattern`` on each leaf's matrix view.
+
+    >>> selected_masks("demo", {"kernel": jnp.ones((4, 2)), "bias": jnp.ones(2)}, None, "2:4")
+    {'bias': None, 'kernel': Array([[ True,  True],
+           [ True,  True],
+           [ True,  True],
+           [ True,  True]], dtype=bool)}
+    """
+    check_opmap(opmap)
+    masks = init_masks(params, default_filter(opmap) if filter is None else filter)
+    check_selection(method, masks, opmap, filter)
+    validate_patterns(masks, pat_lib.parse(pattern), opmap)
+    return masks
 
 
 def _check_same_tree(method: str, grads: PyTree, params: PyTree) -> None:

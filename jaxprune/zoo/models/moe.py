@@ -41,36 +41,54 @@ __all__ = ["MoEConfig", "MoE", "MoEFFN", "LoopMoEFFN", "route", "config_from_par
            "perplexity"]
 
 
+#: the fields an MoE shares with :class:`GPTConfig` (its embedding, attention and head)
+SHARED = ("vocab", "d", "layers", "heads", "seq")
+
+
 class _Fields(NamedTuple):
-    vocab: int = 256
-    d: int = 64
-    layers: int = 2
-    heads: int = 4
+    attention: GPTConfig
     experts: int = 8
     top_k: int = 2
     ffn: int = 128
-    seq: int = 64
     layer_experts: tuple[int, ...] | None = None
 
 
 class MoEConfig(_Fields):
-    """Hyper-parameters; ``layer_experts`` (one count per layer) after experts were removed.
+    """Hyper-parameters: a :class:`GPTConfig` for the embedding, attention and head (``vocab``,
+    ``d``, ``layers``, ``heads``, ``seq``, given and read flat) plus the experts; ``layer_experts``
+    (one count per layer) after experts were removed.
 
-    >>> MoEConfig(layers=2, layer_experts=[6, 4]).n_experts(1)
-    4
+    >>> c = MoEConfig(layers=2, layer_experts=[6, 4])
+    >>> c.n_experts(1), c.d, c.gpt().layers
+    (4, 64, 2)
+    >>> MoEConfig(**c._asdict()) == c
+    True
     """
 
     __slots__ = ()
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> MoEConfig:
-        self = super().__new__(cls, *args, **kwargs)
-        if self.layer_experts is not None:
-            le = tuple(int(n) for n in self.layer_experts)
-            if len(le) != self.layers or min(le) < self.top_k:
-                raise ValueError(f"jaxprune.zoo.models.moe.MoEConfig: layer_experts needs one count >= "
-                                 f"top_k={self.top_k} per layer ({self.layers}), got {le}")
-            return super().__new__(cls, **{**self._asdict(), "layer_experts": le})
-        return self
+    def __new__(cls, attention: GPTConfig | None = None, experts: int = 8, top_k: int = 2,
+                ffn: int = 128, layer_experts: Any = None, **shared: Any) -> MoEConfig:
+        unknown = sorted(set(shared) - set(SHARED))
+        if unknown:
+            raise TypeError(f"jaxprune.zoo.models.moe.MoEConfig: unknown fields {unknown} "
+                            f"(the GPT part takes {list(SHARED)})")
+        base = GPTConfig(d=64, layers=2, seq=64) if attention is None else attention
+        attention = base._replace(**shared) if shared else base
+        le = None if layer_experts is None else tuple(int(n) for n in layer_experts)
+        if le is not None and (len(le) != attention.layers or min(le) < top_k):
+            raise ValueError(f"jaxprune.zoo.models.moe.MoEConfig: layer_experts needs one count >= "
+                             f"top_k={top_k} per layer ({attention.layers}), got {le}")
+        return super().__new__(cls, attention, experts, top_k, ffn, le)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in SHARED:
+            return getattr(self.attention, name)
+        raise AttributeError(f"'MoEConfig' object has no attribute {name!r}")
+
+    def _asdict(self) -> dict[str, Any]:  # flat, as the constructor takes it (JSON round trip)
+        rest = {k: v for k, v in super()._asdict().items() if k != "attention"}
+        return {**{k: getattr(self.attention, k) for k in SHARED}, **rest}
 
     def _replace(self, **kwargs: Any) -> MoEConfig:
         return type(self)(**{**self._asdict(), **kwargs})
@@ -81,7 +99,7 @@ class MoEConfig(_Fields):
 
     def gpt(self) -> GPTConfig:
         """The attention/embedding part as a :class:`GPTConfig` (shared embedding and head)."""
-        return GPTConfig(vocab=self.vocab, d=self.d, layers=self.layers, heads=self.heads, seq=self.seq)
+        return self.attention
 
 
 def route(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
