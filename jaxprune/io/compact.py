@@ -59,7 +59,7 @@ from jaxprune.core.masks import (
     tree_map_with_path_masked,
 )
 from jaxprune.io import integrity
-from jaxprune.io.trees import check_structure, dir_size
+from jaxprune.io.trees import check_structure, dir_size, refuse_nnx_objects
 from jaxprune.kernels import formats as F
 from jaxprune.kernels import quant_formats as QF
 
@@ -212,6 +212,7 @@ def save_sparse(directory: str | os.PathLike, params: PyTree, masks: PyTree, *,
     if not isinstance(drop_off_mask, bool):
         raise TypeError(f"jaxprune.io.compact.save_sparse: drop_off_mask must be True or False, "
                         f"got {drop_off_mask!r}")
+    refuse_nnx_objects(params, "save_sparse")
     # already-packed leaves are single leaves, checked against masks by their dense shape
     flat, treedef = jax.tree_util.tree_flatten(params, is_leaf=_is_leaf)
     shapes = jax.tree_util.tree_unflatten(treedef, [

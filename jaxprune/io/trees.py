@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import jax
@@ -37,6 +38,24 @@ def _is_key(x: Any) -> bool:
 def _is_nnx_state(x: Any) -> bool:
     # checked by module name so that plain-linen users never import flax.nnx here
     return type(x).__name__ == "State" and type(x).__module__.startswith("flax.nnx")
+
+
+def refuse_nnx_objects(tree: PyTree, what: str) -> None:
+    """Raise ``TypeError`` if ``tree`` is or holds a live nnx object (a ``Module``, an
+    ``Optimizer``): it flattens to ``kernel/value`` paths that no template matches, so it would be
+    saved but never restored. Its ``nnx.state(...)`` is what to pass."""
+    if "flax.nnx" not in sys.modules:  # no nnx object can exist
+        return
+    from flax import nnx
+
+    is_obj = lambda x: isinstance(x, nnx.Pytree)  # noqa: E731 - Module and Optimizer
+    for path, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_obj)[0]:
+        if is_obj(x):
+            at = f" at {jax.tree_util.keystr(path)}" if path else ""
+            raise TypeError(
+                f"jaxprune: {what} got an nnx {type(x).__name__} object{at}, not its state; pass "
+                "nnx.state(obj) (e.g. {'model': nnx.state(model), 'opt': nnx.state(optimizer)}) "
+                "and put a restored state back with nnx.update(obj, state)")
 
 
 def _pure(tree: PyTree) -> PyTree:
@@ -71,6 +90,7 @@ def _to_savable(tree: PyTree, drop_empty: bool = True) -> PyTree:
             return np.asarray(x)
         return jax.random.key_data(x) if _is_key(x) else x
 
+    refuse_nnx_objects(tree, "a checkpoint save")
     return jax.tree.map(f, _pure(tree))
 
 
@@ -95,6 +115,7 @@ def check_structure(template: PyTree, saved: PyTree, what: str = "checkpoint") -
     jaxprune.io.trees.CheckpointMismatchError: jaxprune: checkpoint does not match the model: \
 'a' is in the model but not in the checkpoint (checkpoint has e.g. 'b')
     """
+    refuse_nnx_objects(template, f"the {what} template")
     t = _flat_spec(_to_savable(template, drop_empty=False))
     s = _flat_spec(saved)
     for path, (shape, dtype) in t.items():

@@ -66,8 +66,11 @@ class _NnxApply:
     def __call__(self, state: PyTree, *args: Any) -> Any:
         from flax import nnx
 
+        # copies of ``rest``'s Variables, made in the current trace: merging the held (concrete)
+        # ones would let a train-mode BatchNorm or a Dropout's Rngs mutate Variables of another
+        # trace level (flax's TraceContextError)
         m = nnx.merge(self.graphdef, state) if self.rest is None else nnx.merge(
-            self.graphdef, state, self.rest)
+            self.graphdef, state, self.rest, copy=True)
         return m(*args)
 
     def __hash__(self) -> int:
@@ -332,15 +335,23 @@ def operator_map_of(fn: Callable[..., Any], params: PyTree, args: tuple) -> om_l
     ['w']
     """
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    avals = tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in leaves)
+    avals = tuple((tuple(np.shape(x)), _dtype(x)) for x in leaves)
     a_leaves, a_def = jax.tree_util.tree_flatten(args)
-    a_avals = tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in a_leaves)
+    a_avals = tuple((tuple(np.shape(x)), _dtype(x)) for x in a_leaves)
     try:
         return _cached_map(fn, treedef, avals, a_def, a_avals)
     except TypeError as e:
         if "unhashable" not in str(e):
             raise
         return om_lib.operator_map(fn, params, *args)
+
+
+def _dtype(x: Any) -> Any:
+    # the dtype object, not its name: typed PRNG keys (an nnx module's Rngs, e.g. Dropout's
+    # stream) have an extended dtype that ``np.dtype("key<fry>")`` cannot parse back
+    d = getattr(x, "dtype", None)
+    return d if d is not None and not isinstance(x, (bool, int, float, complex)) \
+        else jnp.result_type(x)
 
 
 @functools.lru_cache(maxsize=256)

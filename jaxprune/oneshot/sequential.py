@@ -266,7 +266,7 @@ def _block_fn(blk: BlockSpec, sub: PyTree) -> Callable[..., Any]:
     from flax import linen as nn
     from flax import nnx
 
-    from jaxprune.oneshot.observe import model_fn
+    from jaxprune.oneshot.observe import _NnxApply, model_fn
 
     f = blk.fn
     if isinstance(f, nnx.Module):
@@ -276,7 +276,7 @@ def _block_fn(blk: BlockSpec, sub: PyTree) -> Callable[..., Any]:
             return fn
         gd, p_only, rest = nnx.split(f, nnx.Param, ...)
         if jax.tree.structure(sub) == jax.tree.structure(p_only):
-            return model_fn(lambda p, *a: nnx.merge(gd, p, rest)(*a))[0]
+            return _NnxApply(gd, rest)  # the other Variables (BatchNorm stats, Rngs) held
         raise ValueError(
             f"jaxprune: block '{blk.path}': the params there do not match the nnx module's state "
             f"(pass nnx.state(model) or nnx.state(model, nnx.Param) as params, and the module's "

@@ -361,9 +361,22 @@ def find_state(opt_state: Any, state_type: type[S], what: str = "") -> S:
             jax.tree_util.keystr(p) or "<root>" for p, _ in found)
         raise ValueError(
             f"jaxprune: expected one {state_type.__name__}{what} in the optimizer state, found "
-            f"{len(found)}{where}"
+            f"{len(found)}{where}{_nnx_hint(opt_state) if not found else ''}"
         )
     return found[0][1]
+
+
+def _nnx_hint(x: Any) -> str:
+    """Why an nnx object holds no optimizer state we can find (duck-typed: no flax import)."""
+    if not type(x).__module__.startswith("flax.nnx"):
+        return ""
+    kind = type(x).__name__
+    if kind == "State":  # nnx.state(optimizer) keeps the values but not the NamedTuple types
+        return ("; got an nnx.State, which does not keep the optax state types: pass "
+                "optimizer.opt_state (or nnx.as_pure(optimizer.opt_state)), or nnx.update an "
+                "optimizer with the state first")
+    return (f"; got an nnx {kind}: pass the nnx.Optimizer or its opt_state (the masks live in "
+            "the optimizer, not in the model)")
 
 
 def get_prune_state(opt_state: optax.OptState) -> PruneState:
