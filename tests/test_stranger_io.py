@@ -156,6 +156,17 @@ def test_damaged_file_error_says_so(tmp_path):
         m.restore({"w": jnp.zeros(3)})
 
 
+def test_damaged_config_error_says_so(tmp_path):
+    # a truncated config file raised a bare JSONDecodeError from CheckpointManager.config()
+    with CheckpointManager(tmp_path, async_save=False) as m:
+        m.save(0, {"w": jnp.ones(3)}, config={"lr": 0.1})
+        assert m.config() == {"lr": 0.1}
+    (tmp_path / "0" / "config" / "metadata").write_text('{"lr": ')
+    with CheckpointManager(tmp_path, async_save=False) as m, \
+            pytest.raises(CheckpointError, match="config of step 0.*damaged or truncated"):
+        m.config()
+
+
 # ------------------------------------------------------------------------------------------------
 # compact checkpoints
 # ------------------------------------------------------------------------------------------------

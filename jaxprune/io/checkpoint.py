@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from jaxprune.core.masks import PyTree, leaves_with_paths
+from jaxprune.core.masks import PyTree
 from jaxprune.io import integrity
 from jaxprune.io.data import IndexedIterator  # noqa: F401 - re-exported (it used to live here)
 from jaxprune.io.integrity import IntegrityError, _at_exit, _step_index
@@ -499,7 +499,10 @@ model at 'w': checkpoint shape (2,), model shape (3,)
     def config(self, step: int | None = None) -> dict[str, Any]:
         """The JSON config saved with ``step`` (default: latest)."""
         step = self._resolve(step)
-        out = self._mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        try:
+            out = self._mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        except Exception as e:  # e.g. a truncated config file: JSONDecodeError
+            self._raise(f"reading the config of step {step}", e)
         return dict(out["config"] or {})
 
     def close(self) -> None:
@@ -508,12 +511,3 @@ model at 'w': checkpoint shape (2,), model shape (3,)
             self.wait()
         finally:
             self._mgr.close()
-
-
-def leaf_paths(tree: PyTree) -> list[str]:
-    """Paths of all leaves (``None`` included), for error messages and docs.
-
-    >>> leaf_paths({"a": None, "b": 1})
-    ['a', 'b']
-    """
-    return [p for p, _ in leaves_with_paths(tree)]
