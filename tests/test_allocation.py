@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxprune as jp
 from jaxprune.core import allocation as A
 from jaxprune.core.masks import leaves_with_paths
 
@@ -101,3 +102,45 @@ def test_bad_sparsity_values():
         A.Uniform(overrides=(("x", -0.1),))
     with pytest.raises(ValueError, match="unknown allocation"):
         A.get("nope")
+
+
+def _global_oracle(scores: dict, target: float, min_density: float) -> dict:
+    """Per-leaf kept counts by brute force: each leaf's floor first, then the best remaining
+    entries of all leaves; ties by (leaf order, index)."""
+    names = sorted(scores)
+    total = sum(np.size(scores[n]) for n in names)
+    budget = total - int(np.round(np.float32(target) * total))
+    keep = {}
+    for n in names:
+        v = np.asarray(scores[n]).ravel()
+        order = np.lexsort((np.arange(v.size), -v))
+        keep[n] = np.zeros(v.size, bool)
+        keep[n][order[:min(v.size, int(np.ceil(min_density * v.size)))]] = True
+    extra = budget - sum(int(k.sum()) for k in keep.values())
+    cand = sorted((-float(np.asarray(scores[n]).ravel()[j]), i, j)
+                  for i, n in enumerate(names) for j in range(keep[n].size) if not keep[n][j])
+    for _, i, j in cand[:max(extra, 0)]:
+        keep[names[i]][j] = True
+    return {n: int(keep[n].sum()) for n in names}
+
+
+@pytest.mark.parametrize("min_density", [0.0, 0.01, 0.3])
+def test_global_exact_counts_with_tied_scores(min_density):
+    # a global threshold with scores tied at it kept nothing: 0.5 of all-equal scores pruned
+    # every entry (SynFlow on a constant init did); ties now fill the budget in leaf order
+    rng = np.random.default_rng(0)
+    shapes = {"a": (4, 6), "b": (3, 3), "c": (8,)}
+    masks = {n: jnp.ones(s, bool) for n, s in shapes.items()}
+    for trial in range(12):
+        sc = {n: jnp.asarray(rng.integers(0, 1 + trial % 4, s).astype(np.float32))
+              for n, s in shapes.items()}
+        for target in (0.3, 0.5, 0.9):
+            out = jp.compute_masks(masks, sc, target, jp.Global(min_density=min_density))
+            got = {n: int(out[n].sum()) for n in shapes}
+            assert got == _global_oracle(sc, target, min_density), (trial, target, sc)
+
+
+def test_global_all_equal_scores_keep_the_exact_count():
+    p = {"a": {"kernel": jnp.ones((4, 2))}, "b": {"kernel": jnp.ones((2, 2))}}
+    pruned, masks = jp.prune(p, 0.5, allocation="global")
+    assert float(jp.total_sparsity(pruned, masks)) == 0.5

@@ -117,3 +117,36 @@ def test_nm_ramp_with_erk_ends_exactly_nm():
     for k, m in jp.get_masks(st).items():
         m = np.asarray(m["kernel"])
         assert (m.T.reshape(m.shape[1], -1, 4).sum(-1) == 2).all(), k
+
+
+def test_synflow_wrong_input_shape_is_named():
+    params, apply, x, _ = _model()
+    om = jp.operator_map(apply, params, x)
+    with pytest.raises(ValueError, match=r"input_shape.*batch dimension"):
+        pai.synflow(apply, params, (1, 9), pattern="2:4", opmap=om)
+
+
+def test_synflow_on_equal_weights_keeps_the_exact_count():
+    # a global threshold over tied scores kept nothing (0.5 of a constant init pruned everything)
+    p = {"kernel": jnp.ones((4, 2))}
+    _, m = pai.synflow(lambda p, x: x @ p["kernel"], p, (1, 4), 0.5, rounds=2)
+    assert int(m["kernel"].sum()) == 4
+
+
+def test_rigl_drop_fraction_as_numpy_or_jax_scalar():
+    import optax
+
+    from jaxprune.training.dst import rigl
+
+    params, *_ = _model()
+    flt = {"filter": lambda path, a: a.ndim == 2}
+    ref = jp.get_masks(rigl(optax.sgd(0.1), 0.5, total_steps=10, drop_fraction=0.25, **flt)
+                       .init(params))
+    for v in (np.float32(0.25), jnp.float32(0.25)):
+        got = jp.get_masks(rigl(optax.sgd(0.1), 0.5, total_steps=10, drop_fraction=v, **flt)
+                           .init(params))
+        pairs = zip(jax.tree.leaves(ref), jax.tree.leaves(got), strict=True)
+        assert all(bool((a == b).all()) for a, b in pairs)
+    for bad in (1.0, float("nan"), True, jnp.array([0.3])):
+        with pytest.raises(ValueError, match="drop_fraction must be a float in"):
+            rigl(optax.sgd(0.1), 0.5, total_steps=10, drop_fraction=bad, **flt)

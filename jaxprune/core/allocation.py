@@ -227,8 +227,9 @@ class ERK(Allocation):
 class Global(Allocation):
     """One threshold over all leaves' scores; each leaf keeps at least ``min_density``.
 
-    Total kept equals ``round((1 - target) * total)`` except when the floors alone exceed it, or
-    when several entries tie exactly at the threshold.
+    Total kept equals ``round((1 - target) * total)`` except when the floors alone exceed it;
+    entries tied at the threshold are kept in leaf order (then by index within the leaf), so equal
+    scores still give the exact count.
 
     >>> sc = {"a": jnp.array([[1., 2.], [3., 4.]]), "b": jnp.array([[10., 20.], [30., 40.]])}
     >>> s = Global(min_density=0.25).allocate(jax.tree.map(lambda x: x > 0, sc), 0.5, sc)
@@ -254,13 +255,22 @@ class Global(Allocation):
         floors = jnp.asarray([math.ceil(self.min_density * n) for n in sizes], jnp.int32)
         budget = total - jnp.round(target * total).astype(jnp.int32)
 
-        def kept_at(t: jax.Array) -> jax.Array:
-            c = jnp.stack([jnp.sum(k >= t, dtype=jnp.int32) for k in keys])
-            return jnp.maximum(c, floors)
+        def count_at(t: jax.Array) -> jax.Array:
+            return jnp.stack([jnp.sum(k >= t, dtype=jnp.int32) for k in keys])
 
         # one global threshold: the smallest t whose kept count (with floors) fits the budget
-        t = count_threshold_key(lambda t: jnp.sum(kept_at(t)), budget)
-        k = kept_at(t)
+        t = count_threshold_key(lambda t: jnp.sum(jnp.maximum(count_at(t), floors)), budget)
+        c = count_at(t)
+        k = jnp.maximum(c, floors)
+        # entries tied at the next key below t fill what is left of the budget, in leaf order
+        # (the tie rule: the lower index in the leaves' concatenation); without this, equal scores
+        # (a constant init, SynFlow on equal weights) kept nothing: 0.5 of ones pruned everything
+        below = jnp.max(jnp.stack([jnp.max(jnp.where(x < t, x, jnp.uint32(0))) for x in keys]))
+        tied = jnp.stack([jnp.sum((x == below) & (x < t), dtype=jnp.int32) for x in keys])
+        gain = jnp.maximum(c + tied, floors) - k
+        left = jnp.maximum(budget - jnp.sum(k), 0)
+        before = jnp.cumsum(gain) - gain
+        k = k + jnp.clip(left - before, 0, gain)
         return [1.0 - k[i].astype(jnp.float32) / sizes[i] for i in range(len(shapes))]
 
 

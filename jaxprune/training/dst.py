@@ -41,7 +41,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -253,11 +252,16 @@ def sparse_training(
     check_opmap(opmap)
     dynamic = method != "static"
     if dynamic:
-        if not (isinstance(drop_fraction, int | float) and 0.0 < drop_fraction < 1.0) or (
-            isinstance(drop_fraction, float) and math.isnan(drop_fraction)
-        ):
+        if isinstance(drop_fraction, jax.core.Tracer):
+            raise ValueError("jaxprune: drop_fraction must be a Python float known when the "
+                             "transform is built (static), got a traced value")
+        if np.ndim(drop_fraction) == 0 and isinstance(drop_fraction, np.generic | jax.Array) \
+                and np.issubdtype(np.asarray(drop_fraction).dtype, np.floating):
+            drop_fraction = float(drop_fraction)  # a NumPy / JAX scalar, as a Python float
+        if isinstance(drop_fraction, bool) or not (
+                isinstance(drop_fraction, int | float) and 0.0 < drop_fraction < 1.0):
             raise ValueError(
-                f"jaxprune: drop_fraction must be in (0, 1), got {drop_fraction!r}"
+                f"jaxprune: drop_fraction must be a float in (0, 1), got {drop_fraction!r}"
             )
         update_period = _check_positive_int("update_period", update_period)
         if end_step is None:

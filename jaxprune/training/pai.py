@@ -266,6 +266,13 @@ def synflow(apply_fn: Callable[[PyTree, jax.Array], jax.Array], params: PyTree,
     score_fn = jax.jit(
         lambda p, m: synflow_scores(apply_fn, p, input_shape, m, dtype=dtype)
     )
+    try:  # the model on ones(input_shape), once, so a wrong input_shape names itself
+        jax.eval_shape(score_fn, params, masks)
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"jaxprune: synflow: apply_fn(params, ones({tuple(input_shape)})) failed: "
+            f"{type(e).__name__}: {str(e)[:300]} (input_shape is the model's input shape with a "
+            "batch dimension, e.g. (1, 28, 28, 1))") from e
     for k in range(1, rounds + 1):
         s_k = 1.0 - (1.0 - sparsity) ** (k / rounds)
         if isinstance(pat, pat_lib.NM):  # only whole entries of each group of m are reachable
