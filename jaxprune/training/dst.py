@@ -261,7 +261,7 @@ def sparse_training(
         if isinstance(drop_fraction, bool) or not (
                 isinstance(drop_fraction, int | float) and 0.0 < drop_fraction < 1.0):
             raise ValueError(
-                f"jaxprune: drop_fraction must be a float in (0, 1), got {drop_fraction!r}"
+                f"jaxprune: drop_fraction must be in (0, 1) (a float), got {drop_fraction!r}"
             )
         update_period = _check_positive_int("update_period", update_period)
         if end_step is None:
